@@ -253,7 +253,7 @@ class VAR(nn.Module):
         # 4. backbone
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C))
                                if cfg.shared_aln else nn.Identity())
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # official per-block rates
         self.blocks = nn.ModuleList([
             AdaLNSelfAttn(i, self.C, self.D, cfg.shared_aln, self.num_heads, cfg.mlp_ratio, cfg.drop_rate,
                           cfg.attn_drop_rate, dpr[i], cfg.norm_eps, cfg.attn_l2_norm)
