@@ -1,0 +1,372 @@
+"""Tests for varup.data: the seeded toy dataset and image folders with VAR preprocessing."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from varup.data import folder, toy
+from varup.data.folder import (CorruptImageError, ImageDataset, load_rgb, load_uint8_images, scan_image_folder,
+                               to_uint8, verify_images)
+from varup.data.toy import generate_toy_dataset, mode_table, read_manifest
+from varup.utils import sha256_file
+
+SMALL = dict(n_train_per_class=32, n_val_per_class=4, progress=False)
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy_ds(tmp_path_factory) -> Path:
+    """A mid-sized toy dataset shared by the read-only tests (64 train images per class)."""
+    out = tmp_path_factory.mktemp("toy") / "ds"
+    generate_toy_dataset(out, seed=0, n_train_per_class=64, n_val_per_class=8, progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ toy data
+def test_same_seed_byte_identical_and_other_seed_differs(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    info_a = generate_toy_dataset(a, seed=7, **SMALL)
+    generate_toy_dataset(b, seed=7, **SMALL)
+    generate_toy_dataset(c, seed=8, **SMALL)
+    fa, fb, fc = _all_files(a), _all_files(b), _all_files(c)
+    assert fa == fb
+    assert set(fa) == set(fc)
+    images = [k for k in fa if k.startswith("images/")]
+    n_diff = sum(fa[k] != fc[k] for k in images)
+    assert n_diff == len(images)  # every image changes with the seed
+    assert json.loads(fa["dataset.json"])["seed"] == 7 and json.loads(fc["dataset.json"])["seed"] == 8
+    assert info_a["manifest_sha256"] == sha256_file(a / "manifest.csv")
+
+
+def test_image_depends_only_on_seed_split_and_index(tmp_path):
+    """Image i of a split re-rendered alone (rng([seed, split, i])) equals the stored file: order-independent."""
+    out = tmp_path / "ds"
+    generate_toy_dataset(out, seed=3, **SMALL)
+    modes = mode_table(out)
+    for r in read_manifest(out)[::37]:
+        split_id = toy.SPLITS.index(r["split"])
+        i = int(Path(r["path"]).stem)
+        rgb, mask = toy.render_toy_image(modes[r["mode"]], 32, np.random.default_rng([3, split_id, i]))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r["path"])), rgb)
+        np.testing.assert_array_equal(np.asarray(Image.open(out / r["mask_path"])), mask)
+
+
+def test_counts_columns_and_metadata(toy_ds):
+    info = json.loads((toy_ds / "dataset.json").read_text())
+    assert info["name"] == "toy" and info["resolution"] == 32
+    assert info["classes"] == ["circle", "square", "triangle", "cross"]
+    assert len(info["modes"]) == 64
+    assert info["counts"] == {"train": 4 * 64, "val": 4 * 8}
+    assert info["manifest_sha256"] == sha256_file(toy_ds / "manifest.csv")
+    with open(toy_ds / "manifest.csv", newline="") as f:
+        assert next(csv.reader(f)) == list(toy.MANIFEST_COLUMNS)
+    rows = read_manifest(toy_ds, verify=True)
+    assert len(rows) == 4 * 72
+    assert Counter(r["split"] for r in rows) == {"train": 256, "val": 32}
+    table = mode_table(toy_ds)
+    for r in rows:
+        m = table[r["mode"]]
+        assert (m["shape"], m["colour"], m["size"], m["background"]) == (
+            r["class_name"], r["colour"], r["size"], r["background"])
+        assert m["label"] == r["label"] == info["classes"].index(r["class_name"])
+        assert r["mode"] == r["label"] * 16 + r["mode_in_class"]
+        assert r["path"] == f"images/{r['split']}/{r['class_name']}/{Path(r['path']).name}"
+        im = Image.open(toy_ds / r["path"])
+        assert im.mode == "RGB" and im.size == (32, 32)
+    assert len(list((toy_ds / "images").rglob("*.png"))) == len(rows)
+    assert len(list((toy_ds / "masks").rglob("*.png"))) == len(rows)
+
+
+def test_manifest_verify_detects_tampering(tmp_path):
+    out = tmp_path / "ds"
+    generate_toy_dataset(out, seed=0, **SMALL)
+    with open(out / "manifest.csv", "a") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match="manifest.csv"):
+        read_manifest(out, verify=True)
+
+
+def test_every_mode_of_every_class_appears(toy_ds):
+    train = read_manifest(toy_ds, "train")
+    counts = Counter(r["mode"] for r in train)
+    assert set(counts) == set(range(64))
+    assert set(counts.values()) == {4}  # balanced: 64 images per class / 16 modes
+    for label in range(4):
+        assert {r["mode_in_class"] for r in train if r["label"] == label} == set(range(16))
+
+
+def test_unknown_factor_names_are_rejected(tmp_path):
+    with pytest.raises(KeyError, match="hexagon"):
+        generate_toy_dataset(tmp_path / "x", shapes=("circle", "hexagon"), **SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+def _load(root: Path, rel: str) -> np.ndarray:
+    return np.asarray(Image.open(root / rel))
+
+
+def test_masks_nonempty_and_object_colour_differs(toy_ds):
+    for r in read_manifest(toy_ds):
+        img = _load(toy_ds, r["path"]).astype(np.float32)
+        mask = _load(toy_ds, r["mask_path"])
+        assert set(np.unique(mask)) <= {0, 255}
+        inside = mask == 255
+        assert 0 < inside.sum() < inside.size, r["mask_path"]
+        diff = np.abs(img[inside].mean(0) - img[~inside].mean(0)).max()
+        assert diff > 40, (r["path"], diff)
+        # the object's colour is nearest to its nominal colour
+        mean_in = img[inside].mean(0)
+        nearest = min(toy.COLOURS, key=lambda c: np.sum((np.array(toy.COLOURS[c]) - mean_in) ** 2))
+        assert nearest == r["colour"], r["path"]
+
+
+def test_sizes_backgrounds_and_shapes_are_distinguishable(toy_ds):
+    rows = read_manifest(toy_ds)
+    area = defaultdict(list)
+    bg_std = defaultdict(list)
+    for r in rows:
+        img = _load(toy_ds, r["path"]).astype(np.float32)
+        mask = _load(toy_ds, r["mask_path"]) > 0
+        area[(r["class_name"], r["size"])].append(mask.sum())
+        bg_std[r["background"]].append(img[~mask].mean(1).std())
+    for shape in ("circle", "square", "triangle", "cross"):
+        assert max(area[(shape, "small")]) < min(area[(shape, "large")]), shape
+    assert max(bg_std["plain"]) < min(bg_std["stripes"])
+
+    # a nearest-centroid classifier on bbox-normalised masks separates the shapes
+    def feats(rs):
+        out = []
+        for r in rs:
+            m = Image.open(toy_ds / r["mask_path"])
+            out.append(np.asarray(m.crop(m.getbbox()).resize((12, 12), Image.BILINEAR), np.float32).ravel())
+        return np.array(out), np.array([r["label"] for r in rs])
+
+    xtr, ytr = feats([r for r in rows if r["split"] == "train"])
+    xva, yva = feats([r for r in rows if r["split"] == "val"])
+    centroids = np.stack([xtr[ytr == c].mean(0) for c in range(4)])
+    pred = ((xva[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == yva).mean() >= 0.9
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+    real = toy._render_one
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(toy, "_render_one", flaky)
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_toy_dataset(out, seed=0, **SMALL)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary sibling left either
+
+
+def test_failed_regeneration_keeps_old_and_success_replaces(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    generate_toy_dataset(out, seed=0, **SMALL)
+    before = _all_files(out)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(toy, "_render_one", boom)
+        with pytest.raises(KeyboardInterrupt):
+            generate_toy_dataset(out, seed=1, **SMALL)
+    assert _all_files(out) == before
+    generate_toy_dataset(out, seed=1, **SMALL)
+    assert json.loads((out / "dataset.json").read_text())["seed"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+# --------------------------------------------------------------------------------------- folders
+def _save(path: Path, arr: np.ndarray, mode: str | None = None, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(arr)
+    if mode:
+        im = im.convert(mode)
+    im.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def folder_tree(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    _save(root / "dog" / "b.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    _save(root / "dog" / "a.JPG", rng.integers(0, 256, (30, 30, 3), dtype=np.uint8), fmt="JPEG")
+    _save(root / "cat" / "x.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))                # L
+    _save(root / "cat" / "sub" / "y.png", rng.integers(0, 256, (18, 40, 4), dtype=np.uint8))     # RGBA
+    _save(root / "cat" / "z.png", rng.integers(0, 256, (17, 17, 3), dtype=np.uint8), mode="P")   # palette
+    (root / "cat" / "notes.txt").write_text("not an image")
+    _save(root / "cat" / ".hidden.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    return root
+
+
+def test_scan_image_folder_sorted_and_filtered(folder_tree):
+    paths, labels, names = scan_image_folder(folder_tree)
+    assert names == ["cat", "dog"]
+    rel = [Path(p).relative_to(folder_tree).as_posix() for p in paths]
+    assert rel == ["cat/sub/y.png", "cat/x.png", "cat/z.png", "dog/a.JPG", "dog/b.png"]
+    assert labels == [0, 0, 0, 1, 1]
+    paths2, labels2, names2 = scan_image_folder(folder_tree, classes=["dog", "cat"])
+    assert names2 == ["dog", "cat"] and labels2 == [0, 0, 1, 1, 1]
+
+
+def test_scan_image_folder_errors_name_the_directory(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        scan_image_folder(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=str(empty)):
+        scan_image_folder(empty)
+    root = tmp_path / "r"
+    _save(root / "ok" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    (root / "bad").mkdir()
+    (root / "bad" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=str(root / "bad")):
+        scan_image_folder(root)
+    with pytest.raises(FileNotFoundError, match=str(root / "ghost")):
+        scan_image_folder(root, classes=["ok", "ghost"])
+
+
+def test_image_dataset_shape_range_labels(folder_tree):
+    ds = ImageDataset.from_folder(folder_tree, resolution=16)
+    assert len(ds) == 5 and ds.class_names == ["cat", "dog"]
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1
+        assert y == ds.labels[i]
+    x, _ = ds[1]  # the L image: all channels equal
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert [y for _, y in ds] == [0, 0, 0, 1, 1]
+
+
+def test_lanczos_resize_and_center_crop_match_manual(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (20, 40, 3), dtype=np.uint8)  # H=20, W=40
+    p = _save(tmp_path / "c" / "wide.png", arr)
+    ds = ImageDataset([p], [0], resolution=16, mid_reso=1.125)  # shorter side -> round(18) = 18
+    x, _ = ds[0]
+    assert x.shape == (3, 16, 16)
+    ref = Image.fromarray(arr).resize((36, 18), Image.Resampling.LANCZOS)
+    ref = np.asarray(ref)[1:17, 10:26]  # centre crop: top = round(2/2), left = round(20/2)
+    expected = torch.from_numpy(ref.copy()).permute(2, 0, 1).float() / 255 * 2 - 1
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    # mid_reso = 1 on an already R x R image: no resampling at all
+    sq = _save(tmp_path / "c" / "sq.png", arr[:, :20])
+    x1, _ = ImageDataset([sq], [0], resolution=20, mid_reso=1.0)[0]
+    torch.testing.assert_close(x1, torch.from_numpy(arr[:, :20]).permute(2, 0, 1).float() / 255 * 2 - 1)
+
+
+def test_hflip_fixed_and_random(tmp_path):
+    arr = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    p = _save(tmp_path / "c" / "a.png", arr)
+    plain, _ = ImageDataset([p], [0], resolution=16, mid_reso=1.0)[0]
+    flipped, _ = ImageDataset([p, p], [0, 0], resolution=16, mid_reso=1.0, hflip=[True, False])[0]
+    assert torch.equal(flipped, plain.flip(-1)) and not torch.equal(flipped, plain)
+    rnd = ImageDataset([p] * 400, [0] * 400, resolution=16, mid_reso=1.0, hflip=True, seed=5)
+    flags = [rnd.flip_for(i) for i in range(400)]
+    assert 0.4 < np.mean(flags) < 0.6
+    assert flags == [ImageDataset([p] * 400, [0] * 400, resolution=16, hflip=True, seed=5).flip_for(i)
+                     for i in range(400)]
+    i_flip, i_keep = flags.index(True), flags.index(False)
+    assert torch.equal(rnd[i_flip][0], plain.flip(-1)) and torch.equal(rnd[i_keep][0], plain)
+    rnd.set_epoch(1)
+    assert [rnd.flip_for(i) for i in range(400)] != flags
+
+
+def test_random_crop_is_seeded(tmp_path):
+    arr = np.random.default_rng(3).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    p = _save(tmp_path / "c" / "a.png", arr)
+    kw = dict(resolution=16, mid_reso=1.5, crop="random", seed=0)
+    a = ImageDataset([p] * 8, [0] * 8, **kw)
+    b = ImageDataset([p] * 8, [0] * 8, **kw)
+    xa = torch.stack([a[i][0] for i in range(8)])
+    assert torch.equal(xa, torch.stack([b[i][0] for i in range(8)]))
+    assert len({x.numpy().tobytes() for x in xa}) > 1  # different crops for different items
+
+
+def test_toy_dataset_and_uint8_loading(toy_ds):
+    ds = ImageDataset.from_toy(toy_ds, "val")
+    rows = read_manifest(toy_ds, "val")
+    assert len(ds) == len(rows) == 32 and ds.labels == [r["label"] for r in rows]
+    assert ds.class_names == ["circle", "square", "triangle", "cross"] and ds.records[0]["mode"] == rows[0]["mode"]
+    x, y = ds[5]
+    raw = np.stack([_load(toy_ds, r["path"]) for r in rows])
+    torch.testing.assert_close(x, torch.from_numpy(raw[5]).permute(2, 0, 1).float() / 255 * 2 - 1)
+    u8 = load_uint8_images([toy_ds / r["path"] for r in rows], 32, progress=False)
+    assert u8.dtype == np.uint8 and u8.shape == (32, 32, 32, 3)
+    np.testing.assert_array_equal(u8, raw)
+    # round trip [-1, 1] -> [0, 1] -> uint8 is lossless
+    np.testing.assert_array_equal(to_uint8((x[None] + 1) / 2)[0], raw[5])
+
+
+# ------------------------------------------------------------------------------------- corrupt files
+@pytest.fixture
+def bad_files(tmp_path) -> tuple[Path, Path, Path]:
+    good = _save(tmp_path / "good.png", np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not a PNG file\n")
+    return good, truncated, fake
+
+
+def test_load_rgb_names_corrupt_files(bad_files):
+    good, truncated, fake = bad_files
+    assert load_rgb(good).size == (64, 64)
+    for bad in (truncated, fake):
+        with pytest.raises(CorruptImageError) as ei:
+            load_rgb(bad)
+        assert str(bad) in str(ei.value) and "corrupt or unreadable image" in str(ei.value)
+    assert not getattr(__import__("PIL.ImageFile").ImageFile, "LOAD_TRUNCATED_IMAGES")
+
+
+def test_verify_images_reports_first_bad_file(bad_files):
+    good, truncated, fake = bad_files
+    assert verify_images([good, good], progress=False) == 2
+    for bad in (truncated, fake):
+        with pytest.raises(CorruptImageError) as ei:
+            verify_images([good, good, bad, good], progress=False)
+        msg = str(ei.value)
+        assert str(bad) in msg and "2 checked OK" in msg
+    with pytest.raises(CorruptImageError, match="truncated.png"):
+        load_uint8_images([good, truncated], 64, progress=False)
+
+
+def test_dataset_getitem_names_corrupt_file(bad_files):
+    _, truncated, _ = bad_files
+    with pytest.raises(CorruptImageError, match=str(truncated)):
+        ImageDataset([truncated], [0], resolution=16)[0]
+
+
+# ---------------------------------------------------------------------------------------- to_uint8
+def test_to_uint8_rounds_and_clamps():
+    vals = torch.tensor([0.0, 0.4 / 255, 0.6 / 255, 0.999, 1.0, 1.3, -0.2, 127.5 / 255, 127.49 / 255])
+    x = vals.view(1, 1, 1, -1).expand(2, 3, 1, -1).clone()
+    x[1] = 1 - x[1].clamp(0, 1)
+    out = to_uint8(x)
+    assert out.shape == (2, 1, len(vals), 3) and out.dtype == np.uint8
+    assert out[0, 0, :, 0].tolist() == [0, 0, 1, 255, 255, 255, 0, 128, 127]
+    assert (out[0, ..., 0] == out[0, ..., 2]).all()
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        to_uint8(torch.zeros(3, 4, 4))
