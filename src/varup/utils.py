@@ -32,6 +32,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600 files: give the result the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -44,7 +48,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -68,7 +72,7 @@ def atomic_npz_save(path: str | os.PathLike, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
-def _json_default(o: Any):
+def json_default(o: Any):
     try:
         import numpy as np
 
@@ -107,7 +111,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-able object (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=json_default).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ logging

@@ -1,0 +1,24 @@
+"""Evaluation metrics: Inception weights with provenance, features, FID/KID/PR/IS/PRDC/clean-FID, SSIM diversity,
+codebook usage and token calibration.
+
+Names are imported lazily, so ``from varup.metrics.codebook import ...`` does not load torch-fidelity.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "prepare_inception": "inception", "load_inception": "inception", "InceptionExtractor": "inception",
+    "extract_features": "features", "save_features": "features", "load_features": "features",
+    "fidelity_metrics": "fidelity", "clean_fid_score": "fidelity", "prdc_metrics": "fidelity",
+    "mean_pairwise_ssim": "diversity",
+    "codebook_stats": "codebook",
+    "TokenCalibration": "calibration",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
