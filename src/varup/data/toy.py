@@ -3,7 +3,7 @@
 Every image shows one object. Its **class** is the object's SHAPE; its **mode** is the tuple
 ``(shape, colour, size, background)``, so with the defaults there are 4 classes x 16 modes per class
 = 64 modes. Within a mode the images still vary (position, small rotation / aspect jitter, small
-colour jitter, the background's tint, stripe phase / period / orientation and mild pixel noise), so a
+colour jitter, the background's tint, stripe phase / period / orientation; no pixel noise), so a
 generator can show real diversity -- or collapse onto few modes, which the mode-coverage metrics
 measure by classifying generated images into these modes.
 
@@ -58,7 +58,7 @@ from PIL import Image, ImageDraw
 
 from varup.utils import atomic_write_json, progress as _progress, read_json, sha256_file
 
-GENERATOR_VERSION = "toy-shapes-v1"
+GENERATOR_VERSION = "toy-shapes-v2"
 SUPERSAMPLE = 4
 SPLITS = ("train", "val")
 MANIFEST_COLUMNS = ("path", "mask_path", "split", "label", "class_name", "colour", "size", "background", "mode",
@@ -82,7 +82,7 @@ _COLOUR_JITTER = 8.0        # std of per-channel object colour jitter (0..255 sc
 _SIZE_JITTER = 0.06         # relative size jitter (uniform +-)
 _ASPECT_JITTER = 0.10       # log-aspect jitter (uniform +-)
 _MAX_ROT_DEG = 20.0         # rotation jitter of the non-circular shapes
-_NOISE_STD = 3.0            # final pixel noise
+_NOISE_STD = 0.0            # final pixel noise (none: unlearnable detail for a 4x4-token tokenizer)
 _MARGIN_PX = 1.0            # the object's bounding box stays this far inside the image
 
 
@@ -157,16 +157,16 @@ def _background(kind: str, resolution: int, rng: np.random.Generator) -> np.ndar
     tint = rng.uniform(-10, 10, size=3)
     base = np.full((resolution, resolution, 3), grey, dtype=np.float32) + tint.astype(np.float32)
     if kind == "plain":
-        return base + rng.normal(0, 5.0, size=(resolution, resolution, 1)).astype(np.float32)
+        return base
     if kind == "stripes":
         angle = math.radians(rng.choice([0.0, 45.0, 135.0]) + rng.uniform(-8, 8))  # horizontal or diagonal
-        period = rng.uniform(5.0, 8.0)
+        period = rng.uniform(12.0, 16.0) * resolution / 32  # 2-3 stripes: representable by 8 px tokens
         phase = rng.uniform(0, 2 * math.pi)
         amp = rng.uniform(22, 32)
         y, x = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5
         u = -x * math.sin(angle) + y * math.cos(angle)
         wave = np.clip(1.5 * np.sin(2 * math.pi * u / period + phase), -1, 1)  # soft square wave
-        return base + (amp * wave)[..., None] + rng.normal(0, 2.0, size=(resolution, resolution, 1)).astype(np.float32)
+        return base + (amp * wave)[..., None]
     raise KeyError(f"toy dataset: unknown background {kind!r}")
 
 
@@ -177,7 +177,8 @@ def render_toy_image(mode: dict[str, Any], resolution: int, rng: np.random.Gener
     bg = _background(mode["background"], resolution, rng)
     a = alpha[..., None]
     img = bg * (1 - a) + np.clip(colour, 0, 255) * a
-    img += rng.normal(0, _NOISE_STD, size=img.shape).astype(np.float32)
+    if _NOISE_STD > 0:
+        img += rng.normal(0, _NOISE_STD, size=img.shape).astype(np.float32)
     rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     mask = np.where(alpha >= 0.5, 255, 0).astype(np.uint8)
     return rgb, mask
