@@ -263,7 +263,7 @@ class LossOutput:
     per_scale: torch.Tensor  # (3, SN) detached: rows ce, l2nd, lse
 
     def scalars(self) -> dict[str, float]:
-        return {"loss": float(self.total), "ce": float(self.ce), "l2nd": float(self.l2nd), "lse": float(self.lse)}
+        return {"loss": float(self.total.detach()), "ce": float(self.ce), "l2nd": float(self.l2nd), "lse": float(self.lse)}
 
 
 class UncertaintyLoss(torch.nn.Module):

@@ -209,3 +209,74 @@ def mc_dropout(var: VAR, rate: float, batch_size: int, generator: torch.Generato
 
 __all__ = ["sample", "SampleOutput", "mc_dropout", "edit_masks", "box_mask", "derive_seed", "make_generator",
            "top_k_top_p_filter_", "sample_top_k_top_p_"]
+
+
+# ------------------------------------------------------------------------------------- sampling stage
+def class_major_labels(num_classes: int, n_per_class: int) -> torch.Tensor:
+    """0,0,..,0,1,1,..: the label of every image of an evaluation sample set."""
+    return torch.arange(num_classes).repeat_interleave(n_per_class)
+
+
+def shard_batches(n_images: int, batch_size: int, shard: int, num_shards: int) -> list[tuple[int, int, int]]:
+    """Global batches (index, start, end) that belong to ``shard``. Batches are fixed globally and every batch
+    has its own seed, so the merged set does not depend on the number of shards."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not in [0, {num_shards})")
+    n_batches = -(-n_images // batch_size)
+    return [(b, b * batch_size, min(n_images, (b + 1) * batch_size)) for b in range(n_batches) if b % num_shards == shard]
+
+
+def sample_shard(var: VAR, vae: VQVAE, *, n_per_class: int, batch_size: int, seed: int, shard: int = 0,
+                 num_shards: int = 1, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+                 device: torch.device | str = "cpu", desc: str = "sample") -> dict:
+    """Generate this shard's part of the class-major evaluation set; returns numpy arrays (images uint8 NHWC,
+    labels, tokens (N, L), batch seeds)."""
+    import numpy as np
+
+    from varup.data.folder import to_uint8
+    from varup.tokens import token_dtype
+    from varup.utils import progress
+
+    labels_all = class_major_labels(var.num_classes, n_per_class)
+    batches = shard_batches(len(labels_all), batch_size, shard, num_shards)
+    top_k = min(top_k, var.V)
+    images, labels, tokens, seeds = [], [], [], []
+    bar = progress(total=sum(e - s for _, s, e in batches), desc=desc, unit="img")
+    for b, s, e in batches:
+        bseed = derive_seed(seed, "sample", b)
+        out = sample(var, vae, labels_all[s:e].to(device), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                     generator=make_generator(bseed, device))
+        images.append(to_uint8(out.images.float().cpu()))
+        labels.append(out.labels.cpu().numpy())
+        tokens.append(torch.cat(out.tokens, 1).cpu().numpy().astype(token_dtype(var.V)))
+        seeds.append(bseed)
+        bar.update(e - s)
+    bar.close()
+    R = vae.resolution
+    L = var.L
+    return {
+        "images": np.concatenate(images) if images else np.zeros((0, R, R, 3), np.uint8),
+        "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int64),
+        "tokens": np.concatenate(tokens) if tokens else np.zeros((0, L), token_dtype(var.V)),
+        "batch_seeds": np.array(seeds, dtype=np.int64),
+        "batch_index": np.array([b for b, _, _ in batches], dtype=np.int64),
+        "batch_sizes": np.array([e - s for _, s, e in batches], dtype=np.int64),
+    }
+
+
+def merge_shards(paths: Sequence[str]) -> dict:
+    """Concatenate shard files in global batch order, so the merged set is independent of the shard count."""
+    import numpy as np
+
+    pieces = []  # (global batch index, arrays of that batch)
+    for p in paths:
+        with np.load(p) as z:
+            start = 0
+            for b, n in zip(z["batch_index"], z["batch_sizes"]):
+                pieces.append((int(b), {k: z[k][start:start + n] for k in ("images", "labels", "tokens")}))
+                start += int(n)
+    pieces.sort(key=lambda t: t[0])
+    idx = [b for b, _ in pieces]
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"sample shards overlap (duplicate batches among {list(paths)})")
+    return {k: np.concatenate([a[k] for _, a in pieces]) for k in ("images", "labels", "tokens")}

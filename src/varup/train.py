@@ -291,7 +291,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
             if done % oc.nonfinite_check_every == 0 or done % oc.log_every == 0 or done == oc.steps:
                 if bool(bad):
                     raise NonFiniteLossError(
-                        f"non-finite loss at step {done} (loss {float(out.total):.4g}, ce {float(out.ce):.4g}, "
+                        f"non-finite loss at step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
                         f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); the last good checkpoint "
                         f"({ckpt_path}, step {last_ckpt}) is kept; lower the learning rate or check the data")
             if d.is_main and (done % oc.log_every == 0 or done == oc.steps):

@@ -140,8 +140,9 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
+    kw["disable"] = kw.get("disable", False) or os.environ.get("VARUP_NO_PROGRESS") == "1"
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=tty,
-                mininterval=0.5 if tty else 15.0, disable=os.environ.get("VARUP_NO_PROGRESS") == "1", **kw)
+                mininterval=0.5 if tty else 15.0, **kw)
 
 
 # --------------------------------------------------------------------------------------- provenance

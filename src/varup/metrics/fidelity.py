@@ -103,6 +103,39 @@ def _write_pngs(images: np.ndarray, folder: Path) -> None:
         Image.fromarray(im).save(folder / f"{i:06d}.png")
 
 
+def _clean_model(extractor, mode: str):
+    if mode == "clean":
+        return extractor.resized_input_module()
+    if mode == "legacy_tensorflow":
+        def model(x: torch.Tensor) -> torch.Tensor:  # PNG pixels arrive as exact integers in a float tensor
+            return torch.from_numpy(extractor.extract(x.round().clamp(0, 255).to(torch.uint8))["pool"]).float()
+        return model
+    raise ValueError(f"clean-FID supports mode 'clean' or 'legacy_tensorflow', not {mode!r}")
+
+
+def clean_fid_features(images_uint8: np.ndarray, inception_info: dict | str | os.PathLike, *, mode: str = "clean",
+                       batch_size: int = 50, device: str = "cpu", num_workers: int = 0) -> np.ndarray:
+    """clean-fid's own feature pipeline (``cleanfid.fid.get_folder_features``: PIL-bicubic float resize to 299x299
+    in 'clean' mode) over PNGs of ``images_uint8``, with our Inception weights as the model, so nothing is
+    downloaded. Real-set features are computed once and reused by every run."""
+    from cleanfid import fid as cfid
+
+    model = _clean_model(load_inception(inception_info, device=device), mode)
+    with tempfile.TemporaryDirectory(prefix="varup-cleanfid-") as tmp:
+        _write_pngs(images_uint8, Path(tmp) / "img")
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cfid.get_folder_features(str(Path(tmp) / "img"), model=model, num_workers=num_workers,
+                                            batch_size=batch_size, device=torch.device(device), mode=mode,
+                                            verbose=False)
+
+
+def clean_fid_from_features(gen_feats: np.ndarray, real_feats: np.ndarray) -> float:
+    """clean-fid's Fréchet distance (``cleanfid.fid.fid_from_feats``) between two feature sets."""
+    from cleanfid import fid as cfid
+
+    return float(np.real(cfid.fid_from_feats(gen_feats, real_feats)))
+
+
 def clean_fid_score(gen_uint8: np.ndarray, real_uint8: np.ndarray, inception_info: dict | str | os.PathLike, *,
                     mode: str = "clean", batch_size: int = 50, device: str = "cpu", num_workers: int = 0) -> float:
     """FID computed by clean-fid (``cleanfid.fid.compute_fid`` on two temporary PNG folders) with our Inception
@@ -114,14 +147,7 @@ def clean_fid_score(gen_uint8: np.ndarray, real_uint8: np.ndarray, inception_inf
     """
     from cleanfid import fid as cfid
 
-    extractor = load_inception(inception_info, device=device)
-    if mode == "clean":
-        model = extractor.resized_input_module()
-    elif mode == "legacy_tensorflow":
-        def model(x: torch.Tensor) -> torch.Tensor:  # PNG pixels arrive as exact integers in a float tensor
-            return torch.from_numpy(extractor.extract(x.round().clamp(0, 255).to(torch.uint8))["pool"]).float()
-    else:
-        raise ValueError(f"clean_fid_score supports mode 'clean' or 'legacy_tensorflow', not {mode!r}")
+    model = _clean_model(load_inception(inception_info, device=device), mode)
     with tempfile.TemporaryDirectory(prefix="varup-cleanfid-") as tmp:
         _write_pngs(gen_uint8, Path(tmp) / "gen")
         _write_pngs(real_uint8, Path(tmp) / "real")

@@ -1,0 +1,33 @@
+# varup — rebuild every table and figure of "Uncertainty Preservation in Generative Visual Autoregression".
+#
+#   snakemake --cores 2                              # the embedded toy experiment (config/config.yaml)
+#   snakemake --configfile config/paper.yaml ...     # the paper configuration
+#   snakemake --report results/toy/report.html       # the HTML report with every table and figure
+#
+# This file only wires: the library (src/varup) computes; each rule calls `python -m varup <stage>`.
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The embedded toy experiment is the default; a --configfile REPLACES it (it is not merged into it).
+if not workflow.config_settings.configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/paper.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

@@ -1,0 +1,5 @@
+import sys
+
+from varup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,308 @@
+"""``python -m varup <stage> ...`` — the command line the Snakemake rules call (one stage per command).
+
+Every command takes ``--log FILE`` (appended; progress bars go to stderr) and ``--threads N``. Structured
+settings arrive as JSON strings (``--params``), already validated against config/schema.yaml by the Snakefile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("varup.cli")
+
+
+def _json(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}: {s[:200]}") from None
+
+
+# ---------------------------------------------------------------------------------------- data
+def cmd_data_toy(a) -> None:
+    from varup.data.toy import generate_toy_dataset
+
+    p = dict(a.params)
+    meta = generate_toy_dataset(a.out, resolution=a.resolution, **p)
+    log.info("toy dataset: %s images in %s", meta["counts"], a.out)
+
+
+def open_split(data_dir: str, split: str, resolution: int, preprocess: dict | None = None, hflip=False):
+    """The ImageDataset of one split of a prepared dataset directory (see varup.data)."""
+    from varup.data.folder import ImageDataset
+
+    pre = dict(preprocess or {})
+    return ImageDataset.from_toy(data_dir, split, resolution=resolution, mid_reso=pre.get("mid_reso", 1.0),
+                                 crop=pre.get("crop", "center"), hflip=hflip)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def cmd_tokenizer_train(a) -> None:
+    import torch
+
+    from varup.tokenizer import train_tokenizer
+
+    ds = open_split(a.data, "train", a.resolution, a.preprocess)
+    val = open_split(a.data, "val", a.resolution, a.preprocess)
+
+    def get_batch(idx):
+        return torch.stack([ds[int(i)][0] for i in idx])
+
+    n_val = min(len(val), 256)
+    val_images = torch.stack([val[i][0] for i in range(n_val)])
+    s = train_tokenizer(a.vqvae, a.train, get_batch, len(ds), out_model=a.out, work_dir=a.work, device=a.device,
+                        val_images=val_images)
+    log.info("tokenizer done: %s", {k: v for k, v in s.items() if k != "config"})
+
+
+def cmd_encode(a) -> None:
+    from varup.models.vqvae import load_vqvae
+    from varup.runtime import resolve_device
+    from varup.tokens import encode_split, write_meta
+    from varup.utils import sha256_file
+
+    dev = resolve_device(a.device)
+    vae = load_vqvae(a.tokenizer)
+    splits, class_names = {}, None
+    for split in a.splits:
+        variants = a.variants if split == "train" else [{}]
+        sets = [open_split(a.data, split, a.resolution, a.preprocess, hflip=bool(v.get("hflip"))) for v in variants]
+        class_names = sets[0].class_names
+        # hflip=True on the dataset flips every item; the variant index selects the dataset
+        lookup = {json.dumps(v, sort_keys=True): d for v, d in zip(variants, sets)}
+
+        def get_image(i, variant, lookup=lookup):
+            return lookup[json.dumps(variant, sort_keys=True)][i][0]
+
+        splits[split] = encode_split(vae, get_image, sets[0].labels, a.out, split, variants=variants,
+                                     batch_size=a.batch_size, device=dev)
+    write_meta(a.out, vae, splits, class_names, tokenizer_sha256=sha256_file(a.tokenizer), source=str(a.data))
+
+
+def cmd_references(a) -> None:
+    import numpy as np
+    import torch
+
+    from varup.losses import build_references
+    from varup.models.vqvae import load_vqvae
+    from varup.tokens import TokenCache
+    from varup.utils import atomic_torch_save, write_provenance
+
+    t0 = time.time()
+    vae = load_vqvae(a.tokenizer)
+    cache = TokenCache(a.tokens, "train")
+    tokens = torch.from_numpy(np.asarray(cache.tokens).astype(np.int64))
+    refs = build_references(vae.quantize.embedding.weight.detach(), tokens, vae.patch_nums,
+                            num_clusters=a.num_clusters, cluster_seed=a.seed, tau=a.tau)
+    atomic_torch_save(refs, a.out)
+    write_provenance(a.out, config=vars_json(a), seed=a.seed, started=t0, tau=float(refs["tau"]),
+                     dataset_s_star=refs["dataset_s_star"].tolist(),
+                     semantic_s_star_mean=float(refs["semantic_s_star"].mean()))
+    log.info("references: tau %.4g, dataset s* per scale %s, semantic s* mean %.4g", float(refs["tau"]),
+             [round(x, 4) for x in refs["dataset_s_star"].tolist()], float(refs["semantic_s_star"].mean()))
+
+
+# ---------------------------------------------------------------------------------------- train
+def cmd_train(a) -> None:
+    from varup.train import RunSpec, train
+
+    spec = RunSpec(**a.spec)
+    train(spec, tokens_dir=a.tokens, tokenizer=a.tokenizer, references=a.refs, out_model=a.out, work_dir=a.work,
+          device=a.device)
+
+
+# --------------------------------------------------------------------------------------- sample
+def cmd_sample(a) -> None:
+    import numpy as np
+
+    from varup.models.vqvae import load_vqvae
+    from varup.runtime import resolve_device
+    from varup.sample import sample_shard
+    from varup.train import load_model
+    from varup.utils import atomic_npz_save, write_provenance
+
+    t0 = time.time()
+    dev = resolve_device(a.device)
+    var = load_model(a.model).to(dev)
+    vae = load_vqvae(a.tokenizer).to(dev)
+    p = a.params
+    out = sample_shard(var, vae, n_per_class=p["n_per_class"], batch_size=p["batch_size"], seed=a.seed,
+                       shard=a.shard, num_shards=a.num_shards, cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"],
+                       more_smooth=p.get("more_smooth", False), device=dev, desc=f"sample shard {a.shard}")
+    atomic_npz_save(a.out, **out, params=np.array(json.dumps(p)))
+    write_provenance(a.out, config=p, seed=a.seed, device=str(dev), started=t0, shard=a.shard, num_shards=a.num_shards)
+
+
+def cmd_merge_samples(a) -> None:
+    import numpy as np
+
+    from varup.sample import merge_shards
+    from varup.utils import atomic_npz_save
+
+    merged = merge_shards(a.shards)
+    with np.load(a.shards[0]) as z:
+        params = z["params"]
+    atomic_npz_save(a.out, **merged, params=params)
+    log.info("merged %d shards: %d images", len(a.shards), len(merged["labels"]))
+
+
+# -------------------------------------------------------------------------------------- metrics
+def cmd_inception(a) -> None:
+    from varup.metrics.inception import prepare_inception
+
+    kw = {k: v for k, v in (("url", a.url), ("sha256", a.sha256)) if v}
+    info = prepare_inception(a.out_dir, allow_fallback=a.allow_fallback, **kw)
+    log.info("inception weights: %s", info)
+
+
+def cmd_real_features(a) -> None:
+    from varup.metrics.evaluate import real_features
+
+    real_features(a.data, a.split, a.resolution, a.inception, a.out, max_images=a.max_images,
+                  clean_out=a.clean_out, clean_max_images=a.clean_max_images, batch_size=a.batch_size, device=a.device)
+
+
+def cmd_evaluate(a) -> None:
+    from varup.metrics.evaluate import evaluate_run
+
+    evaluate_run(samples=a.samples, real_features_path=a.real_features, inception_json=a.inception, model=a.model,
+                 tokenizer=a.tokenizer, tokens=a.tokens, params=a.params, out=a.out,
+                 real_clean_features_path=a.real_clean_features, device=a.device)
+
+
+def cmd_tables(a) -> None:
+    from varup.tables import make_tables
+
+    make_tables(a.config, a.results, a.out)
+
+
+def cmd_figures(a) -> None:
+    from varup.figures import make_figures
+
+    make_figures(a.config, a.results, a.out, device=a.device)
+
+
+# ------------------------------------------------------------------------------------------ main
+def vars_json(a) -> dict:
+    return {k: v for k, v in vars(a).items() if k not in ("func",) and isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="varup", description="VAR uncertainty-preservation pipeline stages")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def cmd(name, func, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--log", help="append the log to this file")
+        p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        return p
+
+    p = cmd("data-toy", cmd_data_toy, "generate the toy shapes dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--params", type=_json, default={}, help="generator settings (JSON)")
+
+    p = cmd("tokenizer-train", cmd_tokenizer_train, "train a multi-scale VQVAE from scratch")
+    p.add_argument("--data", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--preprocess", type=_json, default={})
+    p.add_argument("--vqvae", type=_json, required=True)
+    p.add_argument("--train", type=_json, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", required=True)
+
+    p = cmd("encode", cmd_encode, "encode a dataset into the token cache (once per image and variant)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--preprocess", type=_json, default={})
+    p.add_argument("--variants", type=_json, default=[{}])
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+
+    p = cmd("references", cmd_references, "precompute the loss references (clusters, semantic and dataset s*)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--num-clusters", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--out", required=True)
+
+    p = cmd("train", cmd_train, "train one VAR run")
+    p.add_argument("--spec", type=_json, required=True, help="run specification (JSON, varup.train.RunSpec)")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--refs", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", required=True)
+
+    p = cmd("sample", cmd_sample, "sample one shard of a run's evaluation set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--params", type=_json, required=True, help="sample settings (JSON)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+    p = cmd("merge-samples", cmd_merge_samples, "merge sample shards in global batch order")
+    p.add_argument("--out", required=True)
+    p.add_argument("shards", nargs="+")
+
+    p = cmd("inception", cmd_inception, "fetch (or build) Inception weights for the metrics")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--url", default=None)
+    p.add_argument("--sha256", default=None)
+    p.add_argument("--no-fallback", dest="allow_fallback", action="store_false")
+
+    p = cmd("real-features", cmd_real_features, "Inception features of a real image split (computed once)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--inception", required=True)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.add_argument("--clean-out", default=None, help="also write clean-fid features of the real set here")
+    p.add_argument("--clean-max-images", type=int, default=None)
+
+    p = cmd("evaluate", cmd_evaluate, "every metric of one run")
+    for k in ("samples", "real-features", "inception", "model", "tokenizer", "tokens", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--real-clean-features", default=None, help="clean-fid features of the real set (enables clean-FID)")
+    p.add_argument("--params", type=_json, required=True, help="metrics settings (JSON)")
+
+    p = cmd("tables", cmd_tables, "regenerate every table")
+    p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
+    p.add_argument("--results", required=True, help="results/<experiment>")
+    p.add_argument("--out", required=True)
+
+    p = cmd("figures", cmd_figures, "regenerate every figure")
+    p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from varup.utils import set_threads, setup_logging
+
+    setup_logging(a.log)
+    set_threads(a.threads)
+    t0 = time.time()
+    log.info("varup %s: %s", a.command, " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
+    a.func(a)
+    log.info("varup %s finished in %.1f s", a.command, time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

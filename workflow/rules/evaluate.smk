@@ -1,0 +1,78 @@
+# Stage 5: metrics. Inception weights are fetched once (localrule: runs on a cluster's login node); real-image
+# features are computed once per dataset; every run's metrics come from one Inception pass over its samples.
+
+localrules:
+    inception_weights,
+
+
+rule inception_weights:
+    output:
+        f"{RSC}/inception/inception.json",
+    params:
+        out=lambda w, output: os.path.dirname(output[0]),
+        url=f"--url {config['metrics']['inception']['url']}" if "url" in config["metrics"]["inception"] else "",
+        sha=f"--sha256 {config['metrics']['inception']['sha256']}" if "sha256" in config["metrics"]["inception"] else "",
+        fallback="" if config["metrics"]["inception"].get("allow_fallback", True) else "--no-fallback",
+    log:
+        f"{RES}/logs/inception_weights.log",
+    benchmark:
+        f"{RES}/benchmarks/inception_weights.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup inception --out-dir {params.out} {params.url} {params.sha} {params.fallback} > {log} 2>&1"
+
+
+rule real_features:
+    input:
+        data=f"{RES}/{{dataset}}/data",
+        inception=f"{RSC}/inception/inception.json",
+    output:
+        feats=f"{RES}/{{dataset}}/real_features.npz",
+        clean=f"{RES}/{{dataset}}/real_clean_features.npy",
+    params:
+        device=DEVICE,
+        split=lambda w: ds(w).get("metrics_real_split", "val"),
+        res=lambda w: ds(w)["resolution"],
+        n=config["metrics"]["real_max_images"],
+        clean_n=config["metrics"]["clean_fid"]["max_images"] if config["metrics"]["clean_fid"]["enabled"] else 0,
+        bs=config["metrics"]["batch_size"],
+    threads: THREADS
+    log:
+        f"{RES}/logs/real_features/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/real_features/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup real-features --threads {threads} --device {params.device} --data {input.data} --split {params.split}"
+        " --resolution {params.res} --inception {input.inception} --max-images {params.n} --batch-size {params.bs}"
+        " --out {output.feats} --clean-out {output.clean} --clean-max-images {params.clean_n} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
+        real=f"{RES}/{{dataset}}/real_features.npz",
+        real_clean=f"{RES}/{{dataset}}/real_clean_features.npy",
+        inception=f"{RSC}/inception/inception.json",
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        tokenizer=tokenizer_file,
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+    output:
+        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/metrics.json",
+    params:
+        device=DEVICE,
+        p=q(config["metrics"]),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
+    threads: THREADS
+    log:
+        f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup evaluate --threads {threads} --device {params.device} --samples {input.samples} --real-features {input.real}"
+        " --inception {input.inception} --model {input.model} --tokenizer {input.tokenizer} --tokens {params.tokens}"
+        " --real-clean-features {input.real_clean} --params {params.p} --out {output} > {log} 2>&1"

@@ -1,0 +1,51 @@
+# Stage 6: tables and figures (CPU-only, cheap) and their report entries.
+
+rule tables:
+    input:
+        metrics=run_files("metrics.json"),
+        summaries=run_files("train/summary.json"),
+    output:
+        **{
+            f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",
+                                 labels={"table": t, "format": ext}) if ext == "md" else f"{RES}/tables/{t}.{ext}"
+            for t in TABLES
+            for ext in ("csv", "md", "tex")
+        },
+    params:
+        cfg=q(config),
+        results=lambda w: RES,
+        out=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{RES}/logs/tables.log",
+    benchmark:
+        f"{RES}/benchmarks/tables.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup tables --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        qualitative=[f"{RES}/{r.path}/qualitative.npz" for r in RUNS if r.seed == config["seeds"][0]],
+        curves=run_files("train/metrics.jsonl"),
+    output:
+        **{
+            f"{f}_{ext}": report(f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures",
+                                 labels={"figure": f}) if ext == "png" else f"{RES}/figures/{f}.{ext}"
+            for f in FIGURES
+            for ext in ("png", "pdf")
+        },
+    params:
+        cfg=q(config),
+        results=lambda w: RES,
+        out=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{RES}/logs/figures.log",
+    benchmark:
+        f"{RES}/benchmarks/figures.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup figures --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
+

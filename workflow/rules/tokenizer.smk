@@ -1,0 +1,77 @@
+# Stage 2: tokenizer -> token cache -> loss references (each computed once per dataset).
+
+
+rule tokenizer_train:
+    input:
+        data=f"{RES}/{{dataset}}/data",
+    output:
+        model=f"{RES}/{{dataset}}/tokenizer/vqvae.pt",
+        summary=f"{RES}/{{dataset}}/tokenizer/summary.json",
+        curve=f"{RES}/{{dataset}}/tokenizer/metrics.jsonl",
+    params:
+        device=DEVICE,
+        vq=lambda w: q(vc.tokenizer_of(config, w.dataset)[1]["vqvae"]),
+        train=lambda w: q(vc.tokenizer_of(config, w.dataset)[1].get("train", {})),
+        pre=lambda w: q(ds(w).get("preprocess", {})),
+        res=lambda w: ds(w)["resolution"],
+        work=lambda w, output: os.path.dirname(output.model),
+    threads: workflow.cores
+    log:
+        f"{RES}/logs/tokenizer/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/tokenizer/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup tokenizer-train --threads {threads} --device {params.device} --data {input.data} --resolution {params.res}"
+        " --preprocess {params.pre} --vqvae {params.vq} --train {params.train} --out {output.model}"
+        " --work {params.work} >> {log} 2>&1"
+
+
+rule encode:
+    input:
+        data=f"{RES}/{{dataset}}/data",
+        tokenizer=tokenizer_file,
+    output:
+        meta=f"{RES}/{{dataset}}/tokens/meta.json",
+        train=f"{RES}/{{dataset}}/tokens/train_tokens.npy",
+        val=f"{RES}/{{dataset}}/tokens/val_tokens.npy",
+    params:
+        device=DEVICE,
+        pre=lambda w: q(ds(w).get("preprocess", {})),
+        variants=lambda w: q(ds(w).get("token_variants", [{}])),
+        res=lambda w: ds(w)["resolution"],
+        out=lambda w, output: os.path.dirname(output.meta),
+    threads: workflow.cores
+    log:
+        f"{RES}/logs/encode/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/encode/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup encode --threads {threads} --device {params.device} --data {input.data} --tokenizer {input.tokenizer}"
+        " --resolution {params.res} --preprocess {params.pre} --variants {params.variants} --out {params.out}"
+        " >> {log} 2>&1"
+
+
+rule references:
+    input:
+        tokenizer=tokenizer_file,
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+    output:
+        f"{RES}/{{dataset}}/refs.pt",
+    params:
+        k=config["references"]["num_clusters"],
+        seed=config["references"]["cluster_seed"],
+        tau=("" if config["references"].get("tau") is None else f"--tau {config['references']['tau']}"),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
+    log:
+        f"{RES}/logs/references/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/references/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup references --threads {threads} --tokenizer {input.tokenizer} --tokens {params.tokens}"
+        " --num-clusters {params.k} --seed {params.seed} {params.tau} --out {output} > {log} 2>&1"

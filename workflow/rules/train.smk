@@ -1,0 +1,29 @@
+# Stage 3: one training job per run (dataset x depth x method x seed). The run specification (model, loss,
+# optimiser, seed) is a parameter: editing e.g. a loss weight re-runs exactly the runs of that method and
+# everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption.
+
+
+rule train:
+    input:
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+        tokenizer=tokenizer_file,
+        refs=f"{RES}/{{dataset}}/refs.pt",
+    output:
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        curve=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
+        summary=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
+    params:
+        device=DEVICE,
+        spec=lambda w: q(vc.run_spec(config, run_of(w))),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
+        work=lambda w, output: os.path.dirname(output.curve),
+    threads: THREADS
+    log:
+        f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
+        " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} >> {log} 2>&1"
