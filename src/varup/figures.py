@@ -1,0 +1,98 @@
+"""Every figure (PNG + PDF): sample grids (baseline vs ours on the same classes and seeds) and training curves
+(loss components per scale). Inputs are the runs' ``qualitative.npz`` and ``train/metrics.jsonl``."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from varup.config import runs  # noqa: E402
+from varup.utils import atomic_path  # noqa: E402
+
+log = logging.getLogger("varup.figures")
+
+
+def save_figure(fig, out_dir: str | Path, name: str) -> None:
+    for ext in ("png", "pdf"):
+        with atomic_path(Path(out_dir) / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int, pad: int = 2) -> np.ndarray:
+    """(N,H,W,3) uint8 -> one image: a row per class, ``per_class`` samples per row."""
+    classes = np.unique(labels)
+    H, W = images.shape[1:3]
+    grid = np.full((len(classes) * (H + pad) + pad, per_class * (W + pad) + pad, 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)[:per_class]
+        for j, i in enumerate(idx):
+            y, x = pad + r * (H + pad), pad + j * (W + pad)
+            grid[y:y + H, x:x + W] = images[i]
+    return grid
+
+
+def samples_figure(cfg: dict, results: Path, out: Path, name: str = "samples") -> None:
+    first_seed = cfg["seeds"][0]
+    panels = [r for r in runs(cfg) if r.seed == first_seed]
+    groups: dict[tuple[str, int], list] = {}
+    for r in panels:
+        groups.setdefault((r.dataset, r.depth), []).append(r)
+    rows, cols = len(groups), max(len(v) for v in groups.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.6), squeeze=False)
+    for i, ((dataset, depth), rs) in enumerate(groups.items()):
+        for j, r in enumerate(rs):
+            with np.load(results / r.path / "qualitative.npz") as z:
+                imgs, labels, params = z["images"], z["labels"], json.loads(str(z["params"]))
+            ax = axes[i][j]
+            ax.imshow(image_grid(imgs, labels, params["n_per_class"]))
+            ax.set_title(f"{dataset} d{depth} — {r.method} (seed {r.seed}, cfg {params['cfg']})", fontsize=9)
+            ax.axis("off")
+        for j in range(len(rs), cols):
+            axes[i][j].axis("off")
+    fig.suptitle("Samples: one row per class, same classes and sampling seeds for every method", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out, name)
+
+
+def _curves(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "training_curves") -> None:
+    comps = [("ce", "cross-entropy $L_{CE}$"), ("l2nd", "second-order $L_{2nd}$"), ("lse", "semantic entropy $L_{SE}$")]
+    groups: dict[tuple[str, int, str], list] = {}
+    for r in runs(cfg):
+        groups.setdefault((r.dataset, r.depth, r.method), []).append(r)
+    fig, axes = plt.subplots(len(groups), len(comps), figsize=(4.3 * len(comps), 2.9 * len(groups)), squeeze=False)
+    for i, ((dataset, depth, method), rs) in enumerate(groups.items()):
+        logs = [_curves(results / r.path / "train" / "metrics.jsonl") for r in rs]
+        n = min(len(lg) for lg in logs)
+        steps = np.array([rec["step"] for rec in logs[0][:n]])
+        for j, (key, title) in enumerate(comps):
+            ax = axes[i][j]
+            arr = np.array([[rec["per_scale"][key] for rec in lg[:n]] for lg in logs])  # (seeds, n, SN)
+            mean = arr.mean(0)
+            cmap = plt.get_cmap("viridis", mean.shape[1])
+            for k in range(mean.shape[1]):
+                ax.plot(steps, mean[:, k], color=cmap(k), lw=1.2, label=f"scale {k}")
+            ax.set_title(f"{dataset} d{depth} {method}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, out, name)
+
+
+def make_figures(cfg: dict, results: str | Path, out: str | Path, device: str = "auto") -> None:  # noqa: ARG001
+    results, out = Path(results), Path(out)
+    samples_figure(cfg, results, out)
+    training_curves_figure(cfg, results, out)
+    log.info("figures written to %s", out)
