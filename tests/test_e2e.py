@@ -1,0 +1,147 @@
+"""The whole DAG end to end on a tiny config (a few minutes on 2 cores), asserting on the tables it writes;
+then: editing a loss hyper-parameter re-plans exactly the affected jobs, and a corrupt input image is named."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("VARUP_TEST_CACHE", REPO / ".cache" / "test"))
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(results: Path) -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results_dir"] = str(results)
+    cfg["resources_dir"] = str(CACHE / "resources")  # Inception weights are fetched/converted once per machine
+    ds = cfg["datasets"]["shapes"]
+    ds["generator"].update(n_train_per_class=32, n_val_per_class=12)
+    tok = cfg["tokenizers"]["toy_vq"]
+    tok["train"].update(steps=40, batch_size=16, log_every=10, ckpt_every=20, dead_code_every=10)
+    cfg["model"]["depths"] = [1]
+    cfg["train"].update(steps=24, batch_size=16, log_every=4, ckpt_every=8, warmup_steps=4)
+    cfg["sample"].update(n_per_class=6, batch_size=12)
+    cfg["sample"]["qualitative"] = {"cfg": 3.0, "n_per_class": 3}
+    cfg["metrics"].update(real_max_images=24, ssim_max_pairs_per_class=20)
+    cfg["metrics"]["clean_fid"] = {"enabled": True, "max_images": 12}
+    cfg["metrics"]["calibration"] = {"n_bins": 10, "max_rows": 24}
+    return cfg
+
+
+def smk(workdir: Path, cfgfile: Path, *args, timeout=1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                           "--configfile", str(cfgfile), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def planned_jobs(dry_run_out: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job in a dry run's plan."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if not m:
+            continue
+        w = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        wc = dict(kv.split("=", 1) for kv in w.group(1).split(", ")) if w else {}
+        jobs.append((m.group(1), wc))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = tiny_config(work / "results")
+    cfgfile = work / "tiny.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    r = smk(work, cfgfile, "--cores", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return work, cfg, cfgfile
+
+
+def test_tables_have_the_expected_contents(finished):
+    work, cfg, _ = finished
+    tables = work / "results" / "toy" / "tables"
+    t2 = pd.read_csv(tables / "table2.csv")
+    assert sorted(t2["method"]) == ["baseline", "ours"] and (t2["seeds"] == 2).all() and (t2["depth"] == 1).all()
+    assert (t2["fid_mean"] > 0).all() and np.isfinite(t2["fid_mean"]).all() and (t2["fid_std"] >= 0).all()
+    assert np.isfinite(t2["kid_mean"]).all() and np.isfinite(t2["clean_fid_mean"]).all()
+    assert t2[["precision_mean", "recall_mean"]].apply(lambda c: c.between(0, 1)).all().all()
+    md = (tables / "table2.md").read_text()
+    if t2["is_mean"].isna().all():  # offline: FID-only weights
+        assert "IS unavailable:" in md and (t2["inception_source"].str.contains("fid-helper")).all()
+    assert "± " in md and "\\begin{tabular}" in (tables / "table2.tex").read_text()
+    # the table holds the per-seed metrics' mean and std
+    ours = [json.loads((work / "results" / "toy" / "shapes" / "d1" / "ours" / f"seed{s}" / "metrics.json").read_text())
+            for s in (0, 1)]
+    fids = [m["fidelity"]["fid"] for m in ours]
+    row = t2[t2["method"] == "ours"].iloc[0]
+    assert row["fid_mean"] == pytest.approx(np.mean(fids)) and row["fid_std"] == pytest.approx(np.std(fids, ddof=1))
+
+    t7 = pd.read_csv(tables / "table7.csv")
+    assert t7["mean_pairwise_ssim_mean"].between(-1, 1).all()
+    assert (t7["ssim_diversity_mean"] + t7["mean_pairwise_ssim_mean"]).round(6).eq(1.0).all()
+    assert t7["coverage_mean"].between(0, 1).all() and (t7["density_mean"] >= 0).all()
+
+    cb = pd.read_csv(tables / "codebook_calibration.csv")
+    assert (cb["active_total_generated"] > 0).all() and (cb["active_total_real"] > 0).all()
+    assert cb["ece_mean"].between(0, 1).all() and (cb["nll_mean"] > 0).all()
+    assert all(len(json.loads(x)) == 4 for x in cb["active_codes_real"])  # one entry per scale
+
+    ov = pd.read_csv(tables / "overhead.csv")
+    assert ov.loc[ov["method"] == "baseline", "step_time_vs_baseline"].iloc[0] == pytest.approx(1.0)
+    assert (ov["params_m"] > 0).all() and (ov["global_batch"] == 16).all()
+
+
+def test_figures_are_real_images(finished):
+    work, _, _ = finished
+    figs = work / "results" / "toy" / "figures"
+    for name in ("samples", "training_curves"):
+        im = np.asarray(Image.open(figs / f"{name}.png").convert("L"))
+        assert im.shape[0] > 200 and im.shape[1] > 300 and im.std() > 10  # not blank
+        assert (figs / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
+    work, cfg, _ = finished
+    r = smk(work, finished[2], "-n")
+    assert "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    edited = json.loads(json.dumps(cfg))
+    edited["methods"]["ours"]["lambda_se"] = 0.05
+    f = work / "edited.yaml"
+    f.write_text(yaml.safe_dump(edited))
+    r = smk(work, f, "-n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = planned_jobs(r.stdout)
+    by_rule: dict[str, list[dict]] = {}
+    for rule, wc in jobs:
+        by_rule.setdefault(rule, []).append(wc)
+    assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "tables",
+                            "figures", "all"}, sorted(by_rule)
+    for rule in ("train", "sample_shard", "merge_samples", "evaluate"):
+        assert sorted(w["seed"] for w in by_rule[rule]) == ["0", "1"] and {w["method"] for w in by_rule[rule]} == {"ours"}
+    assert by_rule["sample_qualitative"] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}]
+
+
+def test_corrupt_input_image_is_named(finished, tmp_path):
+    work, cfg, _ = finished
+    data = tmp_path / "data"
+    shutil.copytree(work / "results" / "toy" / "shapes" / "data", data)
+    victim = sorted((data / "images" / "train").rglob("*.png"))[5]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])
+    tok = work / "results" / "toy" / "shapes" / "tokenizer" / "vqvae.pt"
+    r = subprocess.run([sys.executable, "-m", "varup", "encode", "--data", str(data), "--tokenizer", str(tok),
+                        "--resolution", "32", "--out", str(tmp_path / "tokens")], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert str(victim) in r.stderr and "corrupt" in r.stderr

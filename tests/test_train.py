@@ -1,0 +1,197 @@
+"""Training: schedule, parameter groups, data order, resume after a real kill, preemption, non-finite loss."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_vqvae
+from varup.losses import build_references
+from varup.runtime import EXIT_PREEMPTED, Dist, NonFiniteLossError
+from varup.tokens import TokenCache, encode_split, write_meta
+from varup.train import BatchOrder, OptimConfig, RunSpec, load_model, lr_at, param_groups, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny tokenizer, a token cache of 96 random images (4 classes) and the loss references."""
+    d = tmp_path_factory.mktemp("assets")
+    vae = tiny_vqvae().eval()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)
+    torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, d / "vqvae.pt")
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(96, 3, 16, 16, generator=g) * 2 - 1
+    labels = [i % 4 for i in range(96)]
+    splits = {"train": encode_split(vae, lambda i, v: imgs[i], labels, d / "tokens", "train", batch_size=32),
+              "val": encode_split(vae, lambda i, v: imgs[i], labels, d / "tokens", "val", batch_size=32)}
+    write_meta(d / "tokens", vae, splits, ["a", "b", "c", "d"])
+    cache = TokenCache(d / "tokens")
+    refs = build_references(vae.quantize.embedding.weight.detach(), torch.from_numpy(cache.tokens.astype(np.int64)),
+                            vae.patch_nums, num_clusters=8)
+    torch.save(refs, d / "refs.pt")
+    return d
+
+
+def spec(steps=12, **optim) -> RunSpec:
+    o = dict(steps=steps, batch_size=16, lr=3e-3, warmup_steps=2, log_every=2, ckpt_every=4, precision="fp32")
+    o.update(optim)
+    return RunSpec(model={"depth": 1, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.1, "cond_drop_rate": 0.1},
+                   loss={"lambda_2nd": 0.01, "lambda_se": 0.02, "reference": "semantic"}, optim=o, seed=3)
+
+
+def run_train(assets, out: Path, s: RunSpec, **kw):
+    return train(s, tokens_dir=assets / "tokens", tokenizer=assets / "vqvae.pt", references=assets / "refs.pt",
+                 out_model=out / "model.pt", work_dir=out / "train", device="cpu", **kw)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa, sb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_token_cache_roundtrip(assets):
+    c = TokenCache(assets / "tokens", "train")
+    assert len(c) == 96 and c.tokens.shape == (96, 30) and c.num_classes == 4 and c.patch_nums == (1, 2, 3, 4)
+    assert c.tokens.dtype == np.uint16 and int(c.tokens.max()) < 64
+    assert not (assets / "tokens" / ".shards").exists()
+    with pytest.raises(KeyError, match="no split 'test'"):
+        TokenCache(assets / "tokens", "test")
+
+
+def test_lin0_schedule():
+    c = OptimConfig(steps=101, lr=1.0, warmup_steps=10, warmup_start_ratio=0.1, final_lr_ratio=0.01)
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(5, c) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(10, c) == 1.0 and lr_at(13, c) == 1.0  # constant for the first 5% after warm-up
+    assert lr_at(100, c) == pytest.approx(0.01)  # last step reaches the final ratio
+    assert lr_at(55, c) == pytest.approx(0.01 + 0.99 * (1 - 0.5) / 0.95)
+    assert lr_at(50, OptimConfig(steps=101, lr=2.0, lr_schedule="constant")) == 2.0
+
+
+def test_param_groups_follow_the_official_split():
+    from varup.models.var import VAR
+
+    m = VAR(vocab_size=16, z_channels=4, num_classes=2, depth=1, embed_dim=16, num_heads=1, patch_nums=(1, 2))
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.mat_qkv.weight" in dn and "class_emb.weight" in dn and "word_embed.weight" in dn
+    assert {"pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "head.bias"} <= nn_
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+
+
+def test_batch_order_is_deterministic_and_shards_the_global_batch():
+    a, b = BatchOrder(50, 8, seed=1, d=Dist()), BatchOrder(50, 8, seed=1, d=Dist())
+    assert all(np.array_equal(a.indices(s), b.indices(s)) for s in range(20))
+    epoch0 = np.concatenate([a.indices(s) for s in range(6)])
+    assert len(set(epoch0.tolist())) == 48  # no repeats within an epoch (drop last)
+    assert not np.array_equal(a.indices(0), a.indices(6))  # a new permutation per epoch
+    r0, r1 = BatchOrder(50, 8, 1, Dist(0, 2)), BatchOrder(50, 8, 1, Dist(1, 2))
+    assert np.array_equal(np.concatenate([r0.indices(3), r1.indices(3)]), a.indices(3))
+    with pytest.raises(ValueError, match="divisible"):
+        BatchOrder(50, 7, 1, Dist(0, 2))
+
+
+def test_training_writes_model_log_and_summary(assets, tmp_path):
+    s = run_train(assets, tmp_path, spec())
+    m = load_model(tmp_path / "model.pt")
+    assert m.depth == 1 and m.num_classes == 4
+    lines = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6, 8, 10, 12]
+    assert all(len(r["per_scale"]["ce"]) == 4 for r in lines)
+    assert lines[-1]["loss"] == pytest.approx(lines[-1]["ce"] + 0.01 * lines[-1]["l2nd"] + 0.02 * lines[-1]["lse"], rel=1e-5)
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["params"] == m.num_params() and s["global_batch"] == 16
+    assert not (tmp_path / "train" / "ckpt" / "last.pt").exists()  # finished runs keep only the model
+    assert (tmp_path / "model.pt.prov.json").exists()
+
+
+def _cli_train(assets, out: Path, s: RunSpec) -> list[str]:
+    return [sys.executable, "-m", "varup", "train", "--threads", "1", "--device", "cpu", "--spec", json.dumps(asdict(s)),
+            "--tokens", str(assets / "tokens"), "--tokenizer", str(assets / "vqvae.pt"), "--refs",
+            str(assets / "refs.pt"), "--out", str(out / "model.pt"), "--work", str(out / "train")]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"training ended (rc {proc.returncode}) before {path} appeared"
+        assert time.time() - t0 < timeout, f"{path} did not appear within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_killed_training_resumes_to_the_same_weights(assets, tmp_path):
+    """SIGKILL after the first checkpoint; the rerun resumes and ends with bit-identical weights."""
+    s = spec(steps=400, ckpt_every=100, log_every=50)
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_cli_train(assets, ref, s), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli_train(assets, killed, s), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(killed / "train" / "ckpt" / "last.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.pt").exists()
+    resumed = subprocess.run(_cli_train(assets, killed, s), check=True, env=env, capture_output=True, text=True)
+    assert "resumed from" in resumed.stderr
+    assert same_weights(ref / "model.pt", killed / "model.pt")
+    steps = [json.loads(x)["step"] for x in (killed / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no duplicated log lines after the resume
+
+
+def test_sigterm_checkpoints_exits_75_and_the_retry_finishes_identically(assets, tmp_path):
+    s = spec(steps=400, ckpt_every=1000, log_every=50)
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(_cli_train(assets, ref, s), check=True, env=env, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli_train(assets, run, s), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "train" / "metrics.jsonl", proc)  # training has started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "SIGTERM" in err and (run / "train" / "ckpt" / "last.pt").exists()
+    subprocess.run(_cli_train(assets, run, s), check=True, env=env, capture_output=True)
+    assert same_weights(ref / "model.pt", run / "model.pt")
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(assets, tmp_path, monkeypatch):
+    import varup.train as T
+
+    calls = {"n": 0}
+    real_forward = T.UncertaintyLoss.forward
+
+    def poisoned(self, logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            logits = logits * float("nan")
+        return real_forward(self, logits, targets)
+
+    monkeypatch.setattr(T.UncertaintyLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7.*step 4"):
+        run_train(assets, tmp_path, spec())
+    ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if k != "attn_bias_for_masking")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_checkpoint_of_another_config_is_set_aside(assets, tmp_path):
+    run_train(assets, tmp_path, spec(steps=12), stop_after=5)
+    assert (tmp_path / "train" / "ckpt" / "last.pt").exists()
+    other = spec(steps=12, lr=1e-3)  # e.g. an edited hyper-parameter
+    summary = run_train(assets, tmp_path, other)
+    assert summary["resumed_from"] == 0
+    assert list((tmp_path / "train" / "ckpt").glob("stale-*.pt"))

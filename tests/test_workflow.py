@@ -1,0 +1,99 @@
+"""The Snakemake workflow: schema validation before any job, lint, log/benchmark on every rule, the DAG."""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from varup.config import ConfigError, load_config, run_spec, runs, validate
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def default_cfg() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def snakemake(*args, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run."""
+    m = re.search(r"Job stats:\n(.*?)\n\n", out, re.S)
+    assert m, out[-3000:]
+    counts = {}
+    for line in m.group(1).splitlines()[2:]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_default_config_is_valid_and_fills_defaults():
+    cfg = validate(default_cfg())
+    assert cfg["metrics"]["calibration"]["n_bins"] == 15
+    assert cfg["methods"]["baseline"]["reference"] == "semantic"  # schema default
+    assert len(list(runs(cfg))) == len(cfg["model"]["depths"]) * len(cfg["methods"]) * len(cfg["seeds"])
+    s = run_spec(cfg, next(iter(runs(cfg))))
+    assert set(s) == {"model", "loss", "optim", "seed", "extra"}
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda c: c["train"].__setitem__("stpes", 5), "train: Additional properties are not allowed ('stpes'"),
+    (lambda c: c["methods"]["ours"].__setitem__("reference", "gaussian"), "methods/ours/reference: 'gaussian' is not one of"),
+    (lambda c: c["sample"].__setitem__("top_p", 1.5), "sample/top_p: 1.5 is greater than the maximum of 1"),
+    (lambda c: c["datasets"]["shapes"].__setitem__("tokenizer", "nope"), "datasets/shapes/tokenizer: 'nope' is not defined"),
+    (lambda c: c.pop("seeds"), "'seeds' is a required property"),
+])
+def test_schema_errors_name_the_key(mutate, needle):
+    cfg = default_cfg()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert needle in str(e.value)
+
+
+def test_bad_config_stops_snakemake_before_any_job(tmp_path):
+    cfg = default_cfg()
+    cfg["methods"]["ours"]["lambda_2nd"] = -1.0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake("-n", "--configfile", str(tmp_path / "bad.yaml"), "-d", str(tmp_path))
+    assert r.returncode != 0
+    assert "methods/ours/lambda_2nd: -1.0 is less than the minimum of 0" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_lint_is_clean():
+    r = snakemake("--lint", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations, your workflow is in a good condition!" in r.stdout + r.stderr
+
+
+def test_every_rule_has_log_and_benchmark():
+    text = "\n".join(p.read_text() for p in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    blocks = re.split(r"\n(?=rule \w+:)", text)
+    rules = {m.group(1): b for b in blocks if (m := re.match(r"rule (\w+):", b))}
+    assert len(rules) >= 12
+    for name, body in rules.items():
+        assert re.search(r"^\s+log:", body, re.M), f"rule {name} has no log:"
+        assert re.search(r"^\s+benchmark:", body, re.M), f"rule {name} has no benchmark:"
+
+
+def test_default_dry_run_plans_the_whole_dag(tmp_path):
+    r = snakemake("-n", "--cores", "2", "-d", str(tmp_path), timeout=120)  # a fresh working directory
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = job_counts(r.stdout)
+    n_runs = 2 * 2  # methods x seeds x depths(1)
+    assert c == {"data_toy": 1, "tokenizer_train": 1, "encode": 1, "references": 1, "inception_weights": 1,
+                 "real_features": 1, "train": n_runs, "sample_shard": n_runs, "merge_samples": n_runs,
+                 "evaluate": n_runs, "sample_qualitative": 2, "tables": 1, "figures": 1, "all": 1}
