@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from varup.utils import progress, sha256_file
+from varup.utils import atomic_write_text, progress, sha256_file
 
 log = logging.getLogger("varup.download")
 
@@ -221,3 +221,50 @@ def fetch_pypi_file(requirement: str, sha256: str, dest_dir: str | os.PathLike, 
         dest = dest_dir / files[0].name
         _verify_and_commit(files[0], dest, sha256, source=f"PyPI {requirement}")
     return dest
+
+
+# ------------------------------------------------------------------------------ trust on first use
+def read_hash(path: str | os.PathLike) -> str | None:
+    """The hex digest stored in a sidecar / marker file, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return path.read_text().strip().lower() or None
+
+
+def record_first_use(sidecar: str | os.PathLike, url: str, actual: str, config_key: str | None) -> None:
+    """Record the hash of an unpinned first download (verified by later runs) and say how to pin it."""
+    atomic_write_text(sidecar, actual + "\n")
+    log.warning("%s: no sha256 pinned; trusting this first download (sha256 %s, recorded in %s and verified by "
+                "later runs). To pin it, set %s: %s in the config.", url, actual, sidecar,
+                config_key or "its sha256", actual)
+
+
+def fetch_file(url: str, dest: str | os.PathLike, sha256: str | None = None, *, config_key: str | None = None,
+               validate=None, **kw) -> dict:
+    """Download one file with a pinned sha256, or trust on first use when ``sha256`` is None: the first download's
+    hash is recorded in ``<dest>.sha256`` (after ``validate(path)`` accepted the file, so an HTML error page is
+    never trusted) and later calls verify against it. Returns {path, sha256, pinned}."""
+    dest = Path(dest)
+    sidecar = dest.with_name(dest.name + ".sha256")
+    pinned = bool(sha256)
+    expected = sha256.strip().lower() if pinned else read_hash(sidecar)
+    try:
+        download(url, dest, expected, **kw)
+    except ChecksumError as e:
+        if pinned or expected is None:
+            raise
+        raise ChecksumError(f"{e}. The expected sha256 was recorded on first use in {sidecar}; if the upstream file "
+                            f"really changed, delete that file (or pin the new hash under {config_key or 'its sha256'})") from e
+    actual = expected or sha256_file(dest)
+    if validate is not None:
+        try:
+            validate(dest)
+        except Exception:
+            dest.unlink(missing_ok=True)
+            raise
+    if expected is None:
+        record_first_use(sidecar, url, actual, config_key)
+    elif pinned and read_hash(sidecar) not in (None, actual):
+        atomic_write_text(sidecar, actual + "\n")
+    return {"path": dest, "sha256": actual, "pinned": pinned}
