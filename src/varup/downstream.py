@@ -1,0 +1,516 @@
+"""Downstream tasks: zero-shot editing (paper Figures 2/3) and token-likelihood OOD detection (paper Table 3).
+
+Zero-shot editing follows the official VAR zero-shot edit demo, which :func:`varup.sample.sample` implements with
+``teacher_tokens`` / ``force_masks`` (a True mask keeps the given token at that position of that scale):
+
+* **out-painting** keeps the tokens inside a box (``box_mask(..., inpainting=False)``) and generates the rest;
+* **in-painting** regenerates the box (``inpainting=True``);
+* **class-conditional editing** is class-conditional in-painting of the box with a *target* class (official:
+  "class-conditional editing is implemented as class-conditional in-painting").
+
+Out-/in-painting use the null class (label ``num_classes``), as the official demo; with the null class both CFG
+halves are identical, so ``cfg`` has no effect there. Sample ``j`` of image ``i`` is drawn with its own generator,
+seeded ``derive_seed(seed, task, image_id_i, j)`` (one ``sample`` call per (image, sample), batch 1), so every method
+receives exactly the same inputs and seeds, and an image's samples do not depend on which other images are shown.
+
+OOD detection scores an image by the negative log-likelihood of its token map under the teacher-forced transformer
+(``-log p(r_k | r_<k, c)`` summed over the L tokens of all scales, no CFG). The AUROC treats OOD as the positive
+class and NLL as the score. The conditioning is the null class by default (``class_mode='null'``) for both ID and
+OOD images: OOD images have no in-distribution label, and scoring ID images with their true label would give them
+an unfair advantage.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from varup.models.var import VAR
+from varup.models.vqvae import VQVAE, split_tokens
+from varup.sample import box_mask, derive_seed, edit_masks, make_generator, sample
+
+log = logging.getLogger("varup.downstream")
+
+TASKS = ("outpaint", "inpaint", "edit")
+TASK_TITLES = {
+    "outpaint": "Out-painting: the box is kept, everything outside it is generated (null class)",
+    "inpaint": "In-painting: the box is regenerated from its surroundings (null class)",
+    "edit": "Class-conditional editing: the box is regenerated conditioned on the target class",
+}
+CLASS_MODES = ("null", "label", "max")
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no class dropout, no DropPath) for the duration, restoring each module's previous mode."""
+    was = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, t in zip(modules, was):
+            m.train(t)
+
+
+def _check_pair(var: VAR, vae: VQVAE) -> None:
+    if tuple(vae.patch_nums) != tuple(var.patch_nums) or vae.V != var.V or vae.Cvae != var.Cvae:
+        raise ValueError(f"tokenizer (patch_nums {tuple(vae.patch_nums)}, V {vae.V}, Cvae {vae.Cvae}) does not match "
+                         f"the transformer (patch_nums {tuple(var.patch_nums)}, V {var.V}, Cvae {var.Cvae})")
+
+
+def _check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    if len(box) != 4:
+        raise ValueError(f"box must be (y0, x0, y1, x1), got {box!r}")
+    y0, x0, y1, x1 = (float(v) for v in box)
+    if not (0.0 <= y0 < y1 <= 1.0 and 0.0 <= x0 < x1 <= 1.0):
+        raise ValueError(f"box must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1, got {box!r}")
+    return y0, x0, y1, x1
+
+
+def keep_mask(patch_nums: Sequence[int], task: str, box: Sequence[float]) -> torch.Tensor:
+    """Latent-resolution (p, p) {0,1} mask of the task, 1 = keep the input token (the official ``get_edit_mask``)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+    return box_mask(patch_nums, *_check_box(box), inpainting=task != "outpaint")
+
+
+# ------------------------------------------------------------------------------------------------ editing
+@dataclass
+class EditResult:
+    tokens: list[torch.Tensor]  # per scale (B, n_samples, pn*pn) int64: forced + generated tokens
+    masks: list[torch.Tensor]  # per scale (pn*pn,) bool: True = the input token was kept
+    keep: torch.Tensor  # (p, p) float {0,1}: the latent-resolution keep mask
+    labels: torch.Tensor  # (B,) the class each image was generated with (num_classes = null class)
+    seeds: list[list[int]]  # (B, n_samples) generator seeds
+    images: torch.Tensor | None  # (B, n_samples, 3, H, W) float in [0, 1]; None when decode=False
+
+
+def _task_labels(var: VAR, task: str, labels: torch.Tensor | None, target_labels, B: int, device) -> torch.Tensor:
+    if task != "edit":
+        return torch.full((B,), var.num_classes, dtype=torch.long, device=device)
+    if target_labels is None:
+        if labels is None:
+            raise ValueError("task 'edit' needs target_labels (or the images' labels, to edit to the next class)")
+        target = (torch.as_tensor(labels, dtype=torch.long) + 1) % var.num_classes
+    elif isinstance(target_labels, int):
+        target = torch.full((B,), int(target_labels), dtype=torch.long)
+    else:
+        target = torch.as_tensor(target_labels, dtype=torch.long).reshape(-1)
+    if target.shape != (B,):
+        raise ValueError(f"target_labels must give one class per image ({B}), got shape {tuple(target.shape)}")
+    if int(target.min()) < 0 or int(target.max()) >= var.num_classes:
+        raise ValueError(f"target_labels must be in [0, {var.num_classes}), got {target.tolist()}")
+    return target.to(device)
+
+
+@torch.no_grad()
+def edit_tokens(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels: torch.Tensor | Sequence[int] | None,
+                task: str, *, box: Sequence[float], target_labels=None, n_samples: int = 3, seed: int = 0,
+                cfg: float = 3.0, top_k: int = 900, top_p: float = 0.95, more_smooth: bool = False,
+                image_ids: Sequence | None = None, decode: bool = True) -> EditResult:
+    """Out-paint / in-paint / class-conditionally edit B token maps, ``n_samples`` samples each.
+
+    ``tokens``: per-scale (B, pn*pn) index maps of the inputs; ``labels``: their classes (only used by 'edit' when
+    ``target_labels`` is None: the next class, ``(label + 1) % num_classes``). ``target_labels``: int or (B,).
+    ``image_ids`` (default ``0..B-1``) name the images in the seeds: sample j of image i uses the generator seed
+    ``derive_seed(seed, task, image_ids[i], j)``. One sampler call per (image, sample), batch 1.
+    """
+    _check_pair(var, vae)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    device = var.lvl_1L.device
+    patch_nums = tuple(var.patch_nums)
+    tokens = [t.to(device=device, dtype=torch.long) for t in tokens]
+    B = tokens[0].shape[0]
+    ids = list(range(B)) if image_ids is None else [i.item() if hasattr(i, "item") else i for i in image_ids]
+    if len(ids) != B:
+        raise ValueError(f"got {len(ids)} image_ids for {B} images")
+    keep = keep_mask(patch_nums, task, box)
+    masks = edit_masks(patch_nums, keep)  # per scale (1, pn*pn)
+    gen_labels = _task_labels(var, task, labels, target_labels, B, device)
+    top_k = min(int(top_k), var.V)
+    out_tokens = [torch.empty(B, n_samples, pn * pn, dtype=torch.long) for pn in patch_nums]
+    images = None
+    seeds = [[derive_seed(seed, task, ids[i], j) for j in range(n_samples)] for i in range(B)]
+    with eval_mode(var, vae):
+        for i in range(B):
+            teacher = [t[i:i + 1] for t in tokens]
+            for j in range(n_samples):
+                out = sample(var, vae, gen_labels[i:i + 1], cfg=cfg, top_k=top_k, top_p=top_p,
+                             more_smooth=more_smooth, generator=make_generator(seeds[i][j], device),
+                             teacher_tokens=teacher, force_masks=[m.to(device) for m in masks], decode=decode)
+                for si, t in enumerate(out.tokens):
+                    out_tokens[si][i, j] = t[0].cpu()
+                if decode:
+                    if images is None:
+                        images = torch.empty(B, n_samples, *out.images.shape[1:])
+                    images[i, j] = out.images[0].float().clamp(0, 1).cpu()
+    return EditResult(tokens=out_tokens, masks=[m[0].cpu() for m in masks], keep=keep, labels=gen_labels.cpu(),
+                      seeds=seeds, images=images)
+
+
+def edit_images(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels, task: str, *, box: Sequence[float],
+                target_labels=None, n_samples: int = 3, seed: int = 0, cfg: float = 3.0, top_k: int = 900,
+                top_p: float = 0.95, more_smooth: bool = False, image_ids: Sequence | None = None) -> torch.Tensor:
+    """(B, n_samples, 3, H, W) in [0, 1]; see :func:`edit_tokens`."""
+    return edit_tokens(var, vae, tokens, labels, task, box=box, target_labels=target_labels, n_samples=n_samples,
+                       seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                       image_ids=image_ids).images
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def masked_input(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The input column: kept region as is, regenerated region dimmed towards grey and hatched.
+    images (B, 3, H, W) in [0, 1]; keep (p, p) latent mask -> (B, 3, H, W)."""
+    B, _, H, W = images.shape
+    m = torch.nn.functional.interpolate(keep[None, None].float(), size=(H, W), mode="nearest")[0, 0].bool()
+    period = max(6, H // 16)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    hatch = ((yy + xx) % period) < max(1, period // 3)
+    dim = images.float() * 0.35 + 0.5 * 0.65
+    dim = torch.where(hatch, dim * 0.45, dim)
+    return torch.where(m, images.float(), dim).clamp(0, 1)
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    from varup.data.folder import to_uint8
+
+    return to_uint8(x)
+
+
+def edit_grid(inputs: np.ndarray, samples: Mapping[str, np.ndarray], pad: int = 2, gap: int | None = None):
+    """Compose the figure: a row per image; the input column, then each method's samples as a column group.
+    inputs (B, H, W, 3) uint8; samples name -> (B, n, H, W, 3) uint8. Returns (grid uint8, group centres in px)."""
+    B, H, W, _ = inputs.shape
+    n = {k: v.shape[1] for k, v in samples.items()}
+    gap = max(4, W // 10) if gap is None else gap
+    cols = 1 + sum(n.values())
+    Wg = cols * (W + pad) + pad + gap * len(samples)
+    Hg = B * (H + pad) + pad
+    grid = np.full((Hg, Wg, 3), 255, np.uint8)
+    centres = {}
+    for r in range(B):
+        y = pad + r * (H + pad)
+        grid[y:y + H, pad:pad + W] = inputs[r]
+    centres["input"] = pad + W / 2
+    x = pad + W + pad
+    for name, arr in samples.items():
+        x += gap
+        start = x
+        for j in range(arr.shape[1]):
+            for r in range(B):
+                y = pad + r * (H + pad)
+                grid[y:y + H, x:x + W] = arr[r, j]
+            x += W + pad
+        centres[name] = (start + x - pad) / 2
+    return grid, centres
+
+
+def downstream_figure(models: Mapping[str, VAR], vae: VQVAE, tokens: Sequence[torch.Tensor], labels,
+                      input_images: torch.Tensor, task: str, out_dir: str | os.PathLike, name: str, *,
+                      row_labels: Sequence[str] | None = None, title: str | None = None, **kw) -> dict:
+    """Edit the same inputs with every model (same seeds) and save the Figure-2-style grid as PNG + PDF.
+
+    ``models``: name -> VAR, in column-group order (e.g. ours, then baseline); ``input_images`` (B, 3, H, W) in
+    [0, 1], shown in the first column with the regenerated region dimmed and hatched; ``kw`` goes to
+    :func:`edit_tokens` (``box`` is required). Returns {inputs (B,H,W,3) uint8 as shown, samples: name ->
+    (B, n, 3, H, W) float, tokens: name -> per-scale tokens, labels, seeds, keep, grid (uint8)}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from varup.figures import save_figure
+
+    if not models:
+        raise ValueError("downstream_figure needs at least one model")
+    results = {k: edit_tokens(m, vae, tokens, labels, task, **kw) for k, m in models.items()}
+    first = next(iter(results.values()))
+    shown = masked_input(input_images.detach().float().cpu().clamp(0, 1), first.keep)
+    inputs_u8 = _u8(shown)
+    samples_u8 = {}
+    for k, res in results.items():
+        B, n = res.images.shape[:2]
+        samples_u8[k] = _u8(res.images.reshape(B * n, *res.images.shape[2:])).reshape(B, n, *inputs_u8.shape[1:])
+    grid, centres = edit_grid(inputs_u8, samples_u8)
+    Hg, Wg = grid.shape[:2]
+    cols = 1 + sum(a.shape[1] for a in samples_u8.values())
+    fig_w = 1.7 * cols  # ~256 px per cell at the 150 dpi of save_figure
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * Hg / Wg + 0.7))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xlim(-0.5, Wg - 0.5)
+    ax.set_ylim(Hg - 0.5, -0.5)
+    ax.axis("off")
+    for k, cx in centres.items():
+        label = k if k == "input" else f"{k} ({samples_u8[k].shape[1]} samples)"
+        ax.text(cx, -3, label, ha="center", va="bottom", fontsize=9, fontweight="bold" if k != "input" else "normal")
+    if row_labels is not None:
+        H = inputs_u8.shape[1]
+        for r, text in enumerate(row_labels):
+            ax.text(-4, 2 + r * (H + 2) + H / 2, text, ha="right", va="center", fontsize=7)
+    fig.suptitle(title or TASK_TITLES.get(task, task), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out_dir, name)
+    return {"inputs": inputs_u8, "samples": {k: r.images for k, r in results.items()},
+            "tokens": {k: r.tokens for k, r in results.items()}, "labels": first.labels, "seeds": first.seeds,
+            "keep": first.keep, "grid": grid}
+
+
+def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.PathLike, tokens_dir: str | os.PathLike,
+                   data_dir: str | os.PathLike | None, out_dir: str | os.PathLike, *, dataset_name: str,
+                   n_images: int = 4, n_samples: int = 3, tasks: Sequence[str] = TASKS,
+                   outpaint_box: Sequence[float] = (0.25, 0.25, 0.75, 0.75),
+                   inpaint_box: Sequence[float] = (0.3, 0.3, 0.7, 0.7), edit_box: Sequence[float] | None = None,
+                   edit_target: int | Sequence[int] | None = None, seed: int = 0, cfg: float = 3.0, top_k: int = 900,
+                   top_p: float = 0.95, more_smooth: bool = False, device: str = "cpu") -> dict:
+    """Figures 2/3 for one dataset: ``{out_dir}/downstream_{dataset_name}_{task}.png/.pdf`` per task and the
+    summary ``{out_dir}/downstream_{dataset_name}.json`` (images, seeds, boxes, target labels).
+
+    The inputs are ``n_images`` held-out images, class-balanced and deterministic (``balanced_subset`` of the val
+    split of the token cache); their cached token maps are the input tokens, and the displayed inputs are their
+    tokenizer reconstructions (so the raw image files are not needed; ``data_dir`` is only recorded). ``edit_box``
+    defaults to ``inpaint_box``; ``edit_target`` None = the next class of each image.
+    """
+    from varup.metrics.evaluate import balanced_subset
+    from varup.models.vqvae import load_vqvae
+    from varup.runtime import resolve_device
+    from varup.tokens import TokenCache
+    from varup.train import load_model
+    from varup.utils import atomic_write_json, write_provenance
+
+    t0 = time.time()
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r} (expected one of {TASKS})")
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    vae = load_vqvae(tokenizer).to(dev)
+    nets = {k: load_model(p).to(dev) for k, p in models.items()}
+    cache = TokenCache(tokens_dir, "val")
+    if cache.patch_nums != tuple(vae.patch_nums) or cache.vocab_size != vae.V:
+        raise ValueError(f"token cache {tokens_dir} (patch_nums {cache.patch_nums}, V {cache.vocab_size}) was not "
+                         f"made by this tokenizer (patch_nums {tuple(vae.patch_nums)}, V {vae.V})")
+    for k, m in nets.items():
+        _check_pair(m, vae)
+        if m.num_classes != cache.num_classes:
+            raise ValueError(f"model {k!r} has {m.num_classes} classes, the token cache {cache.num_classes}")
+    rows = balanced_subset(cache.labels, n_images)
+    tok = torch.from_numpy(np.asarray(cache.tokens[rows]).astype(np.int64)).to(dev)
+    labels = torch.from_numpy(cache.labels[rows].astype(np.int64))
+    tokens = split_tokens(tok, vae.patch_nums)
+    with torch.no_grad():
+        inputs = vae.idxBl_to_img(tokens).add(1).mul(0.5).clamp(0, 1).cpu()
+    C = cache.num_classes
+    names = cache.class_names
+    if edit_target is None:
+        targets = (labels + 1) % C
+    elif isinstance(edit_target, int):
+        targets = torch.full_like(labels, int(edit_target))
+    else:
+        targets = torch.as_tensor(edit_target, dtype=torch.long).reshape(-1)
+    boxes = {"outpaint": tuple(outpaint_box), "inpaint": tuple(inpaint_box),
+             "edit": tuple(edit_box if edit_box is not None else inpaint_box)}
+    summary: dict = {"dataset": dataset_name, "methods": list(models), "models": {k: str(p) for k, p in models.items()},
+                     "tokenizer": str(tokenizer), "tokens_dir": str(tokens_dir),
+                     "data_dir": None if data_dir is None else str(data_dir), "split": "val",
+                     "images": {"rows": [int(r) for r in rows], "labels": labels.tolist(),
+                                "classes": [names[int(c)] for c in labels]},
+                     "sampling": {"n_samples": n_samples, "seed": seed, "cfg": cfg, "top_k": min(int(top_k), vae.V),
+                                  "top_p": top_p, "more_smooth": more_smooth,
+                                  "seed_rule": "derive_seed(seed, task, val_row, sample_index), one generator per "
+                                               "(image, sample), identical for every method"},
+                     "protocol": ("official VAR zero-shot edit semantics: force masks from a box at latent resolution, "
+                                  "bilinearly downsampled per scale (>0.5 kept; scales with <=3 tokens always kept); "
+                                  "out-/in-painting with the null class, editing = class-conditional in-painting "
+                                  "with the target class; inputs shown are tokenizer reconstructions of the cached "
+                                  "val token maps"),
+                     "tasks": {}}
+    for task in tasks:
+        box = boxes[task]
+        row_labels = [names[int(c)] for c in labels]
+        kw = {}
+        if task == "edit":
+            kw["target_labels"] = targets
+            row_labels = [f"{names[int(a)]} → {names[int(b)]}" for a, b in zip(labels, targets)]
+        name = f"downstream_{dataset_name}_{task}"
+        log.info("%s: %d images x %d samples x %d methods", name, len(rows), n_samples, len(nets))
+        res = downstream_figure(nets, vae, tokens, labels, inputs, task, out_dir, name, row_labels=row_labels,
+                                title=f"{dataset_name}: {TASK_TITLES[task]}", box=box, n_samples=n_samples,
+                                seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                                image_ids=[int(r) for r in rows], **kw)
+        summary["tasks"][task] = {
+            "box_yxyx": list(box), "kept": "inside the box" if task == "outpaint" else "outside the box",
+            "labels_used": res["labels"].tolist(), "null_class": C,
+            "target_classes": [names[int(c)] for c in targets] if task == "edit" else None,
+            "seeds": res["seeds"], "figure": [str(out_dir / f"{name}.png"), str(out_dir / f"{name}.pdf")],
+        }
+    summary["wall_s"] = round(time.time() - t0, 2)
+    out_json = out_dir / f"downstream_{dataset_name}.json"
+    atomic_write_json(out_json, summary)
+    write_provenance(out_json, config={k: v for k, v in summary.items() if k != "tasks"}, seed=seed, device=str(dev),
+                     started=t0)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ OOD / NLL
+@torch.no_grad()
+def _token_nll(var: VAR, x: torch.Tensor, tok: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """(B, L) float64 per-token -log p of the true tokens under teacher forcing with classes ``cls``."""
+    logits = var(cls, x)  # (B, L, V) float32
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    return nll.double()
+
+
+@torch.no_grad()
+def image_nll(var: VAR, vae: VQVAE, tokens, labels=None, *, batch_size: int = 64, device: str | torch.device = "cpu",
+              class_mode: str = "null") -> dict:
+    """Token-likelihood of token maps under the teacher-forced transformer (no CFG), in nats.
+
+    ``tokens`` (N, L) flat rows (numpy, memmap or tensor); ``labels`` (N,) needed for ``class_mode='label'``.
+    ``class_mode``: 'null' = the unconditional class (the default, fair to OOD images that have no ID label);
+    'label' = the given labels; 'max' = the best class, min over classes 0..C-1 of the image's total NLL
+    (C forward passes per image). Logits are formed one batch at a time; per-token values are summed in float64.
+
+    Returns numpy arrays: nll_per_token (N,) mean over the L tokens, nll_total (N,) sum, bits_per_token (N,),
+    nll_per_scale (N, SN) mean per scale, class_used (N,) (num_classes = null class).
+    """
+    if class_mode not in CLASS_MODES:
+        raise ValueError(f"class_mode must be one of {CLASS_MODES}, got {class_mode!r}")
+    _check_pair(var, vae)
+    if class_mode == "label" and labels is None:
+        raise ValueError("class_mode='label' needs labels")
+    dev = torch.device(device)
+    var.to(dev)
+    vae.to(dev)
+    tokens_np = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else tokens
+    N = len(tokens_np)
+    L = var.L
+    if N and (tokens_np.ndim != 2 or tokens_np.shape[1] != L):
+        raise ValueError(f"tokens must have shape (N, {L}), got {tuple(tokens_np.shape)}")
+    if labels is not None:
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
+        if len(labels) != N:
+            raise ValueError(f"got {len(labels)} labels for {N} token rows")
+    sid = var.lvl_1L[0].cpu()
+    SN = len(var.patch_nums)
+    counts = torch.bincount(sid, minlength=SN).double()
+    total = np.zeros(N, np.float64)
+    per_scale = np.zeros((N, SN), np.float64)
+    used = np.zeros(N, np.int64)
+    C = var.num_classes
+    with eval_mode(var, vae):
+        for a in range(0, N, batch_size):
+            tok = torch.from_numpy(np.asarray(tokens_np[a:a + batch_size]).astype(np.int64)).to(dev)
+            B = tok.shape[0]
+            x = vae.idxBl_to_var_input(split_tokens(tok, var.patch_nums))
+            if class_mode == "max":
+                best, best_c = None, None
+                for c in range(C):
+                    nll = _token_nll(var, x, tok, torch.full((B,), c, dtype=torch.long, device=dev)).cpu()
+                    if best is None:
+                        best, best_c = nll, torch.zeros(B, dtype=torch.long)
+                    else:
+                        better = nll.sum(1) < best.sum(1)
+                        best = torch.where(better[:, None], nll, best)
+                        best_c = torch.where(better, c, best_c)
+                nll, cls = best, best_c
+            else:
+                cls = (torch.full((B,), C, dtype=torch.long) if class_mode == "null"
+                       else torch.from_numpy(labels[a:a + B]))
+                nll = _token_nll(var, x, tok, cls.to(dev)).cpu()
+            total[a:a + B] = nll.sum(1).numpy()
+            per_scale[a:a + B] = (torch.zeros(B, SN, dtype=torch.float64).index_add_(1, sid, nll) / counts).numpy()
+            used[a:a + B] = cls.cpu().numpy()
+    per_token = total / L
+    return {"nll_per_token": per_token, "nll_total": total, "bits_per_token": per_token / math.log(2),
+            "nll_per_scale": per_scale, "class_used": used}
+
+
+def ood_auroc(nll_in, nll_out) -> float:
+    """AUROC of separating OOD (positive) from ID by the NLL score (higher NLL = more OOD)."""
+    from sklearn.metrics import roc_auc_score
+
+    a = np.asarray(nll_in, np.float64).reshape(-1)
+    b = np.asarray(nll_out, np.float64).reshape(-1)
+    if not len(a) or not len(b):
+        raise ValueError(f"AUROC needs ID and OOD scores, got {len(a)} and {len(b)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("AUROC scores must be finite")
+    y = np.concatenate([np.zeros(len(a)), np.ones(len(b))])
+    return float(roc_auc_score(y, np.concatenate([a, b])))
+
+
+def _nll_stats(r: dict) -> dict:
+    n = len(r["nll_total"])
+    return {"n": int(n), "mean_nll_per_token": float(r["nll_per_token"].mean()),
+            "std_nll_per_token": float(r["nll_per_token"].std()), "mean_nll_total": float(r["nll_total"].mean()),
+            "mean_bits_per_token": float(r["bits_per_token"].mean()),
+            "mean_nll_per_scale": r["nll_per_scale"].mean(0).tolist()}
+
+
+def run_ood(model: str | os.PathLike, tokenizer: str | os.PathLike, id_tokens_dir: str | os.PathLike,
+            ood_tokens_dir: str | os.PathLike, out_json: str | os.PathLike, *, max_images: int | None = None,
+            class_mode: str = "null", batch_size: int = 64, device: str = "cpu") -> dict:
+    """Table 3: NLL of ID (val split of ``id_tokens_dir``) and OOD (split 'ood' of ``ood_tokens_dir``) images under
+    one model, and the OOD AUROC. Class-balanced deterministic subsets of at most ``max_images`` each (the OOD rows'
+    labels only balance the subset). Writes ``out_json`` atomically and returns the same dict."""
+    from varup.metrics.evaluate import balanced_subset
+    from varup.models.vqvae import load_vqvae
+    from varup.runtime import resolve_device
+    from varup.tokens import TokenCache
+    from varup.train import load_model
+    from varup.utils import atomic_write_json, write_provenance
+
+    t0 = time.time()
+    if class_mode not in ("null", "max"):
+        raise ValueError(f"run_ood: class_mode must be 'null' or 'max' (OOD images have no in-distribution label), "
+                         f"got {class_mode!r}")
+    dev = resolve_device(device)
+    vae = load_vqvae(tokenizer).to(dev)
+    var = load_model(model).to(dev)
+    id_c, ood_c = TokenCache(id_tokens_dir, "val"), TokenCache(ood_tokens_dir, "ood")
+    for c in (id_c, ood_c):
+        if c.patch_nums != tuple(vae.patch_nums) or c.vocab_size != vae.V:
+            raise ValueError(f"token cache {c.dir} (patch_nums {c.patch_nums}, V {c.vocab_size}) was not made by this "
+                             f"tokenizer (patch_nums {tuple(vae.patch_nums)}, V {vae.V})")
+    sha = [c.meta.get("tokenizer_sha256") for c in (id_c, ood_c)]
+    if all(sha) and sha[0] != sha[1]:
+        raise ValueError(f"ID and OOD token caches were made by different tokenizers ({sha[0][:12]} vs {sha[1][:12]})")
+    res = {}
+    for key, c in (("id", id_c), ("ood", ood_c)):
+        rows = balanced_subset(c.labels, max_images)
+        r = image_nll(var, vae, c.tokens[rows], None, batch_size=batch_size, device=dev, class_mode=class_mode)
+        res[key] = r
+    out = {
+        "auroc": ood_auroc(res["id"]["nll_total"], res["ood"]["nll_total"]),
+        "id": _nll_stats(res["id"]), "ood": _nll_stats(res["ood"]), "class_mode": class_mode,
+        "model": str(model), "tokenizer": str(tokenizer), "id_tokens": str(id_tokens_dir),
+        "ood_tokens": str(ood_tokens_dir), "max_images": max_images,
+        "protocol": ("score = negative log-likelihood (nats) of an image's multi-scale token map under the "
+                     "teacher-forced VAR (no CFG), summed over all L tokens (per-token = total / L, so the ranking "
+                     "is the same); conditioning: " + {"null": "the null (unconditional) class for ID and OOD",
+                                                       "max": "the best class (min NLL over all classes)"}[class_mode]
+                     + "; AUROC with OOD as the positive class and higher NLL = more OOD; ID = class-balanced "
+                     "val split, OOD = split 'ood'; tokens from the same tokenizer"),
+        "wall_s": round(time.time() - t0, 2),
+    }
+    atomic_write_json(out_json, out)
+    write_provenance(out_json, config={k: out[k] for k in ("class_mode", "max_images", "model", "tokenizer")},
+                     device=str(dev), started=t0)
+    log.info("OOD AUROC %.4f (ID NLL/token %.4f, OOD %.4f, %s)", out["auroc"], out["id"]["mean_nll_per_token"],
+             out["ood"]["mean_nll_per_token"], class_mode)
+    return out
+
+
+__all__ = ["edit_tokens", "edit_images", "EditResult", "keep_mask", "masked_input", "edit_grid", "downstream_figure",
+           "run_downstream", "image_nll", "ood_auroc", "run_ood", "TASKS", "eval_mode"]
