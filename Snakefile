@@ -24,6 +24,7 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/downstream.smk"
 include: "workflow/rules/paper.smk"
 
 
@@ -31,3 +32,9 @@ rule all:
     input:
         all_outputs(),
     default_target: True
+
+
+rule prefetch:
+    """Download everything the chosen config needs (run on a login node; compute jobs then stay offline)."""
+    input:
+        prefetch_files(),

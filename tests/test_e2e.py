@@ -37,6 +37,9 @@ def tiny_config(results: Path) -> dict:
     cfg["metrics"].update(real_max_images=24, ssim_max_pairs_per_class=20)
     cfg["metrics"]["clean_fid"] = {"enabled": True, "max_images": 12}
     cfg["metrics"]["calibration"] = {"n_bins": 10, "max_rows": 24}
+    cfg["experiments"]["ood"].update(max_images=16)
+    cfg["experiments"]["ood"]["source"]["generator"].update(n_val_per_class=4)
+    cfg["experiments"]["downstream"].update(depth=1, n_images=2, n_samples=2)
     return cfg
 
 
@@ -99,6 +102,11 @@ def test_tables_have_the_expected_contents(finished):
     assert cb["ece_mean"].between(0, 1).all() and (cb["nll_mean"] > 0).all()
     assert all(len(json.loads(x)) == 4 for x in cb["active_codes_real"])  # one entry per scale
 
+    t3 = pd.read_csv(tables / "table3.csv")
+    assert sorted(t3["method"]) == ["baseline", "ours"] and t3["auroc_percent_mean"].between(0, 100).all()
+    assert (t3["id_nll_per_token_mean"] > 0).all() and t3["paper_auroc_percent"].isna().all()  # toy: no paper row
+    assert t2["paper_fid"].isna().all()
+
     ov = pd.read_csv(tables / "overhead.csv")
     assert ov.loc[ov["method"] == "baseline", "step_time_vs_baseline"].iloc[0] == pytest.approx(1.0)
     assert (ov["params_m"] > 0).all() and (ov["global_batch"] == 16).all()
@@ -107,7 +115,8 @@ def test_tables_have_the_expected_contents(finished):
 def test_figures_are_real_images(finished):
     work, _, _ = finished
     figs = work / "results" / "toy" / "figures"
-    for name in ("samples", "training_curves"):
+    for name in ("samples", "training_curves", "downstream_shapes_d1_outpaint", "downstream_shapes_d1_inpaint",
+                 "downstream_shapes_d1_edit"):
         im = np.asarray(Image.open(figs / f"{name}.png").convert("L"))
         assert im.shape[0] > 200 and im.shape[1] > 300 and im.std() > 10  # not blank
         assert (figs / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
@@ -127,11 +136,12 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
     by_rule: dict[str, list[dict]] = {}
     for rule, wc in jobs:
         by_rule.setdefault(rule, []).append(wc)
-    assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "tables",
-                            "figures", "all"}, sorted(by_rule)
-    for rule in ("train", "sample_shard", "merge_samples", "evaluate"):
+    assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "ood_eval",
+                            "downstream", "tables", "figures", "all"}, sorted(by_rule)
+    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval"):
         assert sorted(w["seed"] for w in by_rule[rule]) == ["0", "1"] and {w["method"] for w in by_rule[rule]} == {"ours"}
     assert by_rule["sample_qualitative"] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}]
+    assert by_rule["downstream"] == [{"dataset": "shapes", "depth": "1"}]  # it shows ours beside the baseline
 
 
 def test_corrupt_input_image_is_named(finished, tmp_path):

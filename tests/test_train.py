@@ -195,3 +195,30 @@ def test_checkpoint_of_another_config_is_set_aside(assets, tmp_path):
     summary = run_train(assets, tmp_path, other)
     assert summary["resumed_from"] == 0
     assert list((tmp_path / "train" / "ckpt").glob("stale-*.pt"))
+
+
+def test_two_gloo_processes_follow_the_single_process_loss_curve(assets, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch: the same logged losses (global-batch means)
+    and the same final weights as one process, up to float reduction order."""
+    s = RunSpec(model={"depth": 1, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.0, "cond_drop_rate": 0.0},
+                loss={"lambda_2nd": 0.01, "lambda_se": 0.02, "reference": "semantic"},
+                optim=dict(steps=10, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, ckpt_every=5,
+                           precision="fp32"), seed=3)
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single"
+    subprocess.run(_cli_train(assets, single, s), check=True, env=env, capture_output=True)
+    ddp = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "varup"]
+    r = subprocess.run(torchrun + _cli_train(assets, ddp, s)[3:], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [json.loads(x) for x in (single / "train" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (ddp / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, 11))  # rank 0 logs once per step
+    for x, y in zip(a, b):
+        for k in ("loss", "ce", "l2nd", "lse"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    summary = json.loads((ddp / "train" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 16
+    wa, wb = (torch.load(p / "model.pt", weights_only=True)["model"] for p in (single, ddp))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

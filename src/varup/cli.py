@@ -40,6 +40,44 @@ def open_split(data_dir: str, split: str, resolution: int, preprocess: dict | No
                                  crop=pre.get("crop", "center"), hflip=hflip)
 
 
+def cmd_fetch(a) -> None:
+    from varup.download import fetch_file
+    from varup.models.common import read_checkpoint
+
+    def validate(path):  # an HTML error page or a truncated file must not be trusted on first use
+        read_checkpoint(path)
+
+    r = fetch_file(a.url, a.out, a.sha256 or None, config_key=a.key, validate=validate)
+    log.info("fetched %s (sha256 %s, %s)", r["path"], r["sha256"], "pinned" if r["pinned"] else "trusted on first use")
+
+
+def cmd_fetch_archive(a) -> None:
+    from varup.data.prepare import fetch_archive
+    from varup.utils import atomic_write_json
+
+    r = fetch_archive(a.url, Path(a.out).parent, sha256=a.sha256 or None, name=a.name, config_key=a.key)
+    atomic_write_json(a.out, {"url": a.url, **{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}})
+
+
+def cmd_prepare(a) -> None:
+    from varup.data import prepare as P
+
+    if a.kind == "afhq":
+        src = json.loads(Path(a.source).read_text())  # the fetch_archive record
+        P.prepare_afhq(src["extracted_dir"], a.out, resolution=a.resolution, verify=a.verify,
+                       source={"url": src.get("url"), "archive_sha256": src.get("sha256")})
+    elif a.kind == "imagenet100":
+        P.prepare_imagenet100(a.source, a.out, resolution=a.resolution, verify=a.verify, max_per_class=a.max_per_class)
+    else:
+        P.prepare_folder(a.source, a.out, resolution=a.resolution, val_fraction=a.val_fraction, verify=a.verify)
+
+
+def cmd_prepare_ood(a) -> None:
+    from varup.data.prepare import prepare_ood
+
+    prepare_ood(a.source, a.out, resolution=a.resolution)
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 def cmd_tokenizer_train(a) -> None:
     import torch
@@ -68,9 +106,10 @@ def cmd_encode(a) -> None:
     dev = resolve_device(a.device)
     vae = load_vqvae(a.tokenizer)
     splits, class_names = {}, None
-    for split in a.splits:
+    for spec in a.splits:
+        source, split = spec.split(":", 1) if ":" in spec else (spec, spec)  # e.g. val:ood stores val as 'ood'
         variants = a.variants if split == "train" else [{}]
-        sets = [open_split(a.data, split, a.resolution, a.preprocess, hflip=bool(v.get("hflip"))) for v in variants]
+        sets = [open_split(a.data, source, a.resolution, a.preprocess, hflip=bool(v.get("hflip"))) for v in variants]
         class_names = sets[0].class_names
         # hflip=True on the dataset flips every item; the variant index selects the dataset
         lookup = {json.dumps(v, sort_keys=True): d for v, d in zip(variants, sets)}
@@ -80,7 +119,9 @@ def cmd_encode(a) -> None:
 
         splits[split] = encode_split(vae, get_image, sets[0].labels, a.out, split, variants=variants,
                                      batch_size=a.batch_size, device=dev)
-    write_meta(a.out, vae, splits, class_names, tokenizer_sha256=sha256_file(a.tokenizer), source=str(a.data))
+    info = json.loads((Path(a.data) / "dataset.json").read_text())
+    write_meta(a.out, vae, splits, class_names, tokenizer_sha256=sha256_file(a.tokenizer), source=str(a.data),
+               imagenet1k_index=info.get("imagenet1k_index"))
 
 
 def cmd_references(a) -> None:
@@ -112,7 +153,7 @@ def cmd_train(a) -> None:
 
     spec = RunSpec(**a.spec)
     train(spec, tokens_dir=a.tokens, tokenizer=a.tokenizer, references=a.refs, out_model=a.out, work_dir=a.work,
-          device=a.device)
+          device=a.device, warm_start_path=a.warm_start)
 
 
 # --------------------------------------------------------------------------------------- sample
@@ -174,6 +215,27 @@ def cmd_evaluate(a) -> None:
                  real_clean_features_path=a.real_clean_features, device=a.device)
 
 
+def cmd_ood(a) -> None:
+    from varup.downstream import run_ood
+    from varup.runtime import resolve_device
+
+    r = run_ood(a.model, a.tokenizer, a.id_tokens, a.ood_tokens, a.out, max_images=a.max_images,
+                class_mode=a.class_mode, device=str(resolve_device(a.device)))
+    log.info("OOD AUROC %.4f (ID NLL/token %.4f, OOD NLL/token %.4f)", r["auroc"], r["id"]["mean_nll_per_token"],
+             r["ood"]["mean_nll_per_token"])
+
+
+def cmd_downstream(a) -> None:
+    from varup.downstream import run_downstream
+    from varup.runtime import resolve_device
+
+    models = dict(m.split("=", 1) for m in a.models)
+    p = dict(a.params)
+    kw = {k: p[k] for k in ("n_images", "n_samples", "tasks", "outpaint_box", "inpaint_box", "seed", "cfg") if k in p}
+    run_downstream(models, a.tokenizer, a.tokens, None, a.out_dir, dataset_name=a.name,
+                   device=str(resolve_device(a.device)), **kw)
+
+
 def cmd_tables(a) -> None:
     from varup.tables import make_tables
 
@@ -208,6 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--params", type=_json, default={}, help="generator settings (JSON)")
 
+    p = cmd("fetch", cmd_fetch, "download one weights file (sha256-checked, or pinned on first use)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--key", default=None, help="the config key that pins the sha256 (named in messages)")
+    p.add_argument("--out", required=True)
+
+    p = cmd("fetch-archive", cmd_fetch_archive, "download and unpack a dataset archive (sha256-checked)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--name", default=None, help="archive file name (default: from the URL)")
+    p.add_argument("--key", default=None)
+    p.add_argument("--out", required=True, help="the record (JSON) written beside the archive")
+
+    p = cmd("prepare", cmd_prepare, "prepare a real dataset directory (manifest + dataset.json)")
+    p.add_argument("--kind", choices=["afhq", "imagenet100", "folder"], required=True)
+    p.add_argument("--source", required=True, help="afhq: the fetch record; imagenet100 / folder: the root")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--verify", action="store_true", help="decode every image now (corrupt files fail, named)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--max-per-class", type=int, default=None)
+
+    p = cmd("prepare-ood", cmd_prepare_ood, "prepare the out-of-distribution image set (Table 3)")
+    p.add_argument("--source", type=_json, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+
     p = cmd("tokenizer-train", cmd_tokenizer_train, "train a multi-scale VQVAE from scratch")
     p.add_argument("--data", required=True)
     p.add_argument("--resolution", type=int, required=True)
@@ -223,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--preprocess", type=_json, default={})
     p.add_argument("--variants", type=_json, default=[{}])
-    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    p.add_argument("--splits", nargs="+", default=["train", "val"], help="SPLIT or SOURCE:STORED (e.g. val:ood)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True)
 
@@ -242,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refs", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
+    p.add_argument("--warm-start", default=None, help="official var_d{depth}.pth (when train.warm_start is set)")
 
     p = cmd("sample", cmd_sample, "sample one shard of a run's evaluation set")
     p.add_argument("--model", required=True)
@@ -278,6 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--real-clean-features", default=None, help="clean-fid features of the real set (enables clean-FID)")
     p.add_argument("--params", type=_json, required=True, help="metrics settings (JSON)")
+
+    p = cmd("ood", cmd_ood, "token-likelihood NLL and OOD AUROC of one run (Table 3)")
+    for k in ("model", "tokenizer", "id-tokens", "ood-tokens", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--class-mode", choices=["null", "max"], default="null")
+
+    p = cmd("downstream", cmd_downstream, "out-painting, in-painting and class-conditional editing figures")
+    p.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_PATH, one per method (column group)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", required=True, help="figure name stem: downstream_<name>_<task>")
 
     p = cmd("tables", cmd_tables, "regenerate every table")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")

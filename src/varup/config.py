@@ -87,6 +87,30 @@ def _check_cross_references(cfg: dict) -> None:
     for name, tok in cfg["tokenizers"].items():
         if tok["kind"] == "train" and "vqvae" not in tok:
             problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
+    for name, d in cfg["datasets"].items():
+        for key in ("gpus", "nodes"):
+            if key in d.get("train", {}):
+                problems.append(f"datasets/{name}/train/{key}: set {key} at the top level (train/{key}); it sizes the "
+                                f"training rule for every dataset")
+    ex = cfg.get("experiments", {})
+    for key in ("figure4", "ood", "downstream"):
+        if key in ex and ex[key]["dataset"] not in cfg["datasets"]:
+            problems.append(f"experiments/{key}/dataset: {ex[key]['dataset']!r} is not defined under datasets")
+    if "figure4" in ex:
+        f4 = ex["figure4"]
+        if int(f4["depth"]) not in cfg["model"]["depths"] and f4.get("cfg"):
+            problems.append(f"experiments/figure4/depth: {f4['depth']} is not in model/depths, so the cfg sweep has "
+                            f"no trained runs to sample")
+        for m in f4.get("cfg_methods", []):
+            if m not in cfg["methods"]:
+                problems.append(f"experiments/figure4/cfg_methods: {m!r} is not defined under methods")
+        base = f4.get("base_method", "ours")
+        if base not in cfg["methods"]:
+            problems.append(f"experiments/figure4/base_method: {base!r} is not defined under methods")
+    if "downstream" in ex:
+        missing = [m for m in ex["downstream"].get("methods", ["baseline", "ours"]) if m not in cfg["methods"]]
+        if missing:
+            problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
 
@@ -127,12 +151,91 @@ class Run:
         return f"{self.dataset}/d{self.depth}/{self.method}/seed{self.seed}"
 
 
-def runs(cfg: dict) -> Iterator[Run]:
+def main_runs(cfg: dict) -> Iterator[Run]:
+    """Table 2: every dataset x depth x method x seed."""
     for ds in cfg["datasets"]:
         for depth in cfg["model"]["depths"]:
             for method in cfg["methods"]:
                 for seed in cfg["seeds"]:
                     yield Run(ds, int(depth), method, int(seed))
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def grid_method(l1: float, l2: float) -> str:
+    return f"grid_l1-{_num(l1)}_l2-{_num(l2)}"
+
+
+def grid_points(cfg: dict) -> dict[tuple[float, float], str]:
+    """Figure 4's lambda_2nd x lambda_se grid -> the method that trains each point: an existing method when its
+    loss is identical (e.g. (0, 0) is the baseline), else a derived ``grid_l1-*_l2-*`` method."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return {}
+    base = cfg["methods"][f4.get("base_method", "ours")]
+    out = {}
+    for a in f4.get("lambda_2nd", []):
+        for b in f4.get("lambda_se", []):
+            loss = {**base, "lambda_2nd": a, "lambda_se": b}
+            same = [m for m, l in cfg["methods"].items() if l == loss]
+            out[(a, b)] = same[0] if same else grid_method(a, b)
+    return out
+
+
+def ablation_methods(cfg: dict) -> dict[str, dict]:
+    """The extra methods Figure 4's grid needs (points not already trained as a configured method)."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return {}
+    base = cfg["methods"][f4.get("base_method", "ours")]
+    return {m: {**base, "lambda_2nd": a, "lambda_se": b} for (a, b), m in grid_points(cfg).items()
+            if m not in cfg["methods"]}
+
+
+def ablation_runs(cfg: dict) -> Iterator[Run]:
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return
+    for method in ablation_methods(cfg):
+        for seed in f4.get("seeds", [cfg["seeds"][0]]):
+            yield Run(f4["dataset"], int(f4["depth"]), method, int(seed))
+
+
+def runs(cfg: dict) -> Iterator[Run]:
+    """Every training job: Table 2's runs, then Figure 4's grid (without duplicates)."""
+    seen = set()
+    for r in (*main_runs(cfg), *ablation_runs(cfg)):
+        if r not in seen:
+            seen.add(r)
+            yield r
+
+
+def all_methods(cfg: dict) -> dict[str, dict]:
+    return {**cfg["methods"], **ablation_methods(cfg)}
+
+
+def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:
+    """Figure 4's classifier-free-guidance sweep: (run, cfg) pairs sampled and scored at another CFG scale."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4 or not f4.get("cfg"):
+        return []
+    seeds = f4.get("seeds", [cfg["seeds"][0]])
+    return [(Run(f4["dataset"], int(f4["depth"]), m, int(s)), float(c))
+            for m in f4.get("cfg_methods", ["baseline", "ours"]) for s in seeds for c in f4["cfg"]]
+
+
+def ood_runs(cfg: dict) -> list[Run]:
+    o = cfg.get("experiments", {}).get("ood")
+    return [r for r in main_runs(cfg) if o and r.dataset == o["dataset"]]
+
+
+def downstream_pairs(cfg: dict) -> list[tuple[str, int]]:
+    d = cfg.get("experiments", {}).get("downstream")
+    if not d:
+        return []
+    return [(d["dataset"], int(d.get("depth", cfg["model"]["depths"][0])))]
 
 
 def train_settings(cfg: dict, dataset: str) -> dict:
@@ -162,7 +265,7 @@ def run_spec(cfg: dict, run: Run) -> dict:
     """The complete, JSON-able specification of one training job (varup.train.RunSpec fields). Snakemake records
     it as a rule parameter, so editing anything in it re-runs exactly this job and what depends on it."""
     optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k != "gpus"}
-    return {"model": model_settings(cfg, run.depth), "loss": dict(cfg["methods"][run.method]), "optim": optim,
+    return {"model": model_settings(cfg, run.depth), "loss": dict(all_methods(cfg)[run.method]), "optim": optim,
             "seed": run.seed, "extra": {}}
 
 
@@ -176,3 +279,31 @@ def patch_nums_of(cfg: dict, dataset: str) -> list[int]:
     if tok["kind"] == "official":
         return list(tok.get("vqvae", {}).get("patch_nums", [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]))
     return list(tok["vqvae"]["patch_nums"])
+
+
+def cluster_resources(cfg: dict, gpu: bool) -> dict:
+    """Slurm partition/account resources from ``cluster`` (only the ones set)."""
+    c = cfg.get("cluster", {})
+    part = (c.get("gpu_partition") or c.get("partition")) if gpu else c.get("partition")
+    return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c.get("account"))) if v}
+
+
+def train_launch(cfg: dict) -> tuple[str, dict]:
+    """The command prefix that starts ``varup train`` and the Slurm resources of the training rule.
+
+    1 GPU: ``varup``. G > 1 on one node: ``torchrun --standalone --nproc_per_node=G -m varup`` with ``gpu=G``.
+    K > 1 nodes: ``srun`` starts one torchrun per node, which meet through a c10d rendezvous on the first node
+    (``nodes=K, tasks=K, mpi=srun``, ``--gpus-per-node=G`` in ``slurm_extra``). Every training job asks Slurm for
+    SIGUSR1 10 minutes before its time limit: the job checkpoints and exits, and a retry resumes."""
+    t = cfg["train"]
+    g, k = int(t.get("gpus", 1)), int(t.get("nodes", 1))
+    signal = "--signal=USR1@600"
+    res = cluster_resources(cfg, gpu=True)
+    if k > 1:
+        cmd = (f"srun -n {k} torchrun --nnodes={k} --nproc_per_node={g} --rdzv_id=$SLURM_JOB_ID "
+               f"--rdzv_backend=c10d --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 "
+               f"-m varup")
+        res.update(nodes=k, tasks=k, mpi="srun", slurm_extra=f"--gpus-per-node={g} --ntasks-per-node=1 {signal}")
+        return cmd, res
+    res.update(gpu=g, slurm_extra=signal)
+    return ("varup" if g == 1 else f"torchrun --standalone --nproc_per_node={g} -m varup"), res

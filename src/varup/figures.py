@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from varup.config import runs  # noqa: E402
+from varup.config import main_runs  # noqa: E402
 from varup.utils import atomic_path  # noqa: E402
 
 log = logging.getLogger("varup.figures")
@@ -40,7 +40,7 @@ def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int, pad: int 
 
 def samples_figure(cfg: dict, results: Path, out: Path, name: str = "samples") -> None:
     first_seed = cfg["seeds"][0]
-    panels = [r for r in runs(cfg) if r.seed == first_seed]
+    panels = [r for r in main_runs(cfg) if r.seed == first_seed]
     groups: dict[tuple[str, int], list] = {}
     for r in panels:
         groups.setdefault((r.dataset, r.depth), []).append(r)
@@ -68,7 +68,7 @@ def _curves(path: Path) -> list[dict]:
 def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "training_curves") -> None:
     comps = [("ce", "cross-entropy $L_{CE}$"), ("l2nd", "second-order $L_{2nd}$"), ("lse", "semantic entropy $L_{SE}$")]
     groups: dict[tuple[str, int, str], list] = {}
-    for r in runs(cfg):
+    for r in main_runs(cfg):
         groups.setdefault((r.dataset, r.depth, r.method), []).append(r)
     fig, axes = plt.subplots(len(groups), len(comps), figsize=(4.3 * len(comps), 2.9 * len(groups)), squeeze=False)
     for i, ((dataset, depth, method), rs) in enumerate(groups.items()):
@@ -91,8 +91,38 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
     save_figure(fig, out, name)
 
 
+def figure4(cfg: dict, results: Path, out: Path, name: str = "figure4") -> None:
+    """Figure 4: FID against lambda_2nd (a line per lambda_se), against lambda_se (a line per lambda_2nd), and
+    against the CFG scale (baseline vs ours)."""
+    from varup.tables import figure4_data
+
+    df = figure4_data(cfg, results)
+    grid, sweep = df[df["study"] == "lambda"], df[df["study"] == "cfg"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    for b, g in grid.groupby("lambda_se"):
+        g = g.sort_values("lambda_2nd")
+        ax[0].errorbar(g["lambda_2nd"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=f"λ2 = {b:g}")
+    for a, g in grid.groupby("lambda_2nd"):
+        g = g.sort_values("lambda_se")
+        ax[1].errorbar(g["lambda_se"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=f"λ1 = {a:g}")
+    for m, g in sweep.groupby("method"):
+        g = g.sort_values("cfg")
+        ax[2].errorbar(g["cfg"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=m)
+    for a_, xl in zip(ax, ("λ1 (second-order weight)", "λ2 (semantic-entropy weight)", "CFG scale")):
+        a_.set_xlabel(xl)
+        a_.set_ylabel("FID ↓")
+        a_.grid(alpha=0.3)
+        a_.legend(fontsize=7)
+    f4 = cfg["experiments"]["figure4"]
+    fig.suptitle(f"Hyper-parameters of the objective on {f4['dataset']} (d{f4['depth']})", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out, name)
+
+
 def make_figures(cfg: dict, results: str | Path, out: str | Path, device: str = "auto") -> None:  # noqa: ARG001
     results, out = Path(results), Path(out)
     samples_figure(cfg, results, out)
     training_curves_figure(cfg, results, out)
+    if cfg.get("experiments", {}).get("figure4"):
+        figure4(cfg, results, out)
     log.info("figures written to %s", out)

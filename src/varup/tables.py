@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from varup.config import Run, runs
+from varup.config import Run, cfg_sweep, grid_points, main_runs, ood_runs
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")
@@ -39,11 +39,26 @@ def _fmt(m: float | None, s: float | None, digits: int) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
-def _groups(cfg: dict) -> dict[tuple[str, int, str], list[Run]]:
+def _groups(cfg: dict, runs_=None) -> dict[tuple[str, int, str], list[Run]]:
     out: dict[tuple[str, int, str], list[Run]] = {}
-    for r in runs(cfg):
+    for r in (main_runs(cfg) if runs_ is None else runs_):
         out.setdefault((r.dataset, r.depth, r.method), []).append(r)
     return out
+
+
+def paper_results() -> dict:
+    """The paper's reported numbers (src/varup/data/paper_results.json)."""
+    return json.loads((Path(__file__).parent / "data" / "paper_results.json").read_text())
+
+
+def _paper_key(cfg: dict, dataset: str) -> str | None:
+    """Which of the paper's datasets a configured dataset reproduces (by kind)."""
+    kind = cfg["datasets"][dataset]["kind"]
+    return {"afhq": "afhq", "imagenet100": "imagenet100"}.get(kind)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def _load(results: Path, runs_: list[Run], name: str) -> list[dict]:
@@ -87,7 +102,19 @@ def table2(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
         ("clean_fid", "clean-FID ↓", lambda m: m.get("clean_fid", {}).get("value"), 2),
     ]
     df, disp = _metric_table(cfg, results, cols)
-    first = _load(results, [next(iter(runs(cfg)))], "metrics.json")[0]
+    paper = {(r["depth"], r["method"]): r for r in paper_results()["table2"]}
+    pf, pi = [], []
+    for _, row in df.iterrows():
+        key = _paper_key(cfg, row["dataset"])
+        p = paper.get((row["depth"], row["method"])) if key else None
+        pf.append(p[f"{key}_fid"] if p else None)
+        pi.append(p[f"{key}_is"] if p else None)
+    df["paper_fid"], df["paper_is"] = pf, pi
+    df["fid_minus_paper"] = [_diff(a, b) for a, b in zip(df["fid_mean"], pf)]
+    disp["FID (paper)"] = [f"{v:.2f}" if v is not None else "—" for v in pf]
+    disp["Δ FID"] = [f"{v:+.2f}" if v is not None else "—" for v in df["fid_minus_paper"]]
+    disp["IS (paper)"] = [f"{v:.2f}" if v is not None else "—" for v in pi]
+    first = _load(results, [next(iter(main_runs(cfg)))], "metrics.json")[0]
     reason = first["inception"].get("isc_unavailable_reason")
     if df["is_mean"].isna().all() and reason:
         disp["IS ↑"] = f"IS unavailable: {reason}"
@@ -110,7 +137,21 @@ def table7(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
         ("coverage", "Coverage", f("prdc_coverage"), 3),
     ]
     df, disp = _metric_table(cfg, results, cols)
-    write_table(df, out, "table7", "Table 7 layout: diversity metrics (mean ± std over seeds).", disp)
+    paper = paper_results()["table7"]
+    # the paper's layout: one row per metric, our runs as columns, the paper's value and our 'ours' difference
+    rows = []
+    for key, title, _, digits in cols:
+        r = {"metric": title.replace(" ↓", "").replace(" ↑", ""), "paper (ours)": paper.get(key)}
+        for _, row in df.iterrows():
+            name = f"{row['dataset']} d{row['depth']} {row['method']}"
+            r[name] = _fmt(row[f"{key}_mean"], row[f"{key}_std"], digits)
+            if row["method"] == "ours":
+                d = _diff(row[f"{key}_mean"], paper.get(key))
+                r[f"Δ {name} − paper"] = f"{d:+.3f}" if d is not None else "—"
+        rows.append(r)
+    df["paper_ours_json"] = json.dumps(paper)
+    write_table(df, out, "table7", "Table 7 layout: diversity metrics (mean ± std over seeds), beside the paper's "
+                "values for its method (the paper does not say which dataset or depth).", pd.DataFrame(rows))
     return df
 
 
@@ -174,14 +215,86 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "batch": ss[0]["global_batch"], "device": ss[0]["device"], "peak memory (MB)": f"{mem[0]:.0f}",
                      "s / step": _fmt(step[0], step[1], 4), "time / 200 ep. (h)": f"{epoch[0] * 200 / 3600:.3f}",
                      "step time vs baseline": f"{ratio:.3f}" if ratio else "—"})
+    p5 = {r["method"]: r for r in paper_results()["table5"]}
+    for r, d in zip(rows, disp):
+        p = p5.get(r["method"]) if _paper_key(cfg, r["dataset"]) == "imagenet100" and r["depth"] == 16 else None
+        r["paper_hours_per_200_epochs"] = p["hours_per_200_epochs"] if p else None
+        r["paper_memory_per_gpu_gb"] = p["memory_per_gpu_gb"] if p else None
+        d["paper: h / 200 ep., memory / GPU"] = (f"{p['hours_per_200_epochs']} h, {p['memory_per_gpu_gb']} GB "
+                                                 f"({p['hardware']})" if p else "—")
     df = pd.DataFrame(rows)
     write_table(df, out, "overhead", "Table 5 layout: training cost measured by the training jobs themselves "
                 "(peak memory is the process peak RSS on CPU, allocated GPU memory on CUDA).", pd.DataFrame(disp))
     return df
 
 
+def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
+    """Token-likelihood NLL and OOD AUROC (in-distribution val images vs the OOD set), beside the paper."""
+    paper = {r["method"]: r for r in paper_results()["table3"]}
+    rows, disp = [], []
+    for (dataset, depth, method), rs in _groups(cfg, ood_runs(cfg)).items():
+        ms = _load(results, rs, "ood.json")
+        auc = _mean_std(100 * m["auroc"] for m in ms)
+        nll_tok = _mean_std(m["id"]["mean_nll_per_token"] for m in ms)
+        nll_img = _mean_std(m["id"]["mean_nll_total"] for m in ms)
+        ood_tok = _mean_std(m["ood"]["mean_nll_per_token"] for m in ms)
+        p = paper.get(method) if _paper_key(cfg, dataset) == "imagenet100" else None  # the paper's Table 3: ImageNet
+        rows.append({"dataset": dataset, "depth": depth, "method": method, "seeds": len(rs),
+                     "auroc_percent_mean": auc[0], "auroc_percent_std": auc[1], "id_nll_per_token_mean": nll_tok[0],
+                     "id_nll_per_image_mean": nll_img[0], "ood_nll_per_token_mean": ood_tok[0],
+                     "class_mode": ms[0].get("class_mode"), "paper_nll": p["nll"] if p else None,
+                     "paper_auroc_percent": p["auroc_percent"] if p else None,
+                     "auroc_minus_paper": _diff(auc[0], p["auroc_percent"] if p else None)})
+        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method,
+                     "NLL / token (ID) ↓": _fmt(nll_tok[0], nll_tok[1], 3), "NLL / image (ID) ↓": _fmt(nll_img[0], nll_img[1], 1),
+                     "NLL / token (OOD)": _fmt(ood_tok[0], None, 3), "AUROC % ↑": _fmt(auc[0], auc[1], 1),
+                     "NLL (paper)": p["nll"] if p else "—", "AUROC % (paper)": p["auroc_percent"] if p else "—",
+                     "Δ AUROC": f"{rows[-1]['auroc_minus_paper']:+.1f}" if rows[-1]["auroc_minus_paper"] is not None else "—"})
+    df = pd.DataFrame(rows)
+    write_table(df, out, "table3", "Table 3 layout: OOD detection from token likelihoods (score = NLL; AUROC of OOD "
+                "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper does not define its "
+                "NLL unit; mCE (ImageNet-C) is not reproduced.", pd.DataFrame(disp))
+    return df
+
+
+def figure4_data(cfg: dict, results: Path) -> pd.DataFrame:
+    """Figure 4's numbers: FID over the lambda grid and over the CFG sweep (read, not written)."""
+    f4 = cfg["experiments"]["figure4"]
+    seeds = f4.get("seeds", [cfg["seeds"][0]])
+    rows = []
+    for (a, b), method in grid_points(cfg).items():
+        ms = [read_json(results / Run(f4["dataset"], int(f4["depth"]), method, s).path / "metrics.json") for s in seeds]
+        fid = _mean_std(m["fidelity"]["fid"] for m in ms)
+        rows.append({"study": "lambda", "lambda_2nd": a, "lambda_se": b, "method": method, "cfg": None,
+                     "fid_mean": fid[0], "fid_std": fid[1], "kid_mean": _mean_std(m["fidelity"]["kid_mean"] for m in ms)[0]})
+    sweep: dict[tuple[str, float], list] = {}
+    for r, c in cfg_sweep(cfg):
+        sweep.setdefault((r.method, c), []).append(read_json(results / r.path / "cfg_sweep" / f"cfg{c:g}" / "metrics.json"))
+    for (method, c), ms in sweep.items():
+        fid = _mean_std(m["fidelity"]["fid"] for m in ms)
+        rows.append({"study": "cfg", "lambda_2nd": None, "lambda_se": None, "method": method, "cfg": c,
+                     "fid_mean": fid[0], "fid_std": fid[1], "kid_mean": _mean_std(m["fidelity"]["kid_mean"] for m in ms)[0]})
+    return pd.DataFrame(rows)
+
+
+def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
+    f4 = cfg["experiments"]["figure4"]
+    df = figure4_data(cfg, results)
+    disp = df.copy()
+    for k in ("fid_mean", "fid_std", "kid_mean"):
+        disp[k] = disp[k].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
+    write_table(df, out, "figure4", f"Figure 4's numbers ({f4['dataset']} d{f4['depth']}): FID over the "
+                "lambda_2nd x lambda_se grid and over the CFG sweep.", disp)
+    return df
+
+
 def make_tables(cfg: dict, results: str | Path, out: str | Path) -> None:
     results, out = Path(results), Path(out)
-    for fn in (table2, table7, codebook_calibration, overhead):
+    fns = [table2, table7, codebook_calibration, overhead]
+    if cfg.get("experiments", {}).get("ood"):
+        fns.append(table3)
+    if cfg.get("experiments", {}).get("figure4"):
+        fns.append(figure4_table)
+    for fn in fns:
         df = fn(cfg, results, out)
         log.info("%s: %d rows", fn.__name__, len(df))

@@ -69,7 +69,7 @@ class OptimConfig:
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0
-    warm_start: str | None = None  # path of official var_d*.pth weights to start from
+    warm_start: bool = False  # start from the official ImageNet-1k var_d{depth}.pth (path given to train())
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -108,6 +108,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Prefetcher:
+    """Gathers the token rows of upcoming steps in a background thread (memory-mapped cache -> int64 tensors,
+    pinned on CUDA) so the copy to the device overlaps the current step and needs no host sync."""
+
+    def __init__(self, cache: TokenCache, order: "BatchOrder", start: int, stop: int, device: torch.device, depth: int = 2):
+        import concurrent.futures as cf
+
+        self.cache, self.order, self.device = cache, order, device
+        self.pin = device.type == "cuda"
+        self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="varup-prefetch")
+        self.pending = {s: self.pool.submit(self._load, s) for s in range(start, min(stop, start + depth))}
+        self.stop, self.depth = stop, depth
+
+    def _load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.order.indices(step)
+        tok = torch.from_numpy(np.asarray(self.cache.tokens[idx], dtype=np.int64))
+        lab = torch.from_numpy(self.cache.labels[idx].astype(np.int64))
+        return (tok.pin_memory(), lab.pin_memory()) if self.pin else (tok, lab)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, lab = (self.pending.pop(step) if step in self.pending else self.pool.submit(self._load, step)).result()
+        nxt = step + self.depth
+        if nxt < self.stop and nxt not in self.pending:
+            self.pending[nxt] = self.pool.submit(self._load, nxt)
+        return tok.to(self.device, non_blocking=True), lab.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class BatchOrder:
@@ -169,7 +199,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
           out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
-          stop_after: int | None = None) -> dict:
+          warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None) -> dict:
     """Train one run; writes ``out_model`` (plain state dict + config) and, in ``work_dir``: ``metrics.jsonl``,
     ``summary.json`` and ``ckpt/last.pt``. ``stop_after`` ends the job early after that many steps *of this
     process* (used by tests to simulate a kill) without writing the final model."""
@@ -197,7 +227,9 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     if oc.warm_start:
         from varup.warmstart import warm_start
 
-        warm_start(model, oc.warm_start, class_map=spec.extra.get("class_map"))
+        if warm_start_path is None:
+            raise ValueError("train.warm_start is set but no official checkpoint path was given (--warm-start)")
+        warm_start(model, str(warm_start_path), class_map=cache.meta.get("imagenet1k_index"))
     model.to(dev)
     loss_fn = UncertaintyLoss(lc, vae.patch_nums, refs).to(dev)
     opt = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=oc.betas,
@@ -259,11 +291,10 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     bad = torch.zeros((), dtype=torch.bool, device=dev)
     t_loop, steps_done, tokens_seen = time.time(), 0, 0
     bar = progress(total=oc.steps, initial=start, desc=f"train {work.name}", unit="step", disable=not d.is_main)
+    batches = Prefetcher(cache, order, start, oc.steps, dev)
     with PreemptionGuard() as guard:
         for step in range(start, oc.steps):
-            idx = order.indices(step)
-            tok = torch.from_numpy(cache.tokens[idx].astype(np.int64)).to(dev, non_blocking=True)
-            lab = torch.from_numpy(cache.labels[idx].astype(np.int64)).to(dev, non_blocking=True)
+            tok, lab = batches.get(step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, oc)
             x = quant.idxBl_to_var_input(split_tokens(tok, vae.patch_nums))
@@ -294,35 +325,47 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
                         f"non-finite loss at step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
                         f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); the last good checkpoint "
                         f"({ckpt_path}, step {last_ckpt}) is kept; lower the learning rate or check the data")
-            if d.is_main and (done % oc.log_every == 0 or done == oc.steps):
+            if done % oc.log_every == 0 or done == oc.steps:
                 with torch.no_grad():
-                    pred = logits.detach().argmax(-1)
-                    acc = (pred == tok).float().mean(0)  # (L,)
                     L_last = vae.patch_nums[-1] ** 2
+                    acc = (logits.detach().argmax(-1) == tok).float().mean(0)  # (L,)
+                    # one vector, averaged over ranks: the logged numbers are global-batch means (a sync per log step)
+                    stats = torch.cat([torch.stack([out.total.detach(), out.ce, out.l2nd, out.lse]).float(),
+                                       out.per_scale.reshape(-1).float(), acc.mean()[None], acc[-L_last:].mean()[None]])
+                    if d.enabled:
+                        dist.all_reduce(stats)
+                        stats /= d.world
+                    stats = stats.cpu()
                 dt = time.time() - t_loop
-                rec = {"step": done, "lr": lr_at(step, oc), **out.scalars(), "grad_norm": float(gnorm),
-                       "acc_mean": float(acc.mean()), "acc_last": float(acc[-L_last:].mean()),
-                       "per_scale": {"ce": out.per_scale[0].tolist(), "l2nd": out.per_scale[1].tolist(),
-                                     "lse": out.per_scale[2].tolist()},
+                SN = len(vae.patch_nums)
+                ps = stats[4:4 + 3 * SN].view(3, SN)
+                rec = {"step": done, "lr": lr_at(step, oc), "loss": float(stats[0]), "ce": float(stats[1]),
+                       "l2nd": float(stats[2]), "lse": float(stats[3]), "grad_norm": float(gnorm),
+                       "acc_mean": float(stats[-2]), "acc_last": float(stats[-1]),
+                       "per_scale": {"ce": ps[0].tolist(), "l2nd": ps[1].tolist(), "lse": ps[2].tolist()},
                        "imgs_per_s": steps_done * oc.batch_size / max(dt, 1e-9), "tokens_per_s": tokens_seen / max(dt, 1e-9),
                        "elapsed_s": round(time.time() - t_start, 2)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
+                if d.is_main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
             bar.update(1)
             if done % oc.ckpt_every == 0 and done < oc.steps:
                 checkpoint(done)
             if guard.any_rank_requested(d, dev):
                 checkpoint(done)
                 bar.close()
+                batches.close()
                 shutdown_distributed()
                 exit_preempted(guard.requested or "signal on another rank")
             if stop_after is not None and steps_done >= stop_after:
                 checkpoint(done)
                 bar.close()
+                batches.close()
                 shutdown_distributed()
                 return {"stopped_at": done}
     bar.close()
+    batches.close()
     wall = time.time() - t_loop
     summary = {
         "run_hash": run_hash, "params": n_params, "params_m": round(n_params / 1e6, 3), "depth": model.depth,
@@ -331,7 +374,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
         "s_per_step": wall / max(steps_done, 1), "imgs_per_s": steps_done * oc.batch_size / max(wall, 1e-9),
         "steps_per_epoch": order.per_epoch, "epoch_s": wall / max(steps_done, 1) * order.per_epoch,
         "peak_mem_mb_per_device": round(_peak_memory_mb(dev), 1), "device": str(dev), "precision": str(amp or "fp32"),
-        "final": out.scalars() if steps_done else None,
+        "final": {k: rec[k] for k in ("loss", "ce", "l2nd", "lse")} if steps_done else None,
     }
     if d.is_main:
         atomic_torch_save({"model": model.state_dict(), "config": model.cfg.to_dict(), "run": asdict(spec),

@@ -1,6 +1,7 @@
 # Helpers shared by the rules: validated config, paths, run enumeration, JSON parameters.
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -33,7 +34,7 @@ CONDA_ENV = "../../envs/varup.yaml"
 wildcard_constraints:
     dataset="|".join(DATASETS),
     depth=r"\d+",
-    method="|".join(config["methods"]),
+    method="|".join(re.escape(m) for m in vc.all_methods(config)),
     seed=r"\d+",
     shard=r"\d+",
 
@@ -63,11 +64,33 @@ def all_outputs():
     return tables_and_figures()
 
 
+def _stem(url):
+    return os.path.splitext(os.path.basename(url.split("?")[0]))[0]
+
+
 def tokenizer_file(w):
     name, tok = vc.tokenizer_of(config, w.dataset)
     if tok["kind"] == "official":
-        return f"{RSC}/weights/vae_ch160v4096z32.pth"
+        return f"{RSC}/weights/{_stem(tok.get('url', vc.OFFICIAL_VAE_URL))}.pth"
     return f"{RES}/{w.dataset}/tokenizer/vqvae.pt"
+
+
+def weights_source(name):
+    """(url, sha256 or None, config key of the sha256) of a file fetched into resources/weights/."""
+    for tname, tok in config["tokenizers"].items():
+        if tok["kind"] == "official" and _stem(tok.get("url", vc.OFFICIAL_VAE_URL)) == name:
+            return tok.get("url", vc.OFFICIAL_VAE_URL), tok.get("sha256"), f"tokenizers.{tname}.sha256"
+    if name.startswith("var_d") and name[5:].isdigit():
+        d = name[5:]
+        w = config["weights"]
+        return w["var_url"].format(depth=d), w["var_sha256"].get(d), f"weights.var_sha256.{d}"
+    raise ValueError(f"no download source configured for resources/weights/{name}.pth")
+
+
+def warm_start_file(w):
+    if not vc.train_settings(config, w.dataset).get("warm_start"):
+        return []
+    return [f"{RSC}/weights/var_d{w.depth}.pth"]
 
 
 def sample_params(w):
@@ -87,15 +110,46 @@ def qualitative_params(w):
             "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
 
 
-TABLES = ["table2", "table7", "codebook_calibration", "overhead"]
-FIGURES = ["samples", "training_curves"]
+GPU = vc.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
+CPU = vc.cluster_resources(config, gpu=False)
+TRAIN_CMD, TRAIN_RES = vc.train_launch(config)
+EXPERIMENTS = config["experiments"]
+TABLES = ["table2", "table7", "codebook_calibration", "overhead"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
+    ["figure4"] if "figure4" in EXPERIMENTS else []
+)
+FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else [])
+CFG_SWEEP = vc.cfg_sweep(config)
+OOD_RUNS = vc.ood_runs(config)
+DOWNSTREAM = vc.downstream_pairs(config)
 
 
 def run_files(name):
     return [f"{RES}/{r.path}/{name}" for r in RUNS]
 
 
+def cfg_sweep_files(name):
+    return [f"{RES}/{r.path}/cfg_sweep/cfg{c:g}/{name}" for r, c in CFG_SWEEP]
+
+
+def downstream_files():
+    d = EXPERIMENTS.get("downstream", {})
+    return [f"{RES}/figures/downstream_{ds_}_d{depth}_{t}.{e}" for ds_, depth in DOWNSTREAM
+            for t in d.get("tasks", ["outpaint", "inpaint", "edit"]) for e in ("png", "pdf")]
+
+
+def prefetch_files():
+    """Everything the chosen config downloads (datasets, official weights, Inception weights)."""
+    out = [f"{RSC}/inception/inception.json"]
+    out += [f"{RSC}/datasets/{d}/archive.json" for d in kinds("afhq") if d != "__none__"]
+    out += sorted({tokenizer_file(type("W", (), {"dataset": d})) for d in DATASETS
+                   if vc.tokenizer_of(config, d)[1]["kind"] == "official"})
+    out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if vc.train_settings(config, r.dataset).get("warm_start")})
+    return out
+
+
 def tables_and_figures():
-    return [f"{RES}/tables/{t}.{e}" for t in TABLES for e in ("csv", "md", "tex")] + [
-        f"{RES}/figures/{f}.{e}" for f in FIGURES for e in ("png", "pdf")
-    ]
+    return (
+        [f"{RES}/tables/{t}.{e}" for t in TABLES for e in ("csv", "md", "tex")]
+        + [f"{RES}/figures/{f}.{e}" for f in FIGURES for e in ("png", "pdf")]
+        + downstream_files()
+    )

@@ -1,4 +1,8 @@
-# Stage 1: datasets -> results/{exp}/{dataset}/data/ (images/{split}/{class}/*.png, manifest.csv, dataset.json)
+# Stage 1: datasets -> results/{exp}/{dataset}/data/ (manifest.csv, dataset.json; the toy also writes its images).
+# Downloads are localrules: on a cluster they run on the login node, compute nodes never touch the network.
+
+localrules:
+    fetch_archive,
 
 
 rule data_toy:
@@ -9,6 +13,8 @@ rule data_toy:
         res=lambda w: ds(w)["resolution"],
     wildcard_constraints:
         dataset="|".join(kinds("toy")),
+    resources:
+        **CPU,
     log:
         f"{RES}/logs/data/{{dataset}}.log",
     benchmark:
@@ -17,3 +23,90 @@ rule data_toy:
         CONDA_ENV
     shell:
         "varup data-toy --out {output} --resolution {params.res} --params {params.gen} > {log} 2>&1"
+
+
+rule fetch_archive:
+    output:
+        f"{RSC}/datasets/{{dataset}}/archive.json",
+    params:
+        url=lambda w: ds(w)["download"]["url"],
+        sha=lambda w: ds(w)["download"].get("sha256") or "",
+        key=lambda w: f"datasets.{w.dataset}.download.sha256",
+    wildcard_constraints:
+        dataset="|".join(kinds("afhq")),
+    log:
+        f"{RES}/logs/data/{{dataset}}_fetch.log",
+    benchmark:
+        f"{RES}/benchmarks/data/{{dataset}}_fetch.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup fetch-archive --url {params.url:q} --sha256 '{params.sha}' --key {params.key} --out {output} > {log} 2>&1"
+
+
+rule data_afhq:
+    input:
+        f"{RSC}/datasets/{{dataset}}/archive.json",
+    output:
+        directory(f"{RES}/{{dataset}}/data"),
+    params:
+        res=lambda w: ds(w)["resolution"],
+        verify=lambda w: "--verify" if ds(w)["verify"] else "",
+    wildcard_constraints:
+        dataset="|".join(kinds("afhq")),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/data/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prepare --kind afhq --source {input} --out {output} --resolution {params.res} {params.verify} > {log} 2>&1"
+
+
+rule data_imagenet100:
+    output:
+        directory(f"{RES}/{{dataset}}/data"),
+    params:
+        root=lambda w: ds(w)["root"],
+        res=lambda w: ds(w)["resolution"],
+        verify=lambda w: "--verify" if ds(w)["verify"] else "",
+        cap=lambda w: f"--max-per-class {ds(w)['max_per_class']}" if ds(w).get("max_per_class") else "",
+    wildcard_constraints:
+        dataset="|".join(kinds("imagenet100")),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/data/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prepare --kind imagenet100 --source {params.root:q} --out {output} --resolution {params.res}"
+        " {params.verify} {params.cap} > {log} 2>&1"
+
+
+rule data_folder:
+    output:
+        directory(f"{RES}/{{dataset}}/data"),
+    params:
+        root=lambda w: ds(w)["root"],
+        res=lambda w: ds(w)["resolution"],
+        frac=lambda w: ds(w)["val_fraction"],
+        verify=lambda w: "--verify" if ds(w)["verify"] else "",
+    wildcard_constraints:
+        dataset="|".join(kinds("folder")),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/data/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prepare --kind folder --source {params.root:q} --out {output} --resolution {params.res}"
+        " --val-fraction {params.frac} {params.verify} > {log} 2>&1"

@@ -38,6 +38,8 @@ rule real_features:
         clean_n=config["metrics"]["clean_fid"]["max_images"] if config["metrics"]["clean_fid"]["enabled"] else 0,
         bs=config["metrics"]["batch_size"],
     threads: THREADS
+    resources:
+        **GPU,
     log:
         f"{RES}/logs/real_features/{{dataset}}.log",
     benchmark:
@@ -63,9 +65,11 @@ rule evaluate:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/metrics.json",
     params:
         device=DEVICE,
-        p=q(config["metrics"]),
+        p=lambda w: q(config["metrics"]),
         tokens=lambda w, input: os.path.dirname(input.tokens),
     threads: THREADS
+    resources:
+        **GPU,
     log:
         f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
     benchmark:
@@ -76,3 +80,22 @@ rule evaluate:
         "varup evaluate --threads {threads} --device {params.device} --samples {input.samples} --real-features {input.real}"
         " --inception {input.inception} --model {input.model} --tokenizer {input.tokenizer} --tokens {params.tokens}"
         " --real-clean-features {input.real_clean} --params {params.p} --out {output} > {log} 2>&1"
+
+
+use rule evaluate as evaluate_cfg with:
+    input:
+        samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples.npz",
+        real=f"{RES}/{{dataset}}/real_features.npz",
+        real_clean=f"{RES}/{{dataset}}/real_clean_features.npy",
+        inception=f"{RSC}/inception/inception.json",
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        tokenizer=tokenizer_file,
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+    output:
+        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/metrics.json",
+    wildcard_constraints:
+        cfgv=r"[0-9.]+",
+    log:
+        f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.tsv"

@@ -4,6 +4,8 @@ rule tables:
     input:
         metrics=run_files("metrics.json"),
         summaries=run_files("train/summary.json"),
+        ood=[f"{RES}/{r.path}/ood.json" for r in OOD_RUNS],
+        sweep=cfg_sweep_files("metrics.json"),
     output:
         **{
             f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",
@@ -12,9 +14,11 @@ rule tables:
             for ext in ("csv", "md", "tex")
         },
     params:
-        cfg=q(config),
+        cfg=lambda w: q(config),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
+    resources:
+        **CPU,
     log:
         f"{RES}/logs/tables.log",
     benchmark:
@@ -27,8 +31,10 @@ rule tables:
 
 rule figures:
     input:
-        qualitative=[f"{RES}/{r.path}/qualitative.npz" for r in RUNS if r.seed == config["seeds"][0]],
+        qualitative=[f"{RES}/{r.path}/qualitative.npz" for r in vc.main_runs(config) if r.seed == config["seeds"][0]],
         curves=run_files("train/metrics.jsonl"),
+        metrics=run_files("metrics.json") if "figure4" in EXPERIMENTS else [],
+        sweep=cfg_sweep_files("metrics.json"),
     output:
         **{
             f"{f}_{ext}": report(f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures",
@@ -37,9 +43,11 @@ rule figures:
             for ext in ("png", "pdf")
         },
     params:
-        cfg=q(config),
+        cfg=lambda w: q(config),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
+    resources:
+        **CPU,
     log:
         f"{RES}/logs/figures.log",
     benchmark:
@@ -48,4 +56,5 @@ rule figures:
         CONDA_ENV
     shell:
         "varup figures --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
+
 

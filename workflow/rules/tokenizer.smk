@@ -1,5 +1,25 @@
 # Stage 2: tokenizer -> token cache -> loss references (each computed once per dataset).
 
+localrules:
+    fetch_weights,
+
+
+rule fetch_weights:
+    output:
+        f"{RSC}/weights/{{name}}.pth",
+    params:
+        url=lambda w: weights_source(w.name)[0],
+        sha=lambda w: weights_source(w.name)[1] or "",
+        key=lambda w: weights_source(w.name)[2],
+    log:
+        f"{RES}/logs/fetch/{{name}}.log",
+    benchmark:
+        f"{RES}/benchmarks/fetch/{{name}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup fetch --url {params.url:q} --sha256 '{params.sha}' --key {params.key} --out {output} > {log} 2>&1"
+
 
 rule tokenizer_train:
     input:
@@ -16,6 +36,8 @@ rule tokenizer_train:
         res=lambda w: ds(w)["resolution"],
         work=lambda w, output: os.path.dirname(output.model),
     threads: workflow.cores
+    resources:
+        **GPU,
     log:
         f"{RES}/logs/tokenizer/{{dataset}}.log",
     benchmark:
@@ -43,6 +65,8 @@ rule encode:
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
     threads: workflow.cores
+    resources:
+        **GPU,
     log:
         f"{RES}/logs/encode/{{dataset}}.log",
     benchmark:
@@ -66,6 +90,8 @@ rule references:
         seed=config["references"]["cluster_seed"],
         tau=("" if config["references"].get("tau") is None else f"--tau {config['references']['tau']}"),
         tokens=lambda w, input: os.path.dirname(input.tokens),
+    resources:
+        **CPU,
     log:
         f"{RES}/logs/references/{{dataset}}.log",
     benchmark:

@@ -8,6 +8,7 @@ rule train:
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
         tokenizer=tokenizer_file,
         refs=f"{RES}/{{dataset}}/refs.pt",
+        warm=warm_start_file,
     output:
         model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
         curve=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
@@ -17,7 +18,11 @@ rule train:
         spec=lambda w: q(vc.run_spec(config, run_of(w))),
         tokens=lambda w, input: os.path.dirname(input.tokens),
         work=lambda w, output: os.path.dirname(output.curve),
+        warm=lambda w, input: f"--warm-start {input.warm}" if input.warm else "",
+        launch=TRAIN_CMD,
     threads: THREADS
+    resources:
+        **TRAIN_RES,
     log:
         f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
     benchmark:
@@ -25,5 +30,6 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "varup train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
-        " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} >> {log} 2>&1"
+        "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
+        " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
+        " >> {log} 2>&1"

@@ -1,0 +1,105 @@
+# Downstream studies: OOD detection from token likelihoods (Table 3) and zero-shot editing (Figures 2/3).
+
+
+rule data_ood:
+    output:
+        directory(f"{RES}/{{dataset}}/ood_data"),
+    params:
+        src=lambda w: q(EXPERIMENTS["ood"]["source"]),
+        res=lambda w: ds(w)["resolution"],
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/data/{{dataset}}_ood.log",
+    benchmark:
+        f"{RES}/benchmarks/data/{{dataset}}_ood.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prepare-ood --source {params.src} --out {output} --resolution {params.res} > {log} 2>&1"
+
+
+rule encode_ood:
+    input:
+        data=f"{RES}/{{dataset}}/ood_data",
+        tokenizer=tokenizer_file,
+    output:
+        meta=f"{RES}/{{dataset}}/ood_tokens/meta.json",
+        tokens=f"{RES}/{{dataset}}/ood_tokens/ood_tokens.npy",
+    params:
+        device=DEVICE,
+        pre=lambda w: q(ds(w).get("preprocess", {})),
+        res=lambda w: ds(w)["resolution"],
+        out=lambda w, output: os.path.dirname(output.meta),
+    threads: workflow.cores
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/encode/{{dataset}}_ood.log",
+    benchmark:
+        f"{RES}/benchmarks/encode/{{dataset}}_ood.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup encode --threads {threads} --device {params.device} --data {input.data} --tokenizer {input.tokenizer}"
+        " --resolution {params.res} --preprocess {params.pre} --splits val:ood --out {params.out} >> {log} 2>&1"
+
+
+rule ood_eval:
+    input:
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        tokenizer=tokenizer_file,
+        id_tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+        ood_tokens=f"{RES}/{{dataset}}/ood_tokens/meta.json",
+    output:
+        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/ood.json",
+    params:
+        device=DEVICE,
+        n=EXPERIMENTS.get("ood", {}).get("max_images", 2000),
+        mode=EXPERIMENTS.get("ood", {}).get("class_mode", "null"),
+        id_dir=lambda w, input: os.path.dirname(input.id_tokens),
+        ood_dir=lambda w, input: os.path.dirname(input.ood_tokens),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup ood --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
+        " --id-tokens {params.id_dir} --ood-tokens {params.ood_dir} --max-images {params.n} --class-mode {params.mode}"
+        " --out {output} > {log} 2>&1"
+
+
+rule downstream:
+    input:
+        models=lambda w: [f"{RES}/{w.dataset}/d{w.depth}/{m}/seed{config['seeds'][0]}/model.pt"
+                          for m in EXPERIMENTS["downstream"]["methods"]],
+        tokenizer=tokenizer_file,
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+    output:
+        [f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
+         for t in EXPERIMENTS.get("downstream", {}).get("tasks", []) for e in ("png", "pdf")],
+        summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
+    params:
+        device=DEVICE,
+        models=lambda w, input: " ".join(f"{m}={p}" for m, p in zip(EXPERIMENTS["downstream"]["methods"], input.models)),
+        p=lambda w: q(EXPERIMENTS["downstream"]),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
+        out=lambda w, output: os.path.dirname(output.summary),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/downstream/{{dataset}}_d{{depth}}.log",
+    benchmark:
+        f"{RES}/benchmarks/downstream/{{dataset}}_d{{depth}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup downstream --threads {threads} --device {params.device} --models {params.models}"
+        " --tokenizer {input.tokenizer} --tokens {params.tokens} --params {params.p} --out-dir {params.out}"
+        " --name {wildcards.dataset}_d{wildcards.depth} > {log} 2>&1"
