@@ -1,0 +1,234 @@
+"""MC-Dropout studies: σ maps, determinism of the passes, region σ, object segmentation, the DropPath sweep, class
+entanglement, the stage files, tables and figures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import tiny_var, tiny_vqvae
+from varup.data.folder import to_uint8
+from varup.data.toy import generate_toy_dataset
+from varup.sample import derive_seed, make_generator, sample, sample_shard
+from varup.uncertainty import (droppath_sweep, droppath_table, entangled_weights, entanglement_sets,
+                               entanglement_table, iou, mc_passes, object_mask, region_sigma, region_table,
+                               run_entanglement_sets, run_mc_dropout, run_sweep_sets, segmentation_check, sigma_figure,
+                               sigma_map, sweep_figure)
+
+KW = dict(cfg=1.5, top_k=0, top_p=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are dominated by per-op overhead: one thread is several times faster on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    vae = tiny_vqvae().freeze()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)
+    var = tiny_var(depth=4).init_weights(init_adaln_gamma=1.0).eval()
+    # informative logits: with the tiny init head every token is about equally likely and the (fixed) sampling noise
+    # alone picks the tokens, so dropping blocks would change nothing
+    torch.manual_seed(1)
+    var.head.weight.data.normal_(0, 0.3)
+    return var, vae
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy") / "shapes"
+    generate_toy_dataset(d, n_train_per_class=16, n_val_per_class=48, progress=False)
+    return d
+
+
+def test_sigma_map_is_the_mean_over_channels_of_the_per_channel_std():
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 3, 5, 6))
+    mean, sigma = sigma_map(x)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-6)
+    direct = np.sqrt(((x - x.mean(0)) ** 2).mean(0)).mean(0)  # population std per channel, then channel mean
+    np.testing.assert_allclose(sigma, direct, rtol=1e-5, atol=1e-7)
+    assert sigma.shape == (5, 6) and mean.shape == (3, 5, 6)
+    _, s_t = sigma_map(torch.from_numpy(x).float())
+    np.testing.assert_allclose(s_t, direct, rtol=1e-5, atol=1e-6)
+    assert np.all(sigma_map(x[:1])[1] == 0)
+    with pytest.raises(ValueError, match=r"\(T, 3, H, W\)"):
+        sigma_map(x[:, :2])
+
+
+def test_mc_passes_are_deterministic_differ_with_dropout_and_rate_zero_gives_zero_sigma(models):
+    var, vae = models
+    a = mc_passes(var, vae, 1, T=8, rate=0.3, seed=0, **KW)
+    b = mc_passes(var, vae, 1, T=8, rate=0.3, seed=0, **KW)
+    assert a.shape == (8, 3, 16, 16) and a.dtype == torch.float32 and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, b)  # same seed: the same T passes
+    distinct = {a[t].numpy().tobytes() for t in range(8)}
+    assert len(distinct) >= 2  # the dropped sub-networks differ
+    assert sigma_map(a)[1].mean() > 0
+    assert not torch.equal(a, mc_passes(var, vae, 1, T=8, rate=0.3, seed=1, **KW))
+    z = mc_passes(var, vae, 1, T=4, rate=0.0, seed=0, **KW)
+    assert np.all(sigma_map(z)[1] == 0)
+    # rate 0 = the ordinary sample with the passes' sampling seed
+    ref = sample(var, vae, torch.tensor([1]), generator=make_generator(derive_seed(0, "sample"), "cpu"), **KW)
+    assert torch.equal(z[0], ref.images[0])
+    assert var.blocks[0].drop_path.mc_mask is None and not var.training  # cleaned up
+
+
+def test_region_sigma_on_a_synthetic_map():
+    sigma = np.full((8, 8), 0.1)
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:7] = True
+    sigma[mask] = 0.3
+    r = region_sigma(sigma, mask)
+    assert r["inside"] == pytest.approx(0.3) and r["outside"] == pytest.approx(0.1)
+    assert r["object_fraction"] == pytest.approx(12 / 64)
+    sigma[0, 0] = 0.5  # one background pixel more
+    assert region_sigma(sigma, mask)["outside"] == pytest.approx((51 * 0.1 + 0.5) / 52)
+    empty = region_sigma(sigma, np.zeros((8, 8), bool))
+    assert empty["inside"] is None and empty["outside"] == pytest.approx(sigma.mean())
+    with pytest.raises(ValueError, match="differ in shape"):
+        region_sigma(sigma, mask[:4])
+
+
+def test_object_segmentation_agrees_with_the_true_toy_masks(toy):
+    chk = segmentation_check(toy, "val", max_images=None)
+    assert chk["n"] == 4 * 48
+    assert chk["mean_iou"] > 0.95 and chk["frac_iou_ge_0.8"] >= 0.98, chk
+    # any layout / dtype: uint8 HWC and float CHW give the same mask
+    from PIL import Image
+
+    from varup.data.toy import read_manifest
+
+    row = read_manifest(toy, "val")[5]
+    img = np.asarray(Image.open(toy / row["path"]).convert("RGB"))
+    true = np.asarray(Image.open(toy / row["mask_path"])) > 127
+    m = object_mask(img)
+    assert np.array_equal(m, object_mask(img.transpose(2, 0, 1).astype(np.float32) / 255))
+    assert iou(m, true) > 0.8
+    # a grey background without an object: no object
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    grey[..., 0] += np.arange(32, dtype=np.uint8)[None, :] % 7
+    assert not object_mask(grey).any()
+
+
+def test_entangled_weights_and_one_class_mix_equals_label_conditioning(models):
+    var, vae = models
+    w = entangled_weights(5, [0, 3])
+    assert w.shape == (6,) and float(w.sum()) == pytest.approx(1.0) and w[0] == w[3] == 0.5 and w[5] == 0
+    assert float(entangled_weights(5, [1, 2, 4]).sum()) == pytest.approx(1.0)
+    for bad, msg in (([], "at least one"), ([1, 1], "duplicate"), ([5], "outside")):
+        with pytest.raises(ValueError, match=msg):
+            entangled_weights(5, bad)
+    sets = entanglement_sets(var, vae, [[2], [2, 4]], n=6, seed=5, batch_size=4, rate=0.2, T=3, sigma_seeds=(0, 1),
+                             **KW)
+    one, two = sets
+    assert one["images"].shape == (6, 16, 16, 3) and one["images"].dtype == np.uint8 and one["n_concepts"] == 1
+    for b, (s, e) in enumerate(((0, 4), (4, 6))):
+        ref = sample(var, vae, torch.full((e - s,), 2), generator=make_generator(derive_seed(5, "sample", b), "cpu"),
+                     **KW)
+        assert np.array_equal(one["images"][s:e], to_uint8(ref.images))
+    assert two["labels"].tolist() == [2, 4, 2, 4, 2, 4] and two["mix"] == [2, 4]
+    assert not np.array_equal(one["images"], two["images"])
+    # the MC passes under a one-class mix are those of label conditioning
+    pw = mc_passes(var, vae, entangled_weights(5, [2]), T=3, rate=0.2, seed=0, **KW)
+    assert torch.equal(pw, mc_passes(var, vae, 2, T=3, rate=0.2, seed=0, **KW))
+    assert len(one["sigma_per_seed"]) == 2 and one["mean_sigma"] == pytest.approx(np.mean(one["sigma_per_seed"]))
+
+
+def test_droppath_sweep_rate_zero_reproduces_the_sample_set(models):
+    var, vae = models
+    res = droppath_sweep(var, vae, rates=(0.0, 0.3), n_per_class=2, seed=3, batch_size=4, sigma_pairs=[(0, 0), (1, 1)],
+                         T=8, **KW)
+    ref = sample_shard(var, vae, n_per_class=2, batch_size=4, seed=3, **KW)
+    assert [r["rate"] for r in res] == [0.0, 0.3]
+    assert np.array_equal(res[0]["images"], ref["images"]) and np.array_equal(res[0]["tokens"], ref["tokens"])
+    assert np.array_equal(res[0]["labels"], ref["labels"]) and res[0]["mean_sigma"] == 0.0
+    assert not np.array_equal(res[1]["images"], ref["images"]) and res[1]["mean_sigma"] > 0
+    again = droppath_sweep(var, vae, rates=(0.3,), n_per_class=2, seed=3, batch_size=4, sigma_pairs=[(0, 0), (1, 1)],
+                           T=8, **KW)
+    assert np.array_equal(again[0]["images"], res[1]["images"]) and again[0]["pair_sigma"] == res[1]["pair_sigma"]
+
+
+def test_stage_files_tables_and_figures(models, toy, tmp_path):
+    var, vae = models
+    torch.save({"model": var.state_dict(), "config": var.cfg.to_dict()}, tmp_path / "model.pt")
+    torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, tmp_path / "vqvae.pt")
+    common = dict(cfg=1.5, top_k=900, top_p=0.95, device="cpu")
+    mc, sweeps, ents = [], [], []
+    for method in ("baseline", "ours"):
+        meta = {"dataset": "shapes", "depth": 4, "method": method, "seed": 0}
+        r = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", toy, tmp_path / method / "mc.json",
+                           tmp_path / method / "mc.npz", classes=[0, 3], seeds=[0, 1], T=4, rate=0.3, meta=meta,
+                           segmentation_images=32, **common)
+        mc.append(r)
+        sweeps.append(run_sweep_sets(tmp_path / "model.pt", tmp_path / "vqvae.pt", tmp_path / method / "sweep",
+                                     rates=(0.1, 0.3), n_per_class=1, seed=0, sigma_pairs=[(0, 0)], T=3, meta=meta,
+                                     **common))
+        ents.append(run_entanglement_sets(tmp_path / "model.pt", tmp_path / "vqvae.pt", tmp_path / method / "ent",
+                                          mixes=[[0], [0, 1]], n=3, seed=0, T=3, meta=meta, **common))
+    r = mc[0]
+    assert json.loads((tmp_path / "baseline" / "mc.json").read_text())["mean_sigma"] == pytest.approx(r["mean_sigma"])
+    assert len(r["pairs"]) == 4 and r["region"]["available"] and r["region"]["segmentation_check"]["n"] == 32
+    with np.load(tmp_path / "baseline" / "mc.npz") as z:
+        assert z["sigma"].shape == (4, 16, 16) and z["mean"].shape == (4, 16, 16, 3) and z["mask"].dtype == bool
+        assert z["classes"].tolist() == [0, 0, 3, 3] and z["seeds"].tolist() == [0, 1, 0, 1]
+        assert [float(s.mean()) for s in z["sigma"]] == pytest.approx([p["mean_sigma"] for p in r["pairs"]])
+    with np.load(tmp_path / "baseline" / "sweep" / "droppath_0.3.npz") as z:
+        assert z["images"].shape == (5, 16, 16, 3) and z["labels"].tolist() == [0, 1, 2, 3, 4]
+        assert json.loads(str(z["params"]))["rate"] == 0.3 and z["tokens"].shape == (5, var.L)
+    with np.load(tmp_path / "ours" / "ent" / "mix_0-1.npz") as z:
+        assert z["images"].shape == (3, 16, 16, 3) and z["mix"].tolist() == [0, 1]
+    assert (tmp_path / "ours" / "sweep" / "sweep.json").exists()
+    assert (tmp_path / "ours" / "ent" / "entanglement.json").exists()
+
+    # a dataset without masks: region σ is absent, with the reason
+    other = tmp_path / "imgs"
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps({"name": "afhq"}))
+    r2 = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", other, tmp_path / "x.json", tmp_path / "x.npz",
+                        classes=[0], seeds=[0], T=2, rate=0.1, **common)
+    assert r2["region"]["available"] is False and "no object masks" in r2["region"]["reason"]
+    assert "inside" not in r2["region"] and all("region" not in p for p in r2["pairs"])
+
+    # tables: mean ± std over records (seeds); the workflow fills 'fidelity' per set
+    recs = []
+    for fid, seed in ((10.0, 0), (14.0, 1)):
+        s = json.loads(json.dumps(sweeps[0]))
+        s["seed"] = seed
+        s["rates"][0]["fidelity"] = {"fid": fid, "kid_mean": fid / 1000}
+        recs.append(s)
+    df, disp = droppath_table(recs + [sweeps[1]])
+    row = df[(df.method == "baseline") & (df.rate == 0.1)].iloc[0]
+    assert row.seeds == 2 and row.fid_mean == pytest.approx(12.0)
+    assert row.fid_std == pytest.approx(np.std([10, 14], ddof=1))
+    assert row.sigma_mean == pytest.approx(sweeps[0]["rates"][0]["mean_sigma"]) and row.sigma_std == 0
+    assert df[(df.method == "ours")].fid_mean.isna().all() and len(df) == 4 and "σ" in disp.columns
+    rt, _ = region_table(mc)
+    assert set(rt.method) == {"baseline", "ours"}
+    assert rt.iloc[0].sigma_object_mean == pytest.approx(mc[0]["region"]["inside"])
+    et, _ = entanglement_table(ents)
+    assert sorted(et.concepts.tolist()) == [1, 1, 2, 2]
+    two = et[(et.method == "ours") & (et.concepts == 2)].iloc[0]
+    assert two.sigma_mean == pytest.approx(ents[1]["mixes"][1]["mean_sigma"]) and two.mixes == "0-1"
+
+    vmax = sigma_figure({"baseline": tmp_path / "baseline" / "mc.npz", "ours": tmp_path / "ours" / "mc.npz"},
+                        tmp_path / "fig", class_names=["a", "b", "c", "d", "e"])
+    with np.load(tmp_path / "ours" / "mc.npz") as zo, np.load(tmp_path / "baseline" / "mc.npz") as zb:
+        assert vmax == pytest.approx(max(zo["sigma"].max(), zb["sigma"].max()))
+    files = {"baseline": tmp_path / "baseline" / "mc.npz", "ours": tmp_path / "ours" / "mc.npz"}
+    with np.load(files["ours"]) as zo, np.load(files["baseline"]) as zb:
+        want = max(zo["sigma"][3].max(), zb["sigma"][3].max())  # pair (3, 1) is the 4th
+    assert sigma_figure(files, tmp_path / "fig2", pairs=[(3, 1)]) == pytest.approx(want)
+    with pytest.raises(ValueError, match="not in every method"):
+        sigma_figure(files, tmp_path / "fig2", pairs=[(2, 0)])
+    sweep_figure(recs + [sweeps[1]], tmp_path / "fig")
+    for name in ("mc_dropout_sigma", "droppath_sweep"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / "fig" / f"{name}.{ext}").stat().st_size > 1000

@@ -1,0 +1,131 @@
+# Uncertainty and diversity studies: MC-Dropout sigma maps and region sigma, the DropPath-rate sweep, class
+# entanglement (runs of uncertainty.run_seeds), and mode coverage of every toy run's samples.
+
+rule mc_dropout:
+    input:
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        tokenizer=tokenizer_file,
+        data=f"{RES}/{{dataset}}/data",
+    output:
+        json=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json",
+        npz=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.npz",
+    params:
+        device=DEVICE,
+        p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rate": UNC.get("mc_rate", 0.1),
+                       "classes": UNC.get("classes", [0]), "seeds": UNC.get("sample_seeds", [0])}),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_mc.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_mc.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup mc-dropout --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
+        " --data {input.data} --params {params.p} --out {output.json} --out-npz {output.npz} > {log} 2>&1"
+
+
+rule uncertainty_sets:
+    input:
+        model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        tokenizer=tokenizer_file,
+    output:
+        sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json",
+        mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json",
+    params:
+        device=DEVICE,
+        p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rates": UNC.get("sweep_rates"),
+                       "n_per_class": UNC.get("sweep_n_per_class", 50), "mixes": UNC.get("entanglement_mixes"),
+                       "n_mix": UNC.get("entanglement_n", 100), "batch_size": vc.sample_settings(config, w.dataset)["batch_size"],
+                       "sigma_seeds": UNC.get("sample_seeds", [0]), "classes": UNC.get("classes", [0])}),
+        sweep_dir=lambda w, output: os.path.dirname(output.sweep),
+        mix_dir=lambda w, output: os.path.dirname(output.mix),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_sets.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup uncertainty-sets --threads {threads} --device {params.device} --model {input.model}"
+        " --tokenizer {input.tokenizer} --params {params.p} --seed {wildcards.seed} --sweep-dir {params.sweep_dir}"
+        " --mix-dir {params.mix_dir} > {log} 2>&1"
+
+
+rule score_uncertainty_sets:
+    input:
+        sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json",
+        mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json",
+        real=f"{RES}/{{dataset}}/real_features.npz",
+        inception=f"{RSC}/inception/inception.json",
+    output:
+        sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep_scored.json",
+        mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json",
+    params:
+        device=DEVICE,
+        p=lambda w: q(config["metrics"]),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_score.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_score.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup score-sets --threads {threads} --device {params.device} --real-features {input.real}"
+        " --inception {input.inception} --params {params.p} --sets {input.sweep} {input.mix}"
+        " --out {output.sweep} {output.mix} > {log} 2>&1"
+
+
+rule mode_classifier:
+    input:
+        data=f"{RES}/{{dataset}}/data",
+    output:
+        f"{RES}/{{dataset}}/mode_classifier.pt",
+    params:
+        device=DEVICE,
+        epochs=UNC.get("mode_classifier", {}).get("epochs", 6),
+        seed=UNC.get("mode_classifier", {}).get("seed", 0),
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_mode_classifier.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_mode_classifier.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup mode-classifier --threads {threads} --device {params.device} --data {input.data}"
+        " --epochs {params.epochs} --seed {params.seed} --out {output} > {log} 2>&1"
+
+
+rule mode_coverage:
+    input:
+        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
+        data=f"{RES}/{{dataset}}/data",
+    output:
+        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/mode_coverage.json",
+    params:
+        device=DEVICE,
+    threads: THREADS
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_modes.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_modes.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup mode-coverage --threads {threads} --device {params.device} --classifier {input.classifier}"
+        " --samples {input.samples} --data {input.data} --run {wildcards.dataset}/{wildcards.depth}/{wildcards.method}/{wildcards.seed}"
+        " --out {output} > {log} 2>&1"
