@@ -25,6 +25,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/downstream.smk"
+include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/paper.smk"
 
 

@@ -236,6 +236,64 @@ def cmd_downstream(a) -> None:
                    device=str(resolve_device(a.device)), **kw)
 
 
+def _run_meta(run: str) -> dict:
+    dataset, depth, method, seed = run.split("/")
+    return {"dataset": dataset, "depth": int(depth), "method": method, "seed": int(seed)}
+
+
+def _run_of_model(path: str) -> dict:
+    """dataset/depth/method/seed from results/<exp>/<dataset>/d<depth>/<method>/seed<seed>/model.pt."""
+    p = Path(path).parent
+    return {"dataset": p.parents[2].name, "depth": int(p.parents[1].name[1:]), "method": p.parent.name,
+            "seed": int(p.name[4:])}
+
+
+def cmd_mc_dropout(a) -> None:
+    from varup.uncertainty import run_mc_dropout
+
+    p = a.params
+    run_mc_dropout(a.model, a.tokenizer, a.data, a.out, a.out_npz, classes=p["classes"], seeds=p["seeds"], T=p["T"],
+                   rate=p["rate"], cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"],
+                   device=a.device, meta=_run_of_model(a.model))
+
+
+def cmd_uncertainty_sets(a) -> None:
+    from varup.uncertainty import run_entanglement_sets, run_sweep_sets
+
+    p = a.params
+    common = dict(cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"], T=p["T"],
+                  batch_size=p["batch_size"], device=a.device, meta=_run_of_model(a.model))
+    run_sweep_sets(a.model, a.tokenizer, a.sweep_dir, rates=p["rates"], n_per_class=p["n_per_class"], seed=a.seed,
+                   sigma_pairs=[(c, s) for c in p["classes"] for s in p["sigma_seeds"]], **common)
+    run_entanglement_sets(a.model, a.tokenizer, a.mix_dir, mixes=p["mixes"], n=p["n_mix"], seed=a.seed,
+                          sigma_seeds=p["sigma_seeds"], **common)
+
+
+def cmd_score_sets(a) -> None:
+    from varup.metrics.evaluate import score_sets
+
+    if len(a.sets) != len(a.out):
+        raise SystemExit("score-sets: give one --out per --sets file")
+    for src, dst in zip(a.sets, a.out):
+        score_sets(src, dst, real_features_path=a.real_features, inception_json=a.inception, params=a.params,
+                   device=a.device)
+
+
+def cmd_mode_classifier(a) -> None:
+    from varup.modes import train_mode_classifier
+    from varup.runtime import resolve_device
+
+    r = train_mode_classifier(a.data, a.out, epochs=a.epochs, seed=a.seed, device=str(resolve_device(a.device)))
+    log.info("mode classifier: held-out accuracy %s", r.get("val_accuracy", r))
+
+
+def cmd_mode_coverage(a) -> None:
+    from varup.modes import run_mode_coverage
+    from varup.runtime import resolve_device
+
+    run_mode_coverage(a.classifier, a.samples, a.data, a.out, meta=_run_meta(a.run), device=str(resolve_device(a.device)))
+
+
 def cmd_tables(a) -> None:
     from varup.tables import make_tables
 
@@ -382,6 +440,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_json, default={})
     p.add_argument("--out-dir", required=True)
     p.add_argument("--name", required=True, help="figure name stem: downstream_<name>_<task>")
+
+    p = cmd("mc-dropout", cmd_mc_dropout, "MC-dropout sigma maps and region sigma of one run")
+    for k in ("model", "tokenizer", "data", "out", "out-npz"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True)
+
+    p = cmd("uncertainty-sets", cmd_uncertainty_sets, "DropPath-sweep and class-entanglement image sets of one run")
+    for k in ("model", "tokenizer", "sweep-dir", "mix-dir"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True)
+    p.add_argument("--seed", type=int, required=True)
+
+    p = cmd("score-sets", cmd_score_sets, "FID/KID/PR of the image sets listed in study JSON files")
+    p.add_argument("--sets", nargs="+", required=True)
+    p.add_argument("--out", nargs="+", required=True)
+    p.add_argument("--real-features", required=True)
+    p.add_argument("--inception", required=True)
+    p.add_argument("--params", type=_json, default={})
+
+    p = cmd("mode-classifier", cmd_mode_classifier, "train the toy mode classifier (shape, colour, size, background)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = cmd("mode-coverage", cmd_mode_coverage, "modes covered by a run's samples, KL to the true mode histogram")
+    for k in ("classifier", "samples", "data", "run", "out"):
+        p.add_argument(f"--{k}", required=True)
 
     p = cmd("tables", cmd_tables, "regenerate every table")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")

@@ -307,3 +307,29 @@ def train_launch(cfg: dict) -> tuple[str, dict]:
         return cmd, res
     res.update(gpu=g, slurm_extra=signal)
     return ("varup" if g == 1 else f"torchrun --standalone --nproc_per_node={g} -m varup"), res
+
+
+def report_config(cfg: dict) -> dict:
+    """The part of the config that shapes the tables and figures (which runs exist and how they are grouped); the
+    rest (threads, paths, sizes) changes no table, so editing it re-runs none."""
+    return {"datasets": {n: {"kind": d["kind"]} for n, d in cfg["datasets"].items()},
+            "model": {"depths": cfg["model"]["depths"]}, "methods": cfg["methods"], "seeds": cfg["seeds"],
+            "experiments": cfg.get("experiments", {}),
+            "uncertainty": ({"enabled": True, "run_seeds": cfg["uncertainty"].get("run_seeds")}
+                            if cfg.get("uncertainty") else {})}
+
+
+def uncertainty_runs(cfg: dict) -> list[Run]:
+    """Runs that get the MC-dropout, DropPath-sweep and entanglement studies."""
+    u = cfg.get("uncertainty")
+    if not u:
+        return []
+    seeds = u.get("run_seeds") or [cfg["seeds"][0]]
+    return [r for r in main_runs(cfg) if r.seed in seeds]
+
+
+def mode_runs(cfg: dict) -> list[Run]:
+    """Runs whose samples are scored by the mode classifier (datasets that know their modes: the toy)."""
+    if not cfg.get("uncertainty"):
+        return []
+    return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]

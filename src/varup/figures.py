@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from varup.config import main_runs  # noqa: E402
+from varup.config import main_runs, uncertainty_runs  # noqa: E402
 from varup.utils import atomic_path  # noqa: E402
 
 log = logging.getLogger("varup.figures")
@@ -125,4 +125,20 @@ def make_figures(cfg: dict, results: str | Path, out: str | Path, device: str = 
     training_curves_figure(cfg, results, out)
     if cfg.get("experiments", {}).get("figure4"):
         figure4(cfg, results, out)
+    if cfg.get("uncertainty"):
+        uncertainty_figures(cfg, results, out)
     log.info("figures written to %s", out)
+
+
+def uncertainty_figures(cfg: dict, results: Path, out: Path) -> None:
+    """σ maps of the first uncertainty run of every method (same dataset, depth, seed), and the DropPath sweep."""
+    from varup import uncertainty as U
+    from varup.utils import read_json
+
+    runs_ = uncertainty_runs(cfg)
+    first = runs_[0]
+    same = [r for r in runs_ if (r.dataset, r.depth, r.seed) == (first.dataset, first.depth, first.seed)]
+    U.sigma_figure({r.method: results / r.path / "uncertainty" / "mc_dropout.npz" for r in same}, out,
+                   name="mc_dropout_sigma")
+    U.sweep_figure([read_json(results / r.path / "uncertainty" / "sweep_scored.json") for r in runs_], out,
+                   name="droppath_sweep")

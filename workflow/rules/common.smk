@@ -18,6 +18,7 @@ RSC = config["resources_dir"]
 RUNS = list(vc.runs(config))
 DATASETS = list(config["datasets"])
 THREADS = config["threads"]
+SERIAL_THREADS = config["serial_threads"]
 DEVICE = config["device"]
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
@@ -117,7 +118,15 @@ EXPERIMENTS = config["experiments"]
 TABLES = ["table2", "table7", "codebook_calibration", "overhead"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
     ["figure4"] if "figure4" in EXPERIMENTS else []
 )
-FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else [])
+UNC = config.get("uncertainty", {})
+UNC_RUNS = vc.uncertainty_runs(config)
+MODE_RUNS = vc.mode_runs(config)
+TABLES += (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglement"] if UNC_RUNS else []) + (
+    ["mode_coverage"] if MODE_RUNS else []
+)
+FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else []) + (
+    ["mc_dropout_sigma", "droppath_sweep"] if UNC_RUNS else []
+)
 CFG_SWEEP = vc.cfg_sweep(config)
 OOD_RUNS = vc.ood_runs(config)
 DOWNSTREAM = vc.downstream_pairs(config)
@@ -153,3 +162,9 @@ def tables_and_figures():
         + [f"{RES}/figures/{f}.{e}" for f in FIGURES for e in ("png", "pdf")]
         + downstream_files()
     )
+
+
+def unc_common(w):
+    """Sampling settings shared by the uncertainty studies of a dataset."""
+    s = vc.sample_settings(config, w.dataset)
+    return {"cfg": s["cfg"], "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}

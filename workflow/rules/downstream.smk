@@ -31,7 +31,7 @@ rule encode_ood:
         pre=lambda w: q(ds(w).get("preprocess", {})),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
-    threads: workflow.cores
+    threads: SERIAL_THREADS
     resources:
         **GPU,
     log:
@@ -81,7 +81,9 @@ rule downstream:
         tokenizer=tokenizer_file,
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
     output:
-        [f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
+        [report(f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}", caption="../report/downstream.rst",
+                category="Figures", labels={"figure": f"downstream {t}"}) if e == "png"
+         else f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
          for t in EXPERIMENTS.get("downstream", {}).get("tasks", []) for e in ("png", "pdf")],
         summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
     params:

@@ -6,6 +6,9 @@ rule tables:
         summaries=run_files("train/summary.json"),
         ood=[f"{RES}/{r.path}/ood.json" for r in OOD_RUNS],
         sweep=cfg_sweep_files("metrics.json"),
+        unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS
+             for f in ("mc_dropout.json", "sweep_scored.json", "entanglement_scored.json")],
+        modes=[f"{RES}/{r.path}/mode_coverage.json" for r in MODE_RUNS],
     output:
         **{
             f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",
@@ -14,7 +17,7 @@ rule tables:
             for ext in ("csv", "md", "tex")
         },
     params:
-        cfg=lambda w: q(config),
+        cfg=lambda w: q(vc.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
     resources:
@@ -35,6 +38,7 @@ rule figures:
         curves=run_files("train/metrics.jsonl"),
         metrics=run_files("metrics.json") if "figure4" in EXPERIMENTS else [],
         sweep=cfg_sweep_files("metrics.json"),
+        unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS for f in ("mc_dropout.npz", "sweep_scored.json")],
     output:
         **{
             f"{f}_{ext}": report(f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures",
@@ -43,7 +47,7 @@ rule figures:
             for ext in ("png", "pdf")
         },
     params:
-        cfg=lambda w: q(config),
+        cfg=lambda w: q(vc.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
     resources:

@@ -35,9 +35,10 @@ rule tokenizer_train:
         pre=lambda w: q(ds(w).get("preprocess", {})),
         res=lambda w: ds(w)["resolution"],
         work=lambda w, output: os.path.dirname(output.model),
-    threads: workflow.cores
+    threads: SERIAL_THREADS
     resources:
         **GPU,
+    priority: 50  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/tokenizer/{{dataset}}.log",
     benchmark:
@@ -64,9 +65,10 @@ rule encode:
         variants=lambda w: q(ds(w).get("token_variants", [{}])),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
-    threads: workflow.cores
+    threads: SERIAL_THREADS
     resources:
         **GPU,
+    priority: 40  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/encode/{{dataset}}.log",
     benchmark:
@@ -92,6 +94,7 @@ rule references:
         tokens=lambda w, input: os.path.dirname(input.tokens),
     resources:
         **CPU,
+    priority: 40  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/references/{{dataset}}.log",
     benchmark:

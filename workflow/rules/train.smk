@@ -23,6 +23,7 @@ rule train:
     threads: THREADS
     resources:
         **TRAIN_RES,
+    priority: 30  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
     benchmark:

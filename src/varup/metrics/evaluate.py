@@ -172,3 +172,39 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     log.info("FID %.3f KID %.4f P %.3f R %.3f clean-FID %s SSIM %.3f", fid["fid"], fid["kid_mean"], fid["precision"],
              fid["recall"], res["clean_fid"]["value"], res["ssim"]["mean"])
     return res
+
+
+def score_sets(sets_json, out_json, *, real_features_path, inception_json, params: dict, device: str = "auto") -> dict:
+    """Fill ``fidelity`` of every image set listed in a study's JSON (DropPath sweep rates or entanglement mixes):
+    one Inception pass per set, scored against the real features — for a class mix, only the real images of the
+    mixed classes."""
+    from varup.metrics.features import extract_features, load_features
+    from varup.metrics.fidelity import fidelity_metrics
+    from varup.metrics.inception import load_inception
+    from varup.runtime import resolve_device
+
+    t0 = time.time()
+    rec = read_json(sets_json)
+    entries = rec.get("rates") or rec.get("mixes") or []
+    info = read_json(inception_json)
+    ext = load_inception(inception_json, resolve_device(device))
+    real, meta = load_features(real_features_path)
+    real_labels = np.asarray(meta["labels"])
+    for e in entries:
+        with np.load(Path(sets_json).parent / e["set"]) as z:
+            images = z["images"]
+        gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc=e["set"])
+        ref = real
+        if "mix" in e:  # against the real images of the mixed classes
+            keep = np.isin(real_labels, e["mix"])
+            ref = {k: (v[keep] if v is not None else None) for k, v in real.items()}
+        e["fidelity"] = fidelity_metrics(gen, ref, kid_subsets=params.get("kid_subsets", 100),
+                                         kid_subset_size=params.get("kid_subset_size", 1000),
+                                         prc_neighborhood=params.get("prc_neighborhood", 3),
+                                         prdc_nearest_k=params.get("prdc_nearest_k", 5),
+                                         isc_unavailable_reason=info.get("isc_unavailable_reason"))
+        e["fidelity"]["n_real"] = int(len(ref["pool"]))
+    rec["inception"] = {k: info.get(k) for k in ("source", "sha256", "isc_available", "isc_unavailable_reason")}
+    atomic_write_json(out_json, rec)
+    write_provenance(out_json, config=params, started=t0)
+    return rec
