@@ -34,12 +34,15 @@ def tiny_config(results: Path) -> dict:
     cfg["train"].update(steps=24, batch_size=16, log_every=4, ckpt_every=8, warmup_steps=4)
     cfg["sample"].update(n_per_class=6, batch_size=12)
     cfg["sample"]["qualitative"] = {"cfg": 3.0, "n_per_class": 3}
-    cfg["metrics"].update(real_max_images=24, ssim_max_pairs_per_class=20)
+    cfg["metrics"].update(real_max_images=32, ssim_max_pairs_per_class=20)  # >= 7 per class for the mixes
     cfg["metrics"]["clean_fid"] = {"enabled": True, "max_images": 12}
     cfg["metrics"]["calibration"] = {"n_bins": 10, "max_rows": 24}
     cfg["experiments"]["ood"].update(max_images=16)
     cfg["experiments"]["ood"]["source"]["generator"].update(n_val_per_class=4)
     cfg["experiments"]["downstream"].update(depth=1, n_images=2, n_samples=2)
+    cfg["uncertainty"].update(T=4, classes=[0, 1], sample_seeds=[0], sweep_rates=[0.1, 0.3], sweep_n_per_class=4,
+                              entanglement_mixes=[[0], [0, 1]], entanglement_n=8)
+    cfg["uncertainty"]["mode_classifier"] = {"epochs": 15, "seed": 0}
     return cfg
 
 
@@ -107,6 +110,18 @@ def test_tables_have_the_expected_contents(finished):
     assert (t3["id_nll_per_token_mean"] > 0).all() and t3["paper_auroc_percent"].isna().all()  # toy: no paper row
     assert t2["paper_fid"].isna().all()
 
+    mc = pd.read_csv(tables / "mode_coverage.csv")
+    assert set(mc["method"]) == {"baseline", "ours", "real (val)"}
+    real = mc[mc["method"] == "real (val)"].iloc[0]
+    gen = mc[mc["method"] != "real (val)"]
+    assert (gen["covered_mean"] <= 64).all() and (gen["covered_mean"] >= 1).all() and (gen["n_modes"] == 64).all()
+    # tiny data (2 images per mode) trains a weak classifier; test_modes checks its accuracy at toy size
+    assert 0 <= real["class_error_mean"] <= 1 and 1 <= real["covered_mean"] <= 64
+    dp = pd.read_csv(tables / "uncertainty_droppath.csv")
+    assert sorted(dp["rate"].unique()) == [0.1, 0.3] and (dp["sigma_mean"] >= 0).all() and np.isfinite(dp["fid_mean"]).all()
+    en = pd.read_csv(tables / "uncertainty_entanglement.csv")
+    assert sorted(en["concepts"].unique()) == [1, 2] and np.isfinite(en["fid_mean"]).all()
+
     ov = pd.read_csv(tables / "overhead.csv")
     assert ov.loc[ov["method"] == "baseline", "step_time_vs_baseline"].iloc[0] == pytest.approx(1.0)
     assert (ov["params_m"] > 0).all() and (ov["global_batch"] == 16).all()
@@ -116,7 +131,7 @@ def test_figures_are_real_images(finished):
     work, _, _ = finished
     figs = work / "results" / "toy" / "figures"
     for name in ("samples", "training_curves", "downstream_shapes_d1_outpaint", "downstream_shapes_d1_inpaint",
-                 "downstream_shapes_d1_edit"):
+                 "downstream_shapes_d1_edit", "mc_dropout_sigma", "droppath_sweep"):
         im = np.asarray(Image.open(figs / f"{name}.png").convert("L"))
         assert im.shape[0] > 200 and im.shape[1] > 300 and im.std() > 10  # not blank
         assert (figs / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
@@ -137,11 +152,14 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
     for rule, wc in jobs:
         by_rule.setdefault(rule, []).append(wc)
     assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "ood_eval",
-                            "downstream", "tables", "figures", "all"}, sorted(by_rule)
-    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval"):
+                            "downstream", "mode_coverage", "mc_dropout", "uncertainty_sets", "score_uncertainty_sets",
+                            "tables", "figures", "all"}, sorted(by_rule)
+    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval", "mode_coverage"):
         assert sorted(w["seed"] for w in by_rule[rule]) == ["0", "1"] and {w["method"] for w in by_rule[rule]} == {"ours"}
     assert by_rule["sample_qualitative"] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}]
     assert by_rule["downstream"] == [{"dataset": "shapes", "depth": "1"}]  # it shows ours beside the baseline
+    for rule in ("mc_dropout", "uncertainty_sets", "score_uncertainty_sets"):  # the first seed's run only
+        assert by_rule[rule] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}], rule
 
 
 def test_corrupt_input_image_is_named(finished, tmp_path):

@@ -76,10 +76,13 @@ def test_paper_dag_resolves_completely(paper_cfg, tmp_path):
         "sample_qualitative": 2 * 2 * 2, "sample_cfg_shard": 10 * shards["afhq"], "merge_cfg_samples": 10,
         "evaluate_cfg": 10, "data_ood": 1, "encode_ood": 1, "ood_eval": len(ood_runs(cfg)), "downstream": 1,
         "tables": 1, "figures": 1, "all": 1,
+        # uncertainty studies: the first seed's runs of both datasets, depths and methods (no toy: no mode coverage)
+        "mc_dropout": 8, "uncertainty_sets": 8, "score_uncertainty_sets": 8,
     }
     assert c == expected
     # every output of the complete DAG is in the plan: Table 2/3/5/7, Figure 4, Figures 2/3, samples
-    for name in ("table2", "table3", "table7", "overhead", "figure4"):
+    for name in ("table2", "table3", "table7", "overhead", "figure4", "uncertainty_droppath", "uncertainty_region",
+                 "uncertainty_entanglement"):
         assert f"results/paper/tables/{name}.csv" in r.stdout
     for task in ("outpaint", "inpaint", "edit"):
         assert f"results/paper/figures/downstream_afhq_d16_{task}.png" in r.stdout
@@ -126,6 +129,7 @@ def test_256px_code_path_end_to_end(tmp_path):
     cfg["experiments"] = {
         "ood": {"dataset": "folder256", "source": {"kind": "folder", "root": str(tmp_path / "ood")}, "max_images": 4},
         "downstream": {"dataset": "folder256", "depth": 1, "n_images": 1, "n_samples": 1, "tasks": ["outpaint"]}}
+    cfg["uncertainty"]["enabled"] = False  # 256 px decodes are slow on CPU; the studies' code runs in test_e2e
     cfg["references"]["num_clusters"] = 8
     cfg["metrics"].update(batch_size=8, real_max_images=6, prdc_nearest_k=3, prc_neighborhood=3, kid_subsets=10,
                           clean_fid={"enabled": True, "max_images": 4}, calibration={"n_bins": 10, "max_rows": 4},

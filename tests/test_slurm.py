@@ -43,6 +43,10 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_
     cfg = tiny_config(work / "results")
     cfg["train"]["gpus"] = 2  # every training job: 2 GPUs from Slurm, torchrun --nproc_per_node=2
     cfg["threads"] = 1
+    # the core DAG only (data, tokenizer, tokens, training, sampling, metrics, tables, figures): every Slurm job pays
+    # a Snakemake start-up, and the studies' rules are the same kind of job (test_e2e runs them)
+    cfg["experiments"] = {}
+    cfg["uncertainty"]["enabled"] = False
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(cfg))
     cmd = ["timeout", "-s", "INT", "-k", "30", "2400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),

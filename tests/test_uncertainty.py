@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import tiny_var, tiny_vqvae
 from varup.data.folder import to_uint8
@@ -102,8 +103,6 @@ def test_object_segmentation_agrees_with_the_true_toy_masks(toy):
     assert chk["n"] == 4 * 48
     assert chk["mean_iou"] > 0.95 and chk["frac_iou_ge_0.8"] >= 0.98, chk
     # any layout / dtype: uint8 HWC and float CHW give the same mask
-    from PIL import Image
-
     from varup.data.toy import read_manifest
 
     row = read_manifest(toy, "val")[5]
@@ -196,6 +195,32 @@ def test_stage_files_tables_and_figures(models, toy, tmp_path):
                         classes=[0], seeds=[0], T=2, rate=0.1, **common)
     assert r2["region"]["available"] is False and "no object masks" in r2["region"]["reason"]
     assert "inside" not in r2["region"] and all("region" not in p for p in r2["pairs"])
+
+    # ... unless masks of its mean images are supplied: region σ is then computed exactly on them
+    masks = tmp_path / "masks"
+    r3 = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", other, tmp_path / "m.json", tmp_path / "m.npz",
+                        classes=[0], seeds=[0, 1], T=2, rate=0.3, mask_dir=masks, **common)
+    assert r3["region"]["available"] is False and "does not exist" in r3["region"]["reason"]
+    masks.mkdir()
+    left = np.zeros((16, 16), np.uint8)
+    left[:, :8] = 255
+    Image.fromarray(left).save(masks / "class0_seed0.png")
+    r3 = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", other, tmp_path / "m.json", tmp_path / "m.npz",
+                        classes=[0], seeds=[0, 1], T=2, rate=0.3, mask_dir=masks, **common)
+    assert "1 of 2 masks missing" in r3["region"]["reason"] and "class0_seed1.png" in r3["region"]["reason"]
+    Image.fromarray(255 - left).convert("RGB").save(masks / "class0_seed1.png")
+    r3 = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", other, tmp_path / "m.json", tmp_path / "m.npz",
+                        classes=[0], seeds=[0, 1], T=2, rate=0.3, mask_dir=masks, **common)
+    with np.load(tmp_path / "m.npz") as z:
+        sig = z["sigma"]
+        assert z["mask"][0, :, :8].all() and not z["mask"][0, :, 8:].any() and z["mask"][1, :, 8:].all()
+    assert r3["pairs"][0]["region"]["inside"] == pytest.approx(sig[0, :, :8].mean())
+    assert r3["pairs"][1]["region"]["inside"] == pytest.approx(sig[1, :, 8:].mean())
+    assert r3["region"]["available"] and str(masks) in r3["region"]["segmentation"]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks / "class0_seed1.png")
+    with pytest.raises(ValueError, match=r"class0_seed1.png: mask is 8x8, the σ map 16x16"):
+        run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", other, tmp_path / "m.json", tmp_path / "m.npz",
+                       classes=[0], seeds=[0, 1], T=2, rate=0.3, mask_dir=masks, **common)
 
     # tables: mean ± std over records (seeds); the workflow fills 'fidelity' per set
     recs = []

@@ -52,6 +52,8 @@ def test_default_config_is_valid_and_fills_defaults():
     (lambda c: c["sample"].__setitem__("top_p", 1.5), "sample/top_p: 1.5 is greater than the maximum of 1"),
     (lambda c: c["datasets"]["shapes"].__setitem__("tokenizer", "nope"), "datasets/shapes/tokenizer: 'nope' is not defined"),
     (lambda c: c.pop("seeds"), "'seeds' is a required property"),
+    (lambda c: c["uncertainty"].__setitem__("sweep_n_per_class", 1), "uncertainty/sweep_n_per_class: its image sets hold 4"),
+    (lambda c: c["uncertainty"].__setitem__("entanglement_mixes", [[0, 7]]), "uncertainty/classes: [7] out of range"),
 ])
 def test_schema_errors_name_the_key(mutate, needle):
     cfg = default_cfg()

@@ -254,7 +254,7 @@ def cmd_mc_dropout(a) -> None:
     p = a.params
     run_mc_dropout(a.model, a.tokenizer, a.data, a.out, a.out_npz, classes=p["classes"], seeds=p["seeds"], T=p["T"],
                    rate=p["rate"], cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"],
-                   device=a.device, meta=_run_of_model(a.model))
+                   device=a.device, meta=_run_of_model(a.model), mask_dir=p.get("mask_dir"))
 
 
 def cmd_uncertainty_sets(a) -> None:

@@ -111,8 +111,39 @@ def _check_cross_references(cfg: dict) -> None:
         missing = [m for m in ex["downstream"].get("methods", ["baseline", "ours"]) if m not in cfg["methods"]]
         if missing:
             problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
+    problems += _uncertainty_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
+
+
+def _uncertainty_problems(cfg: dict) -> list[str]:
+    """The uncertainty study's image sets are scored by FID/KID/PR: each must hold enough images for the
+    neighbourhood metrics, and its classes must exist in every dataset the study runs on."""
+    from varup.metrics import min_set_size
+
+    if not uncertainty_enabled(cfg):
+        return []
+    u = cfg["uncertainty"]
+    m = cfg.get("metrics", {})
+    need = min_set_size(m.get("prc_neighborhood", 3), m.get("prdc_nearest_k", 5))
+    problems = []
+    classes = u.get("classes", [])
+    sizes = {"uncertainty/sweep_n_per_class": u.get("sweep_n_per_class", 0) * len(classes),
+             "uncertainty/entanglement_n": u.get("entanglement_n", 0)}
+    for key, n in sizes.items():
+        if n < need:
+            problems.append(f"{key}: its image sets hold {n} images, fewer than the {need} that "
+                            f"metrics/prdc_nearest_k and metrics/prc_neighborhood need")
+    for name in u.get("mask_dirs", {}):
+        if name not in cfg["datasets"]:
+            problems.append(f"uncertainty/mask_dirs/{name}: not a dataset defined under datasets")
+    used = {c for mix in u.get("entanglement_mixes", []) for c in mix} | set(classes)
+    for name in sorted({r.dataset for r in main_runs(cfg)}):
+        n_cls = cfg["datasets"][name].get("num_classes")
+        bad = sorted(c for c in used if n_cls is not None and c >= n_cls)
+        if bad:
+            problems.append(f"uncertainty/classes: {bad} out of range for datasets/{name} ({n_cls} classes)")
+    return problems
 
 
 def load_config(path: str | os.PathLike, schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
@@ -316,20 +347,24 @@ def report_config(cfg: dict) -> dict:
             "model": {"depths": cfg["model"]["depths"]}, "methods": cfg["methods"], "seeds": cfg["seeds"],
             "experiments": cfg.get("experiments", {}),
             "uncertainty": ({"enabled": True, "run_seeds": cfg["uncertainty"].get("run_seeds")}
-                            if cfg.get("uncertainty") else {})}
+                            if uncertainty_enabled(cfg) else {})}
+
+
+def uncertainty_enabled(cfg: dict) -> bool:
+    u = cfg.get("uncertainty")
+    return bool(u) and u.get("enabled", True)
 
 
 def uncertainty_runs(cfg: dict) -> list[Run]:
     """Runs that get the MC-dropout, DropPath-sweep and entanglement studies."""
-    u = cfg.get("uncertainty")
-    if not u:
+    if not uncertainty_enabled(cfg):
         return []
-    seeds = u.get("run_seeds") or [cfg["seeds"][0]]
+    seeds = cfg["uncertainty"].get("run_seeds") or [cfg["seeds"][0]]
     return [r for r in main_runs(cfg) if r.seed in seeds]
 
 
 def mode_runs(cfg: dict) -> list[Run]:
     """Runs whose samples are scored by the mode classifier (datasets that know their modes: the toy)."""
-    if not cfg.get("uncertainty"):
+    if not uncertainty_enabled(cfg):
         return []
     return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]

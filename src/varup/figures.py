@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from varup.config import main_runs, uncertainty_runs  # noqa: E402
+from varup.config import main_runs, uncertainty_enabled, uncertainty_runs  # noqa: E402
 from varup.utils import atomic_path  # noqa: E402
 
 log = logging.getLogger("varup.figures")
@@ -125,7 +125,7 @@ def make_figures(cfg: dict, results: str | Path, out: str | Path, device: str = 
     training_curves_figure(cfg, results, out)
     if cfg.get("experiments", {}).get("figure4"):
         figure4(cfg, results, out)
-    if cfg.get("uncertainty"):
+    if uncertainty_enabled(cfg):
         uncertainty_figures(cfg, results, out)
     log.info("figures written to %s", out)
 

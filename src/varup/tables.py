@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from varup.config import Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, uncertainty_runs
+from varup.config import Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, uncertainty_enabled, uncertainty_runs
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")
@@ -320,7 +320,7 @@ def uncertainty_tables(cfg: dict, results: Path, out: Path) -> None:
 
 def make_tables(cfg: dict, results: str | Path, out: str | Path) -> None:
     results, out = Path(results), Path(out)
-    if cfg.get("uncertainty"):
+    if uncertainty_enabled(cfg):
         uncertainty_tables(cfg, results, out)
     fns = [table2, table7, codebook_calibration, overhead]
     if cfg.get("experiments", {}).get("ood"):

@@ -24,7 +24,8 @@ Definitions
   histogram, provided the upper class looks like an object (mean chroma >= 0.3; otherwise the mask is empty). On the
   toy's real validation images this agrees with the exact masks at mean IoU ~0.99 (min ~0.83, small thin crosses)
   -- :func:`segmentation_check` measures it and :func:`run_mc_dropout` records it. Real datasets (no grey
-  backgrounds, no masks; the paper used SAM) get region σ "absent" with the reason.
+  backgrounds; the companion study used SAM) take masks of the mean images from a folder
+  (``uncertainty.mask_dirs``, :func:`mask_files`) when present; otherwise region σ is "absent" with the reason.
 * **DropPath sweep** (:func:`droppath_sweep`). For each rate an evaluation set (class-major labels, batches of
   ``batch_size``) with DropPath active: batch ``b`` uses the sampling seed ``derive_seed(seed, 'sample', b)`` (the
   same as :func:`varup.sample.sample_shard`, so rate 0 reproduces the ordinary sample set bit for bit) and the mask
@@ -227,6 +228,33 @@ def has_object_masks(data_dir) -> tuple[bool, str | None]:
     return True, None
 
 
+def mask_files(mask_dir, pairs: Sequence[tuple[int, int]]) -> tuple[dict | None, str | None]:
+    """Object masks supplied for the generated mean images (e.g. made with SAM): ``mask_dir/class{c}_seed{s}.png``
+    for every (class, sampling seed) pair. Returns ({pair: path}, None), or (None, the reason) when the folder or a
+    file is missing."""
+    d = Path(mask_dir)
+    if not d.is_dir():
+        return None, f"mask folder {d} does not exist"
+    files = {(c, s): d / f"class{c}_seed{s}.png" for c, s in pairs}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        return None, f"{len(missing)} of {len(files)} masks missing in {d}, first {missing[0]}"
+    return files, None
+
+
+def read_mask(path, shape: tuple[int, int]) -> np.ndarray:
+    """A mask PNG (any mode; a pixel is object when its grey value exceeds 127) of the σ map's shape."""
+    from PIL import Image
+
+    try:
+        m = np.asarray(Image.open(path).convert("L")) > 127
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    if m.shape != tuple(shape):
+        raise ValueError(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, the σ map {shape[1]}x{shape[0]}")
+    return m
+
+
 # ------------------------------------------------------------------------------------------- image sets
 @torch.no_grad()
 def _generate_set(var, vae, labels_all: torch.Tensor, *, seed: int, batch_size: int, rate: float | None,
@@ -345,17 +373,23 @@ def _load(model, tokenizer, device):
 def run_mc_dropout(model, tokenizer, data_dir, out_json, out_npz, *, classes: Sequence[int], seeds: Sequence[int],
                    T: int = 50, rate: float = 0.1, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                    more_smooth: bool = False, device: str = "auto", meta: Mapping[str, Any] | None = None,
-                   segmentation_images: int | None = 256) -> dict:
+                   segmentation_images: int | None = 256, mask_dir=None) -> dict:
     """σ maps for every (class, sampling seed) in classes x seeds; mean σ; region σ inside / outside the object of
-    the generated mean image (toy datasets; otherwise absent with the reason)."""
+    the generated mean image: masks from ``mask_dir`` when given (:func:`mask_files`), else segmented on toy
+    datasets, else absent with the reason."""
     from varup.utils import atomic_npz_save, atomic_write_json, write_provenance
 
     t0 = time.time()
-    var, vae, dev = _load(model, tokenizer, device)
-    ok, reason = has_object_masks(data_dir)
     pairs = [(int(c), int(s)) for c in classes for s in seeds]
     if not pairs:
         raise ValueError("no (class, seed) pairs: give at least one class and one seed")
+    given = None
+    if mask_dir is not None:
+        given, reason = mask_files(mask_dir, pairs)
+        ok = given is not None
+    else:
+        ok, reason = has_object_masks(data_dir)
+    var, vae, dev = _load(model, tokenizer, device)
     sig, means, samples, masks, recs = [], [], [], [], []
     kw = dict(T=T, rate=rate, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth)
     for c, s in pairs:
@@ -365,7 +399,10 @@ def run_mc_dropout(model, tokenizer, data_dir, out_json, out_npz, *, classes: Se
             plain = sample(var, vae, torch.tensor([c], device=dev), cfg=cfg, top_k=min(top_k, var.V), top_p=top_p,
                            more_smooth=more_smooth, generator=make_generator(derive_seed(s, "sample"), dev))
         rec = {"class": c, "sample_seed": s, "mean_sigma": float(sigma.mean())}
-        mask = object_mask(mean) if ok else np.zeros(sigma.shape, bool)
+        if given is not None:
+            mask = read_mask(given[(c, s)], sigma.shape)
+        else:
+            mask = object_mask(mean) if ok else np.zeros(sigma.shape, bool)
         if ok:
             rec["region"] = region_sigma(sigma, mask)
         sig.append(sigma)
@@ -384,9 +421,12 @@ def run_mc_dropout(model, tokenizer, data_dir, out_json, out_npz, *, classes: Se
         outs = [r["region"]["outside"] for r in recs if r["region"]["outside"] is not None]
         res["region"] = {"available": True, "inside": float(np.mean(ins)) if ins else None,
                          "outside": float(np.mean(outs)) if outs else None,
-                         "n_pairs_with_object": len(ins),
-                         "segmentation": "Otsu threshold on chroma (max-min RGB) of the generated mean image",
-                         "segmentation_check": segmentation_check(data_dir, "val", segmentation_images)}
+                         "n_pairs_with_object": len(ins)}
+        if given is not None:
+            res["region"]["segmentation"] = f"masks supplied in {mask_dir}"
+        else:
+            res["region"].update(segmentation="Otsu threshold on chroma (max-min RGB) of the generated mean image",
+                                 segmentation_check=segmentation_check(data_dir, "val", segmentation_images))
     else:
         res["region"] = {"available": False, "reason": reason}
     atomic_npz_save(out_npz, sigma=np.stack(sig), mean=np.stack(means).astype(np.float32),

@@ -164,6 +164,12 @@ def tables_and_figures():
     )
 
 
+def unc_mask_dir(w):
+    """The folder of object masks for this run's MC-dropout mean images (uncertainty.mask_dirs), or None."""
+    root = UNC.get("mask_dirs", {}).get(w.dataset)
+    return os.path.join(root, f"d{w.depth}", w.method, f"seed{w.seed}") if root else None
+
+
 def unc_common(w):
     """Sampling settings shared by the uncertainty studies of a dataset."""
     s = vc.sample_settings(config, w.dataset)

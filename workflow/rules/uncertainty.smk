@@ -6,13 +6,15 @@ rule mc_dropout:
         model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
         tokenizer=tokenizer_file,
         data=f"{RES}/{{dataset}}/data",
+        masks=lambda w: [d] if (d := unc_mask_dir(w)) and os.path.isdir(d) else [],
     output:
         json=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json",
         npz=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.npz",
     params:
         device=DEVICE,
         p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rate": UNC.get("mc_rate", 0.1),
-                       "classes": UNC.get("classes", [0]), "seeds": UNC.get("sample_seeds", [0])}),
+                       "classes": UNC.get("classes", [0]), "seeds": UNC.get("sample_seeds", [0]),
+                       "mask_dir": unc_mask_dir(w)}),
     threads: THREADS
     resources:
         **GPU,

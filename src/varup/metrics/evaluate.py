@@ -179,6 +179,7 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
     one Inception pass per set, scored against the real features — for a class mix, only the real images of the
     mixed classes."""
     from varup.metrics.features import extract_features, load_features
+    from varup.metrics import min_set_size
     from varup.metrics.fidelity import fidelity_metrics
     from varup.metrics.inception import load_inception
     from varup.runtime import resolve_device
@@ -198,6 +199,10 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
         if "mix" in e:  # against the real images of the mixed classes
             keep = np.isin(real_labels, e["mix"])
             ref = {k: (v[keep] if v is not None else None) for k, v in real.items()}
+        need = min_set_size(params.get("prc_neighborhood", 3), params.get("prdc_nearest_k", 5))
+        if len(ref["pool"]) < need:
+            raise ValueError(f"{sets_json}: set {e['set']!r} is scored against {len(ref['pool'])} real images of "
+                             f"classes {e.get('mix')}, fewer than {need}; raise metrics/real_max_images")
         e["fidelity"] = fidelity_metrics(gen, ref, kid_subsets=params.get("kid_subsets", 100),
                                          kid_subset_size=params.get("kid_subset_size", 1000),
                                          prc_neighborhood=params.get("prc_neighborhood", 3),

@@ -21,6 +21,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEA
 from torch_fidelity.metric_prc import (prc_features_to_metric, KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
                                        KEY_METRIC_RECALL)
 
+from varup.metrics import min_set_size
 from varup.metrics.inception import ISC_UNAVAILABLE, load_inception
 
 NO_LOGITS_REASON = "no logits_unbiased features were extracted for the generated set"
@@ -49,7 +50,7 @@ def fidelity_metrics(gen: dict, real: dict, *, kid_subsets: int = 100, kid_subse
     if g.shape[1] != r.shape[1]:
         raise ValueError(f"feature dimensions differ: generated {g.shape[1]}, real {r.shape[1]}")
     n_gen, n_real = len(g), len(r)
-    need = max(2, prc_neighborhood + 1, prdc_nearest_k + 1)
+    need = min_set_size(prc_neighborhood, prdc_nearest_k)
     if min(n_gen, n_real) < need:
         raise ValueError(f"need at least {need} samples per set (have generated {n_gen}, real {n_real})")
 
