@@ -27,6 +27,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/downstream.smk"
 include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/paper.smk"
+include: "workflow/rules/bench.smk"
 
 
 rule all:

@@ -102,3 +102,19 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
                  "data_ood": 1, "encode_ood": 1, "ood_eval": n_runs, "downstream": 1,
                  "mode_classifier": 1, "mode_coverage": n_runs, "mc_dropout": 2, "uncertainty_sets": 2,
                  "score_uncertainty_sets": 2}  # uncertainty studies: the first seed's runs
+
+
+def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):
+    cfg = default_cfg()
+    cfg["bench"] = {"depth": 3, "batch": 5, "sample_batch": 7, "compile": True, "plain": False}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    r = snakemake("bench", "-n", "-p", "--cores", "2", "-d", str(tmp_path), "--configfile", str(f), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert job_counts(r.stdout) == {"bench": 1}  # no training or data: the benchmark builds its own models
+    assert "results/toy/bench/bench.json" in r.stdout
+    shell = next(ln for ln in r.stdout.splitlines() if "varup.bench all" in ln)
+    assert "--depth 3 --batch 5 --sample-batch 7 --compile --skip-plain" in shell and "--markdown" in shell
+    cfg["bench"] = {"depth": 0}
+    with pytest.raises(ConfigError, match="bench/depth"):
+        validate(cfg)

@@ -164,6 +164,17 @@ def tables_and_figures():
     )
 
 
+def bench_args():
+    """Command-line options of `python -m varup.bench all` from the config's bench section."""
+    b = config.get("bench", {})
+    opts = {"depth": "--depth", "batch": "--batch", "sample_batch": "--sample-batch", "encode_batch": "--encode-batch",
+            "repeats": "--repeats", "warmup": "--warmup"}
+    args = [f"{flag} {int(b[k])}" for k, flag in opts.items() if b.get(k) is not None]
+    args += ["--compile"] if b.get("compile") else []
+    args += [] if b.get("plain", True) else ["--skip-plain"]
+    return " ".join(args)
+
+
 def unc_mask_dir(w):
     """The folder of object masks for this run's MC-dropout mean images (uncertainty.mask_dirs), or None."""
     root = UNC.get("mask_dirs", {}).get(w.dataset)

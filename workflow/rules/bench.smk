@@ -1,0 +1,24 @@
+# The hardware benchmark as a target (`snakemake bench`): device ceilings, the training step (CE only and the full
+# objective, plain mode), sampling and encoding, in one process on the device the rules use. Not part of rule all:
+# its figures mean something only on an otherwise idle device.
+
+
+rule bench:
+    output:
+        json=f"{RES}/bench/bench.json",
+        md=f"{RES}/bench/bench.md",
+    params:
+        device=DEVICE,
+        args=bench_args(),
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/bench/bench.log",
+    benchmark:
+        f"{RES}/benchmarks/bench/bench.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m varup.bench all --threads {threads} --device {params.device} {params.args}"
+        " --json {output.json} --markdown {output.md} > {log} 2>&1"
