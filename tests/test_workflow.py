@@ -118,3 +118,16 @@ def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):
     cfg["bench"] = {"depth": 0}
     with pytest.raises(ConfigError, match="bench/depth"):
         validate(cfg)
+
+
+def test_every_gpu_rule_asks_the_slurm_profile_for_a_gpu():
+    """A rule on the GPU partition (resources **GPU) without a gpu request would run on a GPU node with no GPU."""
+    gpu_rules = set()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.S | re.M):
+            if "**GPU" in m.group(2):
+                gpu_rules.add(m.group(1))
+    assert {"sample_shard", "evaluate", "mc_dropout", "bench"} <= gpu_rules
+    prof = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    missing = sorted(r for r in gpu_rules if prof["set-resources"].get(r, {}).get("gpu", 0) < 1)
+    assert not missing, f"GPU rules without a gpu request in workflow/profiles/slurm: {missing}"
