@@ -147,8 +147,9 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
                 reseeded = reseed_dead_codes(vae, img, tc.dead_code_threshold, gen)
             if done % tc.log_every == 0 or done == tc.steps:
                 usage = (hits > 0).float().mean(1)
-                rec_ = {"step": done, "loss": float(loss), "l1": float(l1), "l2": float(l2), "vq": float(vq_loss),
-                        "psnr": float(10 * torch.log10(4.0 / l2.clamp_min(1e-10))), "usage_per_scale": usage.tolist(),
+                loss_, l1_, l2_, vq_ = (t.detach() for t in (loss, l1, l2, vq_loss))
+                rec_ = {"step": done, "loss": float(loss_), "l1": float(l1_), "l2": float(l2_), "vq": float(vq_),
+                        "psnr": float(10 * torch.log10(4.0 / l2_.clamp_min(1e-10))), "usage_per_scale": usage.tolist(),
                         "reseeded": reseeded, "elapsed_s": round(time.time() - t0, 2)}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec_) + "\n")
