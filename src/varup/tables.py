@@ -20,7 +20,8 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from varup.config import Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, uncertainty_enabled, uncertainty_runs
+from varup.config import (Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, uncertainty_enabled,
+                          uncertainty_runs)
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")

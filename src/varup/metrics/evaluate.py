@@ -178,8 +178,8 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
     """Fill ``fidelity`` of every image set listed in a study's JSON (DropPath sweep rates or entanglement mixes):
     one Inception pass per set, scored against the real features — for a class mix, only the real images of the
     mixed classes."""
-    from varup.metrics.features import extract_features, load_features
     from varup.metrics import min_set_size
+    from varup.metrics.features import extract_features, load_features
     from varup.metrics.fidelity import fidelity_metrics
     from varup.metrics.inception import load_inception
     from varup.runtime import resolve_device
@@ -191,18 +191,18 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
     ext = load_inception(inception_json, resolve_device(device))
     real, meta = load_features(real_features_path)
     real_labels = np.asarray(meta["labels"])
+    need = min_set_size(params.get("prc_neighborhood", 3), params.get("prdc_nearest_k", 5))
     for e in entries:
-        with np.load(Path(sets_json).parent / e["set"]) as z:
-            images = z["images"]
-        gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc=e["set"])
         ref = real
         if "mix" in e:  # against the real images of the mixed classes
             keep = np.isin(real_labels, e["mix"])
             ref = {k: (v[keep] if v is not None else None) for k, v in real.items()}
-        need = min_set_size(params.get("prc_neighborhood", 3), params.get("prdc_nearest_k", 5))
-        if len(ref["pool"]) < need:
+        if len(ref["pool"]) < need:  # before the Inception pass of the set
             raise ValueError(f"{sets_json}: set {e['set']!r} is scored against {len(ref['pool'])} real images of "
                              f"classes {e.get('mix')}, fewer than {need}; raise metrics/real_max_images")
+        with np.load(Path(sets_json).parent / e["set"]) as z:
+            images = z["images"]
+        gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc=e["set"])
         e["fidelity"] = fidelity_metrics(gen, ref, kid_subsets=params.get("kid_subsets", 100),
                                          kid_subset_size=params.get("kid_subset_size", 1000),
                                          prc_neighborhood=params.get("prc_neighborhood", 3),
