@@ -91,6 +91,11 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
     save_figure(fig, out, name)
 
 
+def _err(g):
+    """Error bars of Figure 4: the std over seeds, none (0) where a point has one seed (std None)."""
+    return g["fid_std"].astype(float).fillna(0.0)
+
+
 def figure4(cfg: dict, results: Path, out: Path, name: str = "figure4") -> None:
     """Figure 4: FID against lambda_2nd (a line per lambda_se), against lambda_se (a line per lambda_2nd), and
     against the CFG scale (baseline vs ours)."""
@@ -101,13 +106,13 @@ def figure4(cfg: dict, results: Path, out: Path, name: str = "figure4") -> None:
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     for b, g in grid.groupby("lambda_se"):
         g = g.sort_values("lambda_2nd")
-        ax[0].errorbar(g["lambda_2nd"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=f"λ2 = {b:g}")
+        ax[0].errorbar(g["lambda_2nd"], g["fid_mean"], yerr=_err(g), marker="o", capsize=2, label=f"λ2 = {b:g}")
     for a, g in grid.groupby("lambda_2nd"):
         g = g.sort_values("lambda_se")
-        ax[1].errorbar(g["lambda_se"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=f"λ1 = {a:g}")
+        ax[1].errorbar(g["lambda_se"], g["fid_mean"], yerr=_err(g), marker="o", capsize=2, label=f"λ1 = {a:g}")
     for m, g in sweep.groupby("method"):
         g = g.sort_values("cfg")
-        ax[2].errorbar(g["cfg"], g["fid_mean"], yerr=g["fid_std"], marker="o", capsize=2, label=m)
+        ax[2].errorbar(g["cfg"], g["fid_mean"], yerr=_err(g), marker="o", capsize=2, label=m)
     for a_, xl in zip(ax, ("λ1 (second-order weight)", "λ2 (semantic-entropy weight)", "CFG scale")):
         a_.set_xlabel(xl)
         a_.set_ylabel("FID ↓")

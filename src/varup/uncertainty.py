@@ -47,7 +47,8 @@ Each rate / mix entry of these JSON files has ``"fidelity": null``; the workflow
 ``fidelity_metrics`` dict of that set (``fid``, ``kid_mean``, ``isc_mean``, ...), which :func:`droppath_table`,
 :func:`entanglement_table` and :func:`sweep_figure` then show. Every record carries ``meta`` keys given by the caller
 (e.g. ``dataset``, ``depth``, ``method``, ``seed``); tables group by ``dataset``/``depth``/``method`` and give
-mean ± std over the records (training seeds) of each group.
+mean ± std over the records (training seeds) of each group, as :mod:`varup.tablefmt` defines it (sample std,
+ddof = 1; a single record: its value without ±; the display column ``n`` counts the records).
 """
 from __future__ import annotations
 
@@ -62,13 +63,13 @@ import numpy as np
 import torch
 
 from varup.sample import class_major_labels, derive_seed, make_generator, mc_dropout, sample
+from varup.tablefmt import GROUP_KEYS, add_stat, grouped, key_cols
 
 log = logging.getLogger("varup.uncertainty")
 
 SWEEP_RATES = (0.05, 0.1, 0.2, 0.3)
 ENTANGLEMENT_MIXES = ([0], [0, 1], [0, 1, 2])
 OBJECT_MIN_CHROMA = 0.3  # the upper Otsu class must be at least this saturated to be an object
-GROUP_KEYS = ("dataset", "depth", "method")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -511,32 +512,9 @@ def real_rows_for_mix(labels: np.ndarray, mix: Sequence[int]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- tables
-def _group_key(rec: Mapping[str, Any]) -> tuple:
-    return tuple(rec.get(k) for k in GROUP_KEYS)
-
-
-def _grouped(records: Iterable[Mapping[str, Any]]) -> dict[tuple, list[Mapping[str, Any]]]:
-    out: dict[tuple, list] = {}
-    for r in records:
-        out.setdefault(_group_key(r), []).append(r)
-    return out
-
-
-def _key_cols(key: tuple) -> dict:
-    return {k: v for k, v in zip(GROUP_KEYS, key) if v is not None}
-
-
 def _fid(entry: Mapping[str, Any], name: str) -> float | None:
     f = entry.get("fidelity") or {}
     return f.get(name) if isinstance(f, Mapping) else None
-
-
-def _add(row: dict, disp: dict, key: str, title: str, values: Iterable, digits: int) -> None:
-    from varup.tables import _fmt, _mean_std
-
-    m, s, _ = _mean_std(values)
-    row[f"{key}_mean"], row[f"{key}_std"] = m, s
-    disp[title] = _fmt(m, s, digits)
 
 
 _FID_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid_mean", 4), ("is", "IS ↑", "isc_mean", 2))
@@ -544,19 +522,19 @@ _FID_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid_mean", 4), ("
 
 def droppath_table(records: Sequence[Mapping[str, Any]]):
     """(table, display): one row per (dataset, depth, method, rate); mean σ and (where filled) FID / KID / IS, mean ±
-    std over the records (seeds)."""
+    std over the records (training seeds; :mod:`varup.tablefmt`)."""
     import pandas as pd
 
     rows, disp = [], []
-    for key, rs in _grouped(records).items():
+    for key, rs in grouped(records).items():
         rates = sorted({e["rate"] for r in rs for e in r["rates"]})
         for rate in rates:
             es = [e for r in rs for e in r["rates"] if e["rate"] == rate]
-            row = {**_key_cols(key), "rate": rate, "seeds": len(es)}
-            d = {**_key_cols(key), "DropPath rate": f"{rate:g}", "seeds": len(es)}
-            _add(row, d, "sigma", "σ", (e["mean_sigma"] for e in es), 4)
+            row = {**key_cols(key), "rate": rate, "seeds": len(es)}
+            d = {**key_cols(key), "DropPath rate": f"{rate:g}", "n": len(es)}
+            add_stat(row, d, "sigma", "σ", (e["mean_sigma"] for e in es), 4)
             for k, title, name, digits in _FID_COLS:
-                _add(row, d, k, title, (_fid(e, name) for e in es), digits)
+                add_stat(row, d, k, title, (_fid(e, name) for e in es), digits)
             rows.append(row)
             disp.append(d)
     return pd.DataFrame(rows), pd.DataFrame(disp)
@@ -564,21 +542,22 @@ def droppath_table(records: Sequence[Mapping[str, Any]]):
 
 def region_table(records: Sequence[Mapping[str, Any]]):
     """(table, display): one row per (dataset, depth, method): mean σ, σ inside / outside the object and outside
-    minus inside, mean ± std over the records; datasets without masks show the reason."""
+    minus inside, mean ± std over the records (training seeds; :mod:`varup.tablefmt`); datasets without masks show
+    the reason."""
     import pandas as pd
 
     rows, disp = [], []
-    for key, rs in _grouped(records).items():
-        row = {**_key_cols(key), "seeds": len(rs)}
-        d = {**_key_cols(key), "seeds": len(rs)}
-        _add(row, d, "sigma", "σ (all)", (r["mean_sigma"] for r in rs), 4)
+    for key, rs in grouped(records).items():
+        row = {**key_cols(key), "seeds": len(rs)}
+        d = {**key_cols(key), "n": len(rs)}
+        add_stat(row, d, "sigma", "σ (all)", (r["mean_sigma"] for r in rs), 4)
         avail = [r for r in rs if r.get("region", {}).get("available")]
         if avail:
             reg = [r["region"] for r in avail]
-            _add(row, d, "sigma_object", "σ object", (g["inside"] for g in reg), 4)
-            _add(row, d, "sigma_background", "σ background", (g["outside"] for g in reg), 4)
-            _add(row, d, "sigma_bg_minus_object", "σ background − object",
-                 (None if g["inside"] is None or g["outside"] is None else g["outside"] - g["inside"] for g in reg), 4)
+            add_stat(row, d, "sigma_object", "σ object", (g["inside"] for g in reg), 4)
+            add_stat(row, d, "sigma_background", "σ background", (g["outside"] for g in reg), 4)
+            diff = (None if g["inside"] is None or g["outside"] is None else g["outside"] - g["inside"] for g in reg)
+            add_stat(row, d, "sigma_bg_minus_object", "σ background − object", diff, 4)
             ious = [g.get("segmentation_check", {}).get("mean_iou") for g in reg]
             ious = [x for x in ious if x is not None]
             row["segmentation_mean_iou"] = float(np.mean(ious)) if ious else None
@@ -594,11 +573,11 @@ def region_table(records: Sequence[Mapping[str, Any]]):
 
 def entanglement_table(records: Sequence[Mapping[str, Any]]):
     """(table, display): one row per (dataset, depth, method, number of mixed classes); per record the mixes with
-    that many classes are averaged first, then mean ± std over the records."""
+    that many classes are averaged first, then mean ± std over the records (training seeds; :mod:`varup.tablefmt`)."""
     import pandas as pd
 
     rows, disp = [], []
-    for key, rs in _grouped(records).items():
+    for key, rs in grouped(records).items():
         for k in sorted({e["n_concepts"] for r in rs for e in r["mixes"]}):
             per = [[e for e in r["mixes"] if e["n_concepts"] == k] for r in rs]
             per = [es for es in per if es]
@@ -608,12 +587,12 @@ def entanglement_table(records: Sequence[Mapping[str, Any]]):
                 v = [x for x in v if x is not None]
                 return float(np.mean(v)) if v else None
 
-            row = {**_key_cols(key), "concepts": k, "mixes": sorted({tuple(e["mix"]) for es in per for e in es}),
+            row = {**key_cols(key), "concepts": k, "mixes": sorted({tuple(e["mix"]) for es in per for e in es}),
                    "seeds": len(per)}
-            d = {**_key_cols(key), "concepts": k, "seeds": len(per)}
-            _add(row, d, "sigma", "σ", (avg(es, lambda e: e["mean_sigma"]) for es in per), 4)
+            d = {**key_cols(key), "concepts": k, "n": len(per)}
+            add_stat(row, d, "sigma", "σ", (avg(es, lambda e: e["mean_sigma"]) for es in per), 4)
             for col, title, name, digits in _FID_COLS:
-                _add(row, d, col, title, (avg(es, lambda e, n=name: _fid(e, n)) for es in per), digits)
+                add_stat(row, d, col, title, (avg(es, lambda e, n=name: _fid(e, n)) for es in per), digits)
             row["mixes"] = ";".join("-".join(map(str, m)) for m in row["mixes"])
             rows.append(row)
             disp.append(d)
