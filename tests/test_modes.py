@@ -3,6 +3,7 @@ constructed predictions match hand computations."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 
@@ -167,3 +168,103 @@ def test_run_mode_coverage_and_table(trained, tmp_path):
     assert df.iloc[1].covered_mean == col["coverage"]["overall"]["covered"]
     assert df.iloc[1].kl_gen_true_mean == pytest.approx(col["coverage"]["overall"]["kl_gen_true"])
     assert "modes covered" in disp.columns
+    # one record per row (one seed each, one real reference): n = 1, no ± anywhere, no std in the CSV
+    assert disp["n"].tolist() == [1, 1, 1] and not disp.astype(str).apply(lambda c: c.str.contains("±")).any().any()
+    assert df["covered_std"].isna().all()
+
+
+# ------------------------------------------------------------------------------ toy-feature metrics (torch-fidelity)
+def _val_images(d):
+    from PIL import Image
+
+    rows = read_manifest(d / "toy", "val")
+    return (np.stack([np.asarray(Image.open(d / "toy" / r["path"]).convert("RGB")) for r in rows]),
+            np.array([r["label"] for r in rows]))
+
+
+def test_toy_extractor_features_are_the_classifiers_own_penultimate_layer(trained):
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from varup.metrics.toyfeatures import FEATURE_EXTRACTOR, FEATURE_LAYER, UInt8Images
+
+    d, _ = trained
+    imgs, _ = _val_images(d)
+    fe = create_feature_extractor(FEATURE_EXTRACTOR, [FEATURE_LAYER], cuda=False,
+                                  feature_extractor_weights_path=str(d / "cls.pt"), verbose=False)
+
+    def extracted(batch_size):
+        return get_featuresdict_from_dataset(UInt8Images(imgs), fe, batch_size=batch_size, cuda=False,
+                                             save_cpu_ram=True, verbose=False)[FEATURE_LAYER]
+
+    model = load_mode_classifier(d / "cls.pt")
+    with torch.no_grad():
+        own = model.embed(torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().float())
+        logits = [head(own) for head in model.heads]  # the classifier's forward = heads(embed)
+    feats = extracted(64)
+    assert feats.shape == (64, model.feature_dim) == (64, 128) and feats.dtype == torch.float64
+    assert torch.equal(feats, own.double())  # one batch, same memory layout: bit for bit
+    torch.testing.assert_close(extracted(7), own.double(), rtol=1e-5, atol=1e-5)  # other batch shapes: float32 ulps
+    pred = np.stack([lg.argmax(1).numpy() for lg in logits], 1)
+    assert np.array_equal(attrs_to_mode(pred, model.sizes), classify(model, imgs)["mode"])
+
+
+def test_toy_fd_kid_pr_through_calculate_metrics(trained, monkeypatch):
+    import torch_fidelity.metrics as tfm
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    from varup.metrics.toyfeatures import toy_feature_metrics
+
+    d, _ = trained
+    imgs, labels = _val_images(d)
+    calls = []
+    real_calc = tfm.calculate_metrics_one_feature_extractor
+    monkeypatch.setattr(tfm, "calculate_metrics_one_feature_extractor",
+                        lambda **kw: calls.append(kw["feature_extractor"]) or real_calc(**kw))
+    same = toy_feature_metrics(imgs, imgs, d / "cls.pt", kid_subset_size=32)
+    assert calls == ["varup-mode-classifier"]  # torch-fidelity's own path, with our extractor
+    assert abs(same["fd"]) < 1e-4 and same["precision"] == same["recall"] == 1.0
+    a, b = imgs[labels == 0], imgs[labels == 1]  # circles vs squares
+    diff = toy_feature_metrics(a, b, d / "cls.pt", kid_subset_size=16)
+    assert diff["fd"] > 10.0 and diff["kid_subset_size"] == 16
+    # KID's unbiased estimator is not 0 for a set against ITSELF (k(x, x) enters the cross term), but small beside
+    # that of different sets (the poly kernel is unnormalised: these features have norms ~25)
+    assert diff["kid_mean"] > 5 * abs(same["kid_mean"])
+    assert diff["n_gen"] == diff["n_real"] == 16
+    # the FD is the Fréchet distance of the classifier's own penultimate features
+    model = load_mode_classifier(d / "cls.pt")
+    with torch.no_grad():
+        fa, fb = (model.embed(torch.from_numpy(x).permute(0, 3, 1, 2).float()).double() for x in (a, b))
+    want = fid_statistics_to_metric(fid_features_to_statistics(fa), fid_features_to_statistics(fb), False)
+    assert diff["fd"] == pytest.approx(float(want["frechet_inception_distance"]), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 4"):
+        toy_feature_metrics(a[:3], b, d / "cls.pt")
+
+
+def test_toy_floor_sets_are_disjoint_from_the_reference(trained, tmp_path):
+    from varup.metrics.evaluate import real_subset
+    from varup.metrics.toyfeatures import floor_rows, run_toy_floor, run_toy_metrics
+
+    d, _ = trained
+    for floor_split in ("val", "train"):  # the same split as the reference, then another one
+        ref_rows, ref_idx, fl_rows, fl_idx = floor_rows(d / "toy", reference_split="val", floor_split=floor_split,
+                                                        n_per_class=4, max_images=32)
+        assert np.array_equal(ref_idx, real_subset(d / "toy", "val", 32)[1])  # the metrics' reference set
+        assert len(fl_idx) == 16 and np.bincount([fl_rows[i]["label"] for i in fl_idx]).tolist() == [4] * 4
+        if floor_split == "val":
+            assert not set(fl_idx.tolist()) & set(ref_idx.tolist())
+        assert not {fl_rows[i]["path"] for i in fl_idx} & {ref_rows[i]["path"] for i in ref_idx}
+    with pytest.raises(ValueError, match="fewer than the 9"):  # 16 val images per class, 8 taken by the reference
+        floor_rows(d / "toy", reference_split="val", floor_split="val", n_per_class=9, max_images=32)
+
+    params = {"split": "val", "max_images": 32, "resolution": 32, "floor_split": "val", "n_per_class": 4,
+              "kid_subset_size": 16}
+    f = run_toy_floor(d / "cls.pt", d / "toy", tmp_path / "floor.json", params=params, dataset="shapes")
+    assert not set(f["floor_set"]["indices"]) & set(f["reference"]["indices"])
+    assert f["floor_set"]["n"] == 16 and f["reference"]["n"] == 32 and f["inception"] is None
+    assert f["feature_space"]["dim"] == 128 and f["toy"]["fd"] >= 0
+    imgs, labels = _val_images(d)
+    np.savez(tmp_path / "samples.npz", images=imgs[labels == 0][:16], labels=np.zeros(16, int))
+    r = run_toy_metrics(d / "cls.pt", tmp_path / "samples.npz", d / "toy", tmp_path / "run.json", params=params,
+                        meta={"dataset": "shapes", "depth": 2, "method": "ours", "seed": 0})
+    assert r["toy"]["n_gen"] == 16 and r["reference"] == {k: f["reference"][k] for k in ("split", "n", "indices")}
+    assert r["feature_space"] == f["feature_space"] and json.loads((tmp_path / "run.json").read_text())["seed"] == 0

@@ -8,6 +8,11 @@
   calibration (ECE, NLL, accuracy) on held-out token maps.
 * ``overhead`` — the paper's Table 5 layout from our own training logs: parameters, batch, peak memory, time per
   step / epoch, throughput, and the regulariser's overhead relative to the baseline.
+* ``toy_metrics`` — toy datasets only: Fréchet distance, KID and precision/recall in the feature space of the toy
+  mode classifier, beside the Inception ones, with a "real vs real (floor)" row per dataset.
+
+Cells follow :mod:`varup.tablefmt`: mean ± std over the training seeds of a row (sample std, ddof = 1), a single
+seed's value without ±, and a display column ``n``; each caption says what its ± is over.
 """
 from __future__ import annotations
 
@@ -15,29 +20,17 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from varup.config import (Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, uncertainty_enabled,
-                          uncertainty_runs)
+from varup.config import (Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, toy_runs,
+                          uncertainty_enabled, uncertainty_runs)
+from varup.tablefmt import add_stat, fmt, mean_std, spread_note
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")
-
-
-def _mean_std(xs: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    v = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
-        return None, None, 0
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
-
-
-def _fmt(m: float | None, s: float | None, digits: int) -> str:
-    if m is None:
-        return "—"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
 def _groups(cfg: dict, runs_=None) -> dict[tuple[str, int, str], list[Run]]:
@@ -71,7 +64,7 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str, 
     out = Path(out_dir)
     disp = df if display is None else display
     atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
-    md = f"**{caption}**\n\n" + disp.to_markdown(index=False) + "\n"
+    md = f"**{caption}**\n\n" + disp.to_markdown(index=False, disable_numparse=True) + "\n"  # keep the digits
     atomic_write_text(out / f"{name}.md", md)
     tex = disp.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True)
     atomic_write_text(out / f"{name}.tex", tex)
@@ -83,11 +76,9 @@ def _metric_table(cfg: dict, results: Path, columns: list[tuple[str, str, Callab
     for (dataset, depth, method), rs in _groups(cfg).items():
         ms = _load(results, rs, source)
         row = {"dataset": dataset, "depth": depth, "method": method, "seeds": len(rs)}
-        d = {"dataset": dataset, "depth": f"d{depth}", "method": method, "seeds": len(rs)}
+        d = {"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs)}
         for key, title, get, digits in columns:
-            m, s, n = _mean_std(get(x) for x in ms)
-            row[f"{key}_mean"], row[f"{key}_std"] = m, s
-            d[title] = _fmt(m, s, digits)
+            add_stat(row, d, key, title, (get(x) for x in ms), digits)
         rows.append(row)
         disp.append(d)
     return pd.DataFrame(rows), pd.DataFrame(disp)
@@ -122,8 +113,9 @@ def table2(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
         disp["IS ↑"] = "unavailable"
         is_note = f" IS unavailable: {reason}."
     df["inception_source"] = first["inception"]["source"]
-    caption = ("Table 2 layout: generation quality per dataset, depth and method (mean ± std over seeds). "
-               f"Inception weights: {first['inception']['source']}.{is_note}")
+    caption = (f"Table 2 layout: generation quality per dataset, depth and method. {spread_note()}; KID is "
+               "torch-fidelity's mean over its random subsets within each run (that std is in metrics.json), "
+               f"then mean ± std over the seeds. Inception weights: {first['inception']['source']}.{is_note}")
     write_table(df, out, "table2", caption, disp)
     return df
 
@@ -147,14 +139,15 @@ def table7(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
         r = {"metric": title.replace(" ↓", "").replace(" ↑", ""), "paper (ours)": paper.get(key)}
         for _, row in df.iterrows():
             name = f"{row['dataset']} d{row['depth']} {row['method']}"
-            r[name] = _fmt(row[f"{key}_mean"], row[f"{key}_std"], digits)
+            r[f"{name} (n = {row['seeds']})"] = fmt(row[f"{key}_mean"], row[f"{key}_std"], digits)
             if row["method"] == "ours":
                 d = _diff(row[f"{key}_mean"], paper.get(key))
                 r[f"Δ {name} − paper"] = f"{d:+.3f}" if d is not None else "—"
         rows.append(r)
     df["paper_ours_json"] = json.dumps(paper)
-    write_table(df, out, "table7", "Table 7 layout: diversity metrics (mean ± std over seeds), beside the paper's "
-                "values for its method (the paper does not say which dataset or depth).", pd.DataFrame(rows))
+    write_table(df, out, "table7", "Table 7 layout: diversity metrics, one column per run group (n: its training "
+                f"seeds), beside the paper's values for its method (the paper does not say which dataset or depth). "
+                f"{spread_note(of='column')}.", pd.DataFrame(rows))
     return df
 
 
@@ -169,9 +162,9 @@ def codebook_calibration(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
         act_real = per_scale(ms[0], "real", "active_codes")
         ppl_gen = np.mean([per_scale(m, "generated", "perplexity") for m in ms], axis=0)
         ppl_real = per_scale(ms[0], "real", "perplexity")
-        ece = _mean_std(m["calibration"]["ece"] for m in ms)
-        nll = _mean_std(m["calibration"]["nll"] for m in ms)
-        acc = _mean_std(m["calibration"]["accuracy"] for m in ms)
+        ece = mean_std(m["calibration"]["ece"] for m in ms)
+        nll = mean_std(m["calibration"]["nll"] for m in ms)
+        acc = mean_std(m["calibration"]["accuracy"] for m in ms)
         rows.append({"dataset": dataset, "depth": depth, "method": method, "seeds": len(rs),
                      "active_codes_generated": json.dumps([round(float(x), 1) for x in act_gen]),
                      "active_codes_real": json.dumps([int(x) for x in act_real]),
@@ -181,14 +174,15 @@ def codebook_calibration(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "active_total_real": ms[0]["codebook"]["real"]["overall"]["active_codes"],
                      "ece_mean": ece[0], "ece_std": ece[1], "nll_mean": nll[0], "nll_std": nll[1],
                      "token_acc_mean": acc[0], "token_acc_std": acc[1]})
-        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method,
+        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs),
                      "active codes gen / real (all scales)": f"{rows[-1]['active_total_generated']:.0f} / {rows[-1]['active_total_real']}",
                      "perplexity gen / real (last scale)": f"{ppl_gen[-1]:.1f} / {ppl_real[-1]:.1f}",
-                     "ECE ↓": _fmt(ece[0], ece[1], 4), "NLL ↓": _fmt(nll[0], nll[1], 3), "token acc": _fmt(acc[0], acc[1], 3)})
+                     "ECE ↓": fmt(ece[0], ece[1], 4), "NLL ↓": fmt(nll[0], nll[1], 3), "token acc": fmt(acc[0], acc[1], 3)})
     df = pd.DataFrame(rows)
     write_table(df, out, "codebook_calibration",
                 "Codebook utilisation (distinct codes used and perplexity; generated samples vs as many held-out real images) "
-                "and token calibration on held-out token maps (mean ± std over seeds).", pd.DataFrame(disp))
+                f"and token calibration on held-out token maps. {spread_note()}; codes and perplexity of generated "
+                "samples are means over the seeds, the real images' are one set.", pd.DataFrame(disp))
     return df
 
 
@@ -198,15 +192,15 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     groups = _groups(cfg)
     for (dataset, depth, method), rs in groups.items():
         ss = _load(results, rs, "train/summary.json")
-        step = _mean_std(s["s_per_step"] for s in ss)[0]
+        step = mean_std(s["s_per_step"] for s in ss)[0]
         if method == "baseline":
             base_step[(dataset, depth)] = step
     for (dataset, depth, method), rs in groups.items():
         ss = _load(results, rs, "train/summary.json")
-        step = _mean_std(s["s_per_step"] for s in ss)
-        mem = _mean_std(s["peak_mem_mb_per_device"] for s in ss)
-        epoch = _mean_std(s["epoch_s"] for s in ss)
-        ips = _mean_std(s["imgs_per_s"] for s in ss)
+        step = mean_std(s["s_per_step"] for s in ss)
+        mem = mean_std(s["peak_mem_mb_per_device"] for s in ss)
+        epoch = mean_std(s["epoch_s"] for s in ss)
+        ips = mean_std(s["imgs_per_s"] for s in ss)
         b = base_step.get((dataset, depth))
         ratio = step[0] / b if b and step[0] else None
         rows.append({"dataset": dataset, "depth": depth, "method": method, "params_m": ss[0]["params_m"],
@@ -214,9 +208,10 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "peak_mem_mb": mem[0], "s_per_step": step[0], "s_per_step_std": step[1], "epoch_s": epoch[0],
                      "time_200_epochs_h": epoch[0] * 200 / 3600 if epoch[0] else None, "imgs_per_s": ips[0],
                      "step_time_vs_baseline": ratio})
-        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "params (M)": f"{ss[0]['params_m']:.2f}",
+        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs),
+                     "params (M)": f"{ss[0]['params_m']:.2f}",
                      "batch": ss[0]["global_batch"], "device": ss[0]["device"], "peak memory (MB)": f"{mem[0]:.0f}",
-                     "s / step": _fmt(step[0], step[1], 4), "time / 200 ep. (h)": f"{epoch[0] * 200 / 3600:.3f}",
+                     "s / step": fmt(step[0], step[1], 4), "time / 200 ep. (h)": f"{epoch[0] * 200 / 3600:.3f}",
                      "step time vs baseline": f"{ratio:.3f}" if ratio else "—"})
     p5 = {r["method"]: r for r in paper_results()["table5"]}
     for r, d in zip(rows, disp):
@@ -227,7 +222,9 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                                                  f"({p['hardware']})" if p else "—")
     df = pd.DataFrame(rows)
     write_table(df, out, "overhead", "Table 5 layout: training cost measured by the training jobs themselves "
-                "(peak memory is the process peak RSS on CPU, allocated GPU memory on CUDA).", pd.DataFrame(disp))
+                "(peak memory is the process peak RSS on CPU, allocated GPU memory on CUDA). s / step: mean ± std over "
+                "the n training runs (seeds) of each row (sample std, ddof = 1; no ± where n = 1); memory, epoch "
+                "time and the ratio to the baseline are means over them.", pd.DataFrame(disp))
     return df
 
 
@@ -237,10 +234,10 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     rows, disp = [], []
     for (dataset, depth, method), rs in _groups(cfg, ood_runs(cfg)).items():
         ms = _load(results, rs, "ood.json")
-        auc = _mean_std(100 * m["auroc"] for m in ms)
-        nll_tok = _mean_std(m["id"]["mean_nll_per_token"] for m in ms)
-        nll_img = _mean_std(m["id"]["mean_nll_total"] for m in ms)
-        ood_tok = _mean_std(m["ood"]["mean_nll_per_token"] for m in ms)
+        auc = mean_std(100 * m["auroc"] for m in ms)
+        nll_tok = mean_std(m["id"]["mean_nll_per_token"] for m in ms)
+        nll_img = mean_std(m["id"]["mean_nll_total"] for m in ms)
+        ood_tok = mean_std(m["ood"]["mean_nll_per_token"] for m in ms)
         p = paper.get(method) if _paper_key(cfg, dataset) == "imagenet100" else None  # the paper's Table 3: ImageNet
         rows.append({"dataset": dataset, "depth": depth, "method": method, "seeds": len(rs),
                      "auroc_percent_mean": auc[0], "auroc_percent_std": auc[1], "id_nll_per_token_mean": nll_tok[0],
@@ -248,15 +245,16 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "class_mode": ms[0].get("class_mode"), "paper_nll": p["nll"] if p else None,
                      "paper_auroc_percent": p["auroc_percent"] if p else None,
                      "auroc_minus_paper": _diff(auc[0], p["auroc_percent"] if p else None)})
-        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method,
-                     "NLL / token (ID) ↓": _fmt(nll_tok[0], nll_tok[1], 3), "NLL / image (ID) ↓": _fmt(nll_img[0], nll_img[1], 1),
-                     "NLL / token (OOD)": _fmt(ood_tok[0], None, 3), "AUROC % ↑": _fmt(auc[0], auc[1], 1),
+        disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs),
+                     "NLL / token (ID) ↓": fmt(nll_tok[0], nll_tok[1], 3), "NLL / image (ID) ↓": fmt(nll_img[0], nll_img[1], 1),
+                     "NLL / token (OOD)": fmt(ood_tok[0], None, 3), "AUROC % ↑": fmt(auc[0], auc[1], 1),
                      "NLL (paper)": p["nll"] if p else "—", "AUROC % (paper)": p["auroc_percent"] if p else "—",
                      "Δ AUROC": f"{rows[-1]['auroc_minus_paper']:+.1f}" if rows[-1]["auroc_minus_paper"] is not None else "—"})
     df = pd.DataFrame(rows)
     write_table(df, out, "table3", "Table 3 layout: OOD detection from token likelihoods (score = NLL; AUROC of OOD "
                 "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper does not define its "
-                "NLL unit; mCE (ImageNet-C) is not reproduced.", pd.DataFrame(disp))
+                f"NLL unit; mCE (ImageNet-C) is not reproduced. {spread_note()}; the OOD NLL is their mean.",
+                pd.DataFrame(disp))
     return df
 
 
@@ -267,17 +265,22 @@ def figure4_data(cfg: dict, results: Path) -> pd.DataFrame:
     rows = []
     for (a, b), method in grid_points(cfg).items():
         ms = [read_json(results / Run(f4["dataset"], int(f4["depth"]), method, s).path / "metrics.json") for s in seeds]
-        fid = _mean_std(m["fidelity"]["fid"] for m in ms)
         rows.append({"study": "lambda", "lambda_2nd": a, "lambda_se": b, "method": method, "cfg": None,
-                     "fid_mean": fid[0], "fid_std": fid[1], "kid_mean": _mean_std(m["fidelity"]["kid_mean"] for m in ms)[0]})
+                     **_fid_point(ms)})
     sweep: dict[tuple[str, float], list] = {}
     for r, c in cfg_sweep(cfg):
         sweep.setdefault((r.method, c), []).append(read_json(results / r.path / "cfg_sweep" / f"cfg{c:g}" / "metrics.json"))
     for (method, c), ms in sweep.items():
-        fid = _mean_std(m["fidelity"]["fid"] for m in ms)
         rows.append({"study": "cfg", "lambda_2nd": None, "lambda_se": None, "method": method, "cfg": c,
-                     "fid_mean": fid[0], "fid_std": fid[1], "kid_mean": _mean_std(m["fidelity"]["kid_mean"] for m in ms)[0]})
+                     **_fid_point(ms)})
     return pd.DataFrame(rows)
+
+
+def _fid_point(ms: list[dict]) -> dict:
+    """FID mean and std (None for one run) and KID mean over the runs (seeds) of one Figure 4 point."""
+    fid = mean_std(m["fidelity"]["fid"] for m in ms)
+    return {"n": fid.n, "fid_mean": fid.mean, "fid_std": fid.std,
+            "kid_mean": mean_std(m["fidelity"]["kid_mean"] for m in ms).mean}
 
 
 def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
@@ -287,20 +290,25 @@ def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     for k in ("fid_mean", "fid_std", "kid_mean"):
         disp[k] = disp[k].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
     write_table(df, out, "figure4", f"Figure 4's numbers ({f4['dataset']} d{f4['depth']}): FID over the "
-                "lambda_2nd x lambda_se grid and over the CFG sweep.", disp)
+                "lambda_2nd x lambda_se grid and over the CFG sweep; fid_mean, fid_std (sample std, ddof = 1) and "
+                "kid_mean over the n training seeds of each point (fid_std — where n = 1).", disp)
     return df
 
 
 UNCERTAINTY_TABLES = {
     "uncertainty_droppath": ("droppath_table", "uncertainty/sweep_scored.json",
                              "MC-Dropout: generation quality and pixel-wise σ (std over T stochastic passes of the decoded "
-                             "image in [0,1]) against the DropPath rate kept active at inference, baseline vs ours."),
+                             "image in [0,1]) against the DropPath rate kept active at inference, baseline vs ours. "
+                             f"{spread_note()}."),
     "uncertainty_region": ("region_table", "uncertainty/mc_dropout.json",
                            "MC-Dropout σ inside vs outside the object (toy: the object segmented in the mean image, "
-                           "checked against the exact masks; real datasets: absent, with the reason)."),
+                           "checked against the exact masks; real datasets: absent, with the reason). "
+                           f"{spread_note()}."),
     "uncertainty_entanglement": ("entanglement_table", "uncertainty/entanglement_scored.json",
                                  "Class entanglement: conditioning on an equal-weight mix of 1, 2 or 3 class "
-                                 "embeddings; FID/KID against the real images of the mixed classes, and σ."),
+                                 "embeddings; FID/KID against the real images of the mixed classes, and σ (each "
+                                 "run's mixes of the same size averaged first). "
+                                 f"{spread_note()}."),
 }
 
 
@@ -315,8 +323,70 @@ def uncertainty_tables(cfg: dict, results: Path, out: Path) -> None:
         df, disp = U.mode_coverage_table([read_json(results / r.path / "mode_coverage.json") for r in mode_runs(cfg)])
         write_table(df, out, "mode_coverage", "Mode coverage (beyond the paper): the toy generator knows every image's "
                     "mode; a classifier trained on the toy images labels the samples. Modes covered, KL between the "
-                    "generated and the true mode histograms, per-class coverage, class error; mean ± std over seeds.",
-                    disp)
+                    "generated and the true mode histograms, per-class coverage, class error. "
+                    f"{spread_note()}; the real row is one set of held-out images (n = 1).", disp)
+
+
+def _field(section: str, key: str) -> Callable[[dict], float | None]:
+    return lambda rec: (rec.get(section) or {}).get(key)
+
+
+TOY_COLUMNS = [("toy_fd", "toy-FD ↓", _field("toy", "fd"), 3),
+               ("toy_kid", "toy-KID ↓", _field("toy", "kid_mean"), 3),
+               ("toy_precision", "toy-precision ↑", _field("toy", "precision"), 3),
+               ("toy_recall", "toy-recall ↑", _field("toy", "recall"), 3),
+               ("fid", "Inception FID ↓", _field("fidelity", "fid"), 2),
+               ("kid", "Inception KID ↓", _field("fidelity", "kid_mean"), 4),
+               ("precision", "Inception precision ↑", _field("fidelity", "precision"), 3),
+               ("recall", "Inception recall ↑", _field("fidelity", "recall"), 3)]
+FLOOR_METHOD = "real vs real (floor)"
+
+
+def _toy_row(keys: dict, depth, recs: list[dict]) -> tuple[dict, dict]:
+    row = {**keys, "depth": depth, "n": len(recs)}
+    d = {"dataset": keys["dataset"], "depth": f"d{depth}" if depth is not None else "—", "method": keys["method"],
+         "n": len(recs)}
+    for key, title, get, digits in TOY_COLUMNS:
+        add_stat(row, d, key, title, (get(r) for r in recs), digits)
+    return row, d
+
+
+def _toy_caption(floors: dict[str, dict]) -> str:
+    f = next(iter(floors.values()))
+    fs, t = f["feature_space"], f["toy"]
+    acc = (fs.get("classifier_val_accuracy") or {}).get("mode")
+    sets = "; ".join(f"{d}: {x['floor_set']['n']} {x['floor_set']['split']} images vs {x['reference']['n']} "
+                     f"{x['reference']['split']} images" for d, x in floors.items())
+    seen = (" The classifier is trained on the train split, so the floor's train images were seen in its training."
+            if any(x["floor_set"]["split"] == "train" for x in floors.values()) else "")
+    return ("Toy metrics (beyond the paper) in the feature space of a network trained on the toy data: the mode "
+            f"classifier's penultimate layer ({fs['dim']}-d, the global mean and max of its last conv block; trained "
+            "on the toy train split to predict shape, colour, size and background"
+            + (f", held-out mode accuracy {acc:.3f}" if acc is not None else "") + "), registered with "
+            "torch-fidelity as its feature extractor: toy-FD (Fréchet distance), toy-KID (mean over "
+            f"{t['kid_subsets']} subsets of {t['kid_subset_size']}), toy-precision/recall ({t['prc_neighborhood']} "
+            "neighbours). Each run's samples are scored against the class-balanced real reference set that the "
+            "Inception columns (as in Table 2) use. The floor row scores instead a class-balanced real set of the "
+            f"sample size, disjoint from the reference ({sets}): what a generator of the true distribution gets at "
+            f"this sample size; one set, n = 1.{seen} {spread_note()}.")
+
+
+def toy_metrics_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
+    """Per (dataset, depth, method): toy-feature FD / KID / precision / recall and the Inception ones, mean ± std
+    over the training seeds; then per dataset the real-vs-real floor row."""
+    rows = []
+    for (dataset, depth, method), rs in _groups(cfg, toy_runs(cfg)).items():
+        recs = [{"toy": t["toy"], "fidelity": m["fidelity"]} for t, m in
+                zip(_load(results, rs, "toy_metrics.json"), _load(results, rs, "metrics.json"))]
+        rows.append(_toy_row({"dataset": dataset, "method": method}, depth, recs))
+    datasets = dict.fromkeys(r.dataset for r in toy_runs(cfg))
+    floors = {d: read_json(results / d / "toy_metrics_floor.json") for d in datasets}
+    for d, f in floors.items():
+        floor = {"toy": f["toy"], "fidelity": f["inception"]}
+        rows.append(_toy_row({"dataset": d, "method": FLOOR_METHOD}, None, [floor]))
+    df = pd.DataFrame([r for r, _ in rows])
+    write_table(df, out, "toy_metrics", _toy_caption(floors), pd.DataFrame([d for _, d in rows]))
+    return df
 
 
 def make_tables(cfg: dict, results: str | Path, out: str | Path) -> None:
@@ -328,6 +398,8 @@ def make_tables(cfg: dict, results: str | Path, out: str | Path) -> None:
         fns.append(table3)
     if cfg.get("experiments", {}).get("figure4"):
         fns.append(figure4_table)
+    if toy_runs(cfg):
+        fns.append(toy_metrics_table)
     for fn in fns:
         df = fn(cfg, results, out)
         log.info("%s: %d rows", fn.__name__, len(df))

@@ -1,5 +1,7 @@
 # Stage 5: metrics. Inception weights are fetched once (localrule: runs on a cluster's login node); real-image
 # features are computed once per dataset; every run's metrics come from one Inception pass over its samples.
+# Toy datasets also get FD/KID/PR in the mode classifier's feature space (toy_metrics) and, once per dataset, the
+# same metrics between two disjoint real sets (toy_metrics_floor).
 
 localrules:
     inception_weights,
@@ -65,7 +67,7 @@ rule evaluate:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/metrics.json",
     params:
         device=DEVICE,
-        p=lambda w: q(config["metrics"]),
+        p=lambda w: q(inception_metric_params()),
         tokens=lambda w, input: os.path.dirname(input.tokens),
     threads: THREADS
     resources:
@@ -99,3 +101,55 @@ use rule evaluate as evaluate_cfg with:
         f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.tsv"
+
+
+rule toy_metrics:
+    input:
+        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
+        data=f"{RES}/{{dataset}}/data",
+    output:
+        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/toy_metrics.json",
+    params:
+        device=DEVICE,
+        p=lambda w: q(toy_metric_params(w)),
+    threads: THREADS
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_toy.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_toy.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup toy-metrics --threads {threads} --device {params.device} --classifier {input.classifier}"
+        " --samples {input.samples} --data {input.data} --params {params.p}"
+        " --run {wildcards.dataset}/{wildcards.depth}/{wildcards.method}/{wildcards.seed} --out {output} > {log} 2>&1"
+
+
+rule toy_metrics_floor:
+    input:
+        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        data=f"{RES}/{{dataset}}/data",
+        real=f"{RES}/{{dataset}}/real_features.npz",
+        inception=f"{RSC}/inception/inception.json",
+    output:
+        f"{RES}/{{dataset}}/toy_metrics_floor.json",
+    params:
+        device=DEVICE,
+        p=lambda w: q(toy_floor_params(w)),
+        inception="" if config["metrics"]["toy_features"]["floor_inception"] else "--no-inception",
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/evaluate/{{dataset}}_toy_floor.log",
+    benchmark:
+        f"{RES}/benchmarks/evaluate/{{dataset}}_toy_floor.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup toy-metrics-floor --threads {threads} --device {params.device} --classifier {input.classifier}"
+        " --data {input.data} --dataset {wildcards.dataset} --inception {input.inception} --real-features {input.real}"
+        " {params.inception} --params {params.p} --out {output} > {log} 2>&1"

@@ -9,6 +9,8 @@ rule tables:
         unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS
              for f in ("mc_dropout.json", "sweep_scored.json", "entanglement_scored.json")],
         modes=[f"{RES}/{r.path}/mode_coverage.json" for r in MODE_RUNS],
+        toy=[f"{RES}/{r.path}/toy_metrics.json" for r in TOY_RUNS],
+        toy_floor=[f"{RES}/{d}/toy_metrics_floor.json" for d in TOY_DATASETS],
     output:
         **{
             f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",

@@ -1,5 +1,5 @@
 """Evaluation metrics: Inception weights with provenance, features, FID/KID/PR/IS/PRDC/clean-FID, SSIM diversity,
-codebook usage and token calibration.
+codebook usage, token calibration, and FD/KID/PR in the toy mode classifier's feature space (toyfeatures).
 
 Names are imported lazily, so ``from varup.metrics.codebook import ...`` does not load torch-fidelity.
 """
@@ -14,6 +14,7 @@ _EXPORTS = {
     "mean_pairwise_ssim": "diversity",
     "codebook_stats": "codebook",
     "TokenCalibration": "calibration",
+    "toy_feature_metrics": "toyfeatures", "ModeClassifierFeatures": "toyfeatures",
 }
 __all__ = sorted(_EXPORTS) + ["min_set_size"]
 

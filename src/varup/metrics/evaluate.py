@@ -47,14 +47,26 @@ def balanced_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
     return np.sort(np.array(out))
 
 
-def real_images(data_dir, split: str, resolution: int, max_images: int | None, mid_reso: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def real_subset(data_dir, split: str, max_images: int | None) -> tuple[list[dict], np.ndarray]:
+    """The manifest rows of ``split`` and the indices (into them) of the metrics' real set: the class-balanced
+    :func:`balanced_subset` of at most ``max_images``."""
+    rows = _split_rows(data_dir, split)
+    return rows, balanced_subset(np.array([r["label"] for r in rows]), max_images)
+
+
+def load_rows(data_dir, rows: list[dict], keep: np.ndarray, resolution: int,
+              mid_reso: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, R, R, 3) images and labels of ``rows[keep]`` (resize + centre crop as every reference set)."""
     from varup.data.folder import load_uint8_images
 
-    rows = _split_rows(data_dir, split)
-    labels = np.array([r["label"] for r in rows])
-    keep = balanced_subset(labels, max_images)
     paths = [Path(data_dir) / rows[i]["path"] for i in keep]
-    return load_uint8_images(paths, resolution, mid_reso=mid_reso), labels[keep]
+    return load_uint8_images(paths, resolution, mid_reso=mid_reso), np.array([rows[i]["label"] for i in keep])
+
+
+def real_images(data_dir, split: str, resolution: int, max_images: int | None, mid_reso: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of the metrics' real set (:func:`real_subset`)."""
+    rows, keep = real_subset(data_dir, split, max_images)
+    return load_rows(data_dir, rows, keep, resolution, mid_reso)
 
 
 def real_features(data_dir, split: str, resolution: int, inception_json, out, *, max_images: int | None = None,
