@@ -28,6 +28,7 @@ def tiny_config(results: Path) -> dict:
     cfg["resources_dir"] = str(CACHE / "resources")  # Inception weights are fetched/converted once per machine
     ds = cfg["datasets"]["shapes"]
     ds["generator"].update(n_train_per_class=32, n_val_per_class=12)
+    ds["tokenizer_gate"] = {"max_class_error": 1.0}  # wired and measured; a 40-step tokenizer cannot keep the class
     tok = cfg["tokenizers"]["toy_vq"]
     tok["train"].update(steps=40, batch_size=16, log_every=10, ckpt_every=20, dead_code_every=10)
     cfg["model"]["depths"] = [1]
@@ -117,6 +118,19 @@ def test_tables_have_the_expected_contents(finished):
     assert (gen["covered_mean"] <= 64).all() and (gen["covered_mean"] >= 1).all() and (gen["n_modes"] == 64).all()
     # tiny data (2 images per mode) trains a weak classifier; test_modes checks its accuracy at toy size
     assert 0 <= real["class_error_mean"] <= 1 and 1 <= real["covered_mean"] <= 64
+    gate = json.loads((work / "results" / "toy" / "shapes" / "tokenizer" / "gate.json").read_text())
+    assert gate["passed"] and gate["n"] == 48 and 0 <= gate["class_error"] <= 1 and 0 <= gate["real_class_error"] <= 1
+    # toy-feature metrics: every run, plus the real-vs-real floor of a disjoint train subset of the sample size
+    tm = pd.read_csv(tables / "toy_metrics.csv")
+    assert tm["method"].tolist() == ["baseline", "ours", "real vs real (floor)"] and tm["n"].tolist() == [2, 2, 1]
+    assert np.isfinite(tm["toy_fd_mean"]).all() and np.isfinite(tm["fid_mean"]).all()
+    assert np.isnan(tm["toy_fd_std"].iloc[2]) and (tm["toy_fd_std"].iloc[:2] >= 0).all()  # one floor set: no std
+    floor = json.loads((work / "results" / "toy" / "shapes" / "toy_metrics_floor.json").read_text())
+    assert floor["floor_set"]["split"] == "train" and floor["reference"]["split"] == "val"
+    assert floor["floor_set"]["n"] == 24 and floor["reference"]["n"] == 32 and np.isfinite(floor["inception"]["fid"])
+    assert tm["toy_fd_mean"].iloc[2] == pytest.approx(floor["toy"]["fd"])
+    floor_line = next(ln for ln in (tables / "toy_metrics.md").read_text().splitlines() if "(floor)" in ln)
+    assert "±" not in floor_line
     dp = pd.read_csv(tables / "uncertainty_droppath.csv")
     assert sorted(dp["rate"].unique()) == [0.1, 0.3] and (dp["sigma_mean"] >= 0).all() and np.isfinite(dp["fid_mean"]).all()
     en = pd.read_csv(tables / "uncertainty_entanglement.csv")
@@ -153,8 +167,8 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
         by_rule.setdefault(rule, []).append(wc)
     assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "ood_eval",
                             "downstream", "mode_coverage", "mc_dropout", "uncertainty_sets", "score_uncertainty_sets",
-                            "tables", "figures", "all"}, sorted(by_rule)
-    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval", "mode_coverage"):
+                            "toy_metrics", "tables", "figures", "all"}, sorted(by_rule)  # not the floor: no run in it
+    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval", "mode_coverage", "toy_metrics"):
         assert sorted(w["seed"] for w in by_rule[rule]) == ["0", "1"] and {w["method"] for w in by_rule[rule]} == {"ours"}
     assert by_rule["sample_qualitative"] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}]
     assert by_rule["downstream"] == [{"dataset": "shapes", "depth": "1"}]  # it shows ours beside the baseline

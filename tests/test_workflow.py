@@ -96,12 +96,13 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     c = job_counts(r.stdout)
     n_runs = 2 * 2  # methods x seeds x depths(1)
-    assert c == {"data_toy": 1, "tokenizer_train": 1, "encode": 1, "references": 1, "inception_weights": 1,
+    assert c == {"data_toy": 1, "tokenizer_train": 1, "tokenizer_gate": 1, "encode": 1, "references": 1, "inception_weights": 1,
                  "real_features": 1, "train": n_runs, "sample_shard": n_runs, "merge_samples": n_runs,
                  "evaluate": n_runs, "sample_qualitative": 2, "tables": 1, "figures": 1, "all": 1,
                  "data_ood": 1, "encode_ood": 1, "ood_eval": n_runs, "downstream": 1,
                  "mode_classifier": 1, "mode_coverage": n_runs, "mc_dropout": 2, "uncertainty_sets": 2,
-                 "score_uncertainty_sets": 2}  # uncertainty studies: the first seed's runs
+                 "score_uncertainty_sets": 2,  # uncertainty studies: the first seed's runs
+                 "toy_metrics": n_runs, "toy_metrics_floor": 1}  # toy-feature metrics: every run, a floor per dataset
 
 
 def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):

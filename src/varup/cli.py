@@ -31,15 +31,6 @@ def cmd_data_toy(a) -> None:
     log.info("toy dataset: %s images in %s", meta["counts"], a.out)
 
 
-def open_split(data_dir: str, split: str, resolution: int, preprocess: dict | None = None, hflip=False):
-    """The ImageDataset of one split of a prepared dataset directory (see varup.data)."""
-    from varup.data.folder import ImageDataset
-
-    pre = dict(preprocess or {})
-    return ImageDataset.from_toy(data_dir, split, resolution=resolution, mid_reso=pre.get("mid_reso", 1.0),
-                                 crop=pre.get("crop", "center"), hflip=hflip)
-
-
 def cmd_fetch(a) -> None:
     from varup.download import fetch_file
     from varup.models.common import read_checkpoint
@@ -82,6 +73,7 @@ def cmd_prepare_ood(a) -> None:
 def cmd_tokenizer_train(a) -> None:
     import torch
 
+    from varup.data.folder import open_split
     from varup.tokenizer import train_tokenizer
 
     ds = open_split(a.data, "train", a.resolution, a.preprocess)
@@ -97,7 +89,15 @@ def cmd_tokenizer_train(a) -> None:
     log.info("tokenizer done: %s", {k: v for k, v in s.items() if k != "config"})
 
 
+def cmd_tokenizer_gate(a) -> None:
+    from varup.gate import run_tokenizer_gate
+
+    run_tokenizer_gate(a.tokenizer, a.classifier, a.data, a.out, resolution=a.resolution, preprocess=a.preprocess,
+                       split=a.split, max_class_error=a.max_class_error, config_key=a.key, device=a.device)
+
+
 def cmd_encode(a) -> None:
+    from varup.data.folder import open_split
     from varup.models.vqvae import load_vqvae
     from varup.runtime import resolve_device
     from varup.tokens import encode_split, write_meta
@@ -294,6 +294,24 @@ def cmd_mode_coverage(a) -> None:
     run_mode_coverage(a.classifier, a.samples, a.data, a.out, meta=_run_meta(a.run), device=str(resolve_device(a.device)))
 
 
+def cmd_toy_metrics(a) -> None:
+    from varup.metrics.toyfeatures import run_toy_metrics
+    from varup.runtime import resolve_device
+
+    run_toy_metrics(a.classifier, a.samples, a.data, a.out, params=a.params, meta=_run_meta(a.run),
+                    device=str(resolve_device(a.device)))
+
+
+def cmd_toy_metrics_floor(a) -> None:
+    from varup.metrics.toyfeatures import run_toy_floor
+    from varup.runtime import resolve_device
+
+    run_toy_floor(a.classifier, a.data, a.out, params=a.params, dataset=a.dataset,
+                  inception_json=a.inception if a.floor_inception else None,
+                  real_features_path=a.real_features if a.floor_inception else None,
+                  device=str(resolve_device(a.device)))
+
+
 def cmd_tables(a) -> None:
     from varup.tables import make_tables
 
@@ -363,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_json, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
+
+    p = cmd("tokenizer-gate", cmd_tokenizer_gate, "fail when the toy mode classifier cannot tell the class of the "
+            "tokenizer's reconstructions of held-out images")
+    for k in ("tokenizer", "classifier", "data", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--preprocess", type=_json, default={})
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-class-error", type=float, required=True)
+    p.add_argument("--key", default="tokenizer_gate", help="the config key of the bound (named in the error)")
 
     p = cmd("encode", cmd_encode, "encode a dataset into the token cache (once per image and variant)")
     p.add_argument("--data", required=True)
@@ -468,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("mode-coverage", cmd_mode_coverage, "modes covered by a run's samples, KL to the true mode histogram")
     for k in ("classifier", "samples", "data", "run", "out"):
         p.add_argument(f"--{k}", required=True)
+
+    p = cmd("toy-metrics", cmd_toy_metrics, "FD/KID/PR of a run's samples in the toy mode classifier's feature space")
+    for k in ("classifier", "samples", "data", "run", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True, help="reference set and metric settings (JSON)")
+
+    p = cmd("toy-metrics-floor", cmd_toy_metrics_floor,
+            "real-vs-real floor of the toy-feature (and Inception) metrics: a disjoint real set of the sample size")
+    for k in ("classifier", "data", "dataset", "inception", "real-features", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True, help="reference / floor sets and metric settings (JSON)")
+    p.add_argument("--no-inception", dest="floor_inception", action="store_false",
+                   help="skip the Inception FID/KID/PR of the floor (its one Inception pass)")
 
     p = cmd("tables", cmd_tables, "regenerate every table")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")

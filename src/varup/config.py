@@ -84,6 +84,9 @@ def _check_cross_references(cfg: dict) -> None:
             n = len(ds.get("generator", {}).get("shapes", ["circle", "square", "triangle", "cross"]))
             if ds["num_classes"] != n:
                 problems.append(f"datasets/{name}/num_classes: {ds['num_classes']} but the generator has {n} shapes")
+        if ds.get("tokenizer_gate") and ds["kind"] != "toy":
+            problems.append(f"datasets/{name}/tokenizer_gate: needs the toy mode classifier, so only kind 'toy' "
+                            f"can have it (this dataset is {ds['kind']!r})")
     for name, tok in cfg["tokenizers"].items():
         if tok["kind"] == "train" and "vqvae" not in tok:
             problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
@@ -346,6 +349,7 @@ def report_config(cfg: dict) -> dict:
     return {"datasets": {n: {"kind": d["kind"]} for n, d in cfg["datasets"].items()},
             "model": {"depths": cfg["model"]["depths"]}, "methods": cfg["methods"], "seeds": cfg["seeds"],
             "experiments": cfg.get("experiments", {}),
+            "metrics": {"toy_features": {"enabled": toy_metrics_enabled(cfg)}},
             "uncertainty": ({"enabled": True, "run_seeds": cfg["uncertainty"].get("run_seeds")}
                             if uncertainty_enabled(cfg) else {})}
 
@@ -366,5 +370,16 @@ def uncertainty_runs(cfg: dict) -> list[Run]:
 def mode_runs(cfg: dict) -> list[Run]:
     """Runs whose samples are scored by the mode classifier (datasets that know their modes: the toy)."""
     if not uncertainty_enabled(cfg):
+        return []
+    return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]
+
+
+def toy_metrics_enabled(cfg: dict) -> bool:
+    return bool(cfg.get("metrics", {}).get("toy_features", {}).get("enabled", True))
+
+
+def toy_runs(cfg: dict) -> list[Run]:
+    """Runs scored in the toy mode classifier's feature space (``metrics.toy_features``): those of toy datasets."""
+    if not toy_metrics_enabled(cfg):
         return []
     return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varup.tablefmt import GROUP_KEYS, add_stat, grouped, key_cols
+
 log = logging.getLogger("varup.modes")
 
 ATTRIBUTES = ("shape", "colour", "size", "background")
@@ -40,8 +42,9 @@ KL_EPS = 1e-6
 
 # ------------------------------------------------------------------------------------------- classifier
 class ModeClassifier(nn.Module):
-    """3 conv blocks (BN, ReLU; max-pool after the first two) -> [global avg, global max] -> one linear head per
-    attribute. Input uint8-range images normalised inside (``x / 255 - 0.5) / 0.25``)."""
+    """3 conv blocks (BN, ReLU; max-pool after the first two) -> [global avg, global max] (:meth:`embed`, the
+    ``4 * width``-d penultimate features) -> one linear head per attribute. Input uint8-range images, normalised
+    inside (``(x / 255 - 0.5) / 0.25``)."""
 
     def __init__(self, n_shapes: int, n_colours: int, n_sizes: int, n_backgrounds: int, width: int = 32,
                  resolution: int = 32):
@@ -56,11 +59,21 @@ class ModeClassifier(nn.Module):
         self.features = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
                                       block(2 * w, 2 * w))
         self.heads = nn.ModuleList([nn.Linear(4 * w, n) for n in self.sizes])
+        self.feature_dim = 4 * w
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: float (B, 3, H, W) on the 0..255 scale -> (B, 4 * width) penultimate features: the global average
+        and the global max of the last conv block. Images of another size are first resized to ``resolution``
+        (bilinear, antialiased). Every use of the features (the heads, the toy-feature metrics) goes through here."""
+        r = self.resolution
+        if x.shape[-2:] != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        h = self.features((x / 255.0 - 0.5) / 0.25)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x``: float (B, 3, H, W) on the 0..255 scale -> per-attribute logits."""
-        h = self.features((x / 255.0 - 0.5) / 0.25)
-        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
+        """``x``: float (B, 3, H, W) on the 0..255 scale -> per-attribute logits of :meth:`embed`'s features."""
+        h = self.embed(x)
         return [head(h) for head in self.heads]
 
 
@@ -109,6 +122,25 @@ def _dihedral(x: torch.Tensor, sym: np.ndarray) -> torch.Tensor:
     return out
 
 
+BLUR_SIGMA = (0.4, 1.2)  # px: the softness of a small tokenizer's decoded edges
+
+
+def _random_blur(x: torch.Tensor, rng: np.random.Generator, p: float = 0.5) -> torch.Tensor:
+    """Gaussian-blur a random half of the batch with one sigma drawn from ``BLUR_SIGMA``. Generated and reconstructed
+    toy images have softer edges than the rendered ones; a classifier trained on sharp images only reads a soft cross
+    as a triangle. Blur keeps every attribute, so the classifier judges shape, colour, size and background as a
+    person would, not sharpness."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    sel = np.flatnonzero(rng.random(len(x)) < p)
+    if not len(sel):
+        return x
+    sigma = float(rng.uniform(*BLUR_SIGMA))
+    out = x.clone()
+    out[sel] = gaussian_blur(x[sel], kernel_size=[5, 5], sigma=[sigma, sigma])
+    return out
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -121,11 +153,7 @@ def _predict(model: ModeClassifier, x: torch.Tensor, batch_size: int = 256) -> n
     dev = next(model.parameters()).device
     out = []
     for s in range(0, len(x), batch_size):
-        xb = x[s:s + batch_size].to(dev)
-        if xb.shape[-1] != model.resolution or xb.shape[-2] != model.resolution:
-            xb = F.interpolate(xb, size=(model.resolution, model.resolution), mode="bilinear", antialias=True,
-                               align_corners=False)
-        out.append(torch.stack([lg.argmax(1) for lg in model(xb)], 1).cpu())
+        out.append(torch.stack([lg.argmax(1) for lg in model(x[s:s + batch_size].to(dev))], 1).cpu())
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, 4), np.int64)
 
 
@@ -137,9 +165,8 @@ def _accuracy(pred: np.ndarray, attrs: np.ndarray) -> dict[str, float]:
 
 def train_mode_classifier(dataset_dir, out_path, *, epochs: int = 6, seed: int = 0, device: str = "cpu",
                           batch_size: int = 64, lr: float = 5e-3, width: int = 32, weight_decay: float = 1e-4) -> dict:
-    """Train on the toy TRAIN split (whole split in memory; random symmetries of the square, which keep every
-    attribute),
-    AdamW + one-cycle schedule, seeded; evaluate on VAL. Saves ``{'model', 'config', 'val_accuracy'}``
+    """Train on the toy TRAIN split (whole split in memory; random symmetries of the square and random Gaussian
+    blur of half the images, which keep every attribute), AdamW + one-cycle schedule, seeded; evaluate on VAL. Saves ``{'model', 'config', 'val_accuracy'}``
     (``torch.load(weights_only=True)``-loadable) to ``out_path``; returns
     ``{'val_accuracy': {shape, colour, size, background, mode}, 'train_accuracy', 'train_time_s', ...}``."""
     from varup.runtime import resolve_device
@@ -171,7 +198,7 @@ def train_mode_classifier(dataset_dir, out_path, *, epochs: int = 6, seed: int =
         total = 0.0
         for s in range(0, len(X), batch_size):
             idx = perm[s:s + batch_size]
-            xb = _dihedral(X[idx], sym[idx]).to(dev)
+            xb = _random_blur(_dihedral(X[idx], sym[idx]), rng).to(dev)
             yb = Y[idx].to(dev)
             loss = sum(F.cross_entropy(lg, yb[:, j]) for j, lg in enumerate(model(xb)))
             opt.zero_grad(set_to_none=True)
@@ -332,35 +359,35 @@ def run_mode_coverage(classifier, samples_npz, dataset_dir, out_json, *, meta: M
     return res
 
 
+MODE_COLUMNS = (("covered", "modes covered", lambda c: c["overall"]["covered"], 1),
+                ("covered_share", "modes ≥ ½ true share", lambda c: c["overall"]["covered_share"], 1),
+                ("expected_covered_true", "i.i.d. ceiling", lambda c: c["overall"]["expected_covered_true"], 1),
+                ("kl_gen_true", "KL(gen‖true)", lambda c: c["overall"]["kl_gen_true"], 3),
+                ("kl_true_gen", "KL(true‖gen)", lambda c: c["overall"]["kl_true_gen"], 3),
+                ("class_covered", "modes/class covered", lambda c: c["per_class_mean"]["covered"], 2),
+                ("class_kl_gen_true", "KL(gen‖true)/class", lambda c: c["per_class_mean"]["kl_gen_true"], 3),
+                ("class_error", "class error", lambda c: c["class_error"], 3))
+
+
+def _coverage_row(keycols: dict, covs: list[dict], n_modes: int) -> tuple[dict, dict]:
+    """(CSV row, display row) of the coverage dicts of one group."""
+    row = {**keycols, "seeds": len(covs), "n_modes": n_modes}
+    d = {**keycols, "n": len(covs)}
+    for key, title, get, digits in MODE_COLUMNS:
+        add_stat(row, d, key, title, (get(c) for c in covs), digits)
+    return row, d
+
+
 def mode_coverage_table(records: Sequence[Mapping[str, Any]]):
     """(table, display): one row per (dataset, depth, method) of :func:`run_mode_coverage` records, mean ± std over
-    the records (seeds): modes covered (>= 1 sample, and >= min_share_ratio of the true share), the i.i.d. ceiling,
-    KL both ways, per-class mean coverage and the class error; then per dataset a "real (val)" row from its first
-    record's reference (the classifier on as many real images; its depth is that record's, not meaningful)."""
+    the records (training seeds; :mod:`varup.tablefmt`: sample std, ddof = 1, one record -> no ±): modes covered
+    (>= 1 sample, and >= min_share_ratio of the true share), the i.i.d. ceiling, KL both ways, per-class mean
+    coverage and the class error; then per dataset a "real (val)" row (n = 1) from its first record's reference (the
+    classifier on as many real images; its depth is that record's, not meaningful)."""
     import pandas as pd
 
-    from varup.uncertainty import GROUP_KEYS, _add, _grouped, _key_cols
-
-    cols = [("covered", "modes covered", lambda c: c["overall"]["covered"], 1),
-            ("covered_share", "modes ≥ ½ true share", lambda c: c["overall"]["covered_share"], 1),
-            ("expected_covered_true", "i.i.d. ceiling", lambda c: c["overall"]["expected_covered_true"], 1),
-            ("kl_gen_true", "KL(gen‖true)", lambda c: c["overall"]["kl_gen_true"], 3),
-            ("kl_true_gen", "KL(true‖gen)", lambda c: c["overall"]["kl_true_gen"], 3),
-            ("class_covered", "modes/class covered", lambda c: c["per_class_mean"]["covered"], 2),
-            ("class_kl_gen_true", "KL(gen‖true)/class", lambda c: c["per_class_mean"]["kl_gen_true"], 3),
-            ("class_error", "class error", lambda c: c["class_error"], 3)]
-    rows, disp = [], []
-
-    def add_row(keycols: dict, covs: list[dict], n_modes: int) -> None:
-        row = {**keycols, "seeds": len(covs), "n_modes": n_modes}
-        d = {**keycols, "seeds": len(covs)}
-        for key, title, get, digits in cols:
-            _add(row, d, key, title, (get(c) for c in covs), digits)
-        rows.append(row)
-        disp.append(d)
-
-    for key, rs in _grouped(records).items():
-        add_row(_key_cols(key), [r["coverage"] for r in rs], rs[0]["coverage"]["overall"]["n_modes"])
+    rows = [_coverage_row(key_cols(key), [r["coverage"] for r in rs], rs[0]["coverage"]["overall"]["n_modes"])
+            for key, rs in grouped(records).items()]
     seen = set()
     for r in records:  # one reference row per dataset, from its first record
         if r.get("reference_real") and r.get("dataset") not in seen:
@@ -368,8 +395,8 @@ def mode_coverage_table(records: Sequence[Mapping[str, Any]]):
             ref = r["reference_real"]
             keycols = {k: r.get(k) for k in GROUP_KEYS if r.get(k) is not None}
             keycols["method"] = f"real ({ref['split']})"
-            add_row(keycols, [ref], ref["overall"]["n_modes"])
-    return pd.DataFrame(rows), pd.DataFrame(disp)
+            rows.append(_coverage_row(keycols, [ref], ref["overall"]["n_modes"]))
+    return pd.DataFrame([r for r, _ in rows]), pd.DataFrame([d for _, d in rows])
 
 
 __all__ = ["ModeClassifier", "train_mode_classifier", "load_mode_classifier", "classify", "attrs_to_mode",

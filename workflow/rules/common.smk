@@ -76,6 +76,11 @@ def tokenizer_file(w):
     return f"{RES}/{w.dataset}/tokenizer/vqvae.pt"
 
 
+def tokenizer_gate_file(w):
+    """The gate's JSON where the dataset has a tokenizer gate (toy datasets), else nothing: encoding waits for it."""
+    return [f"{RES}/{w.dataset}/tokenizer/gate.json"] if ds(w).get("tokenizer_gate") else []
+
+
 def weights_source(name):
     """(url, sha256 or None, config key of the sha256) of a file fetched into resources/weights/."""
     for tname, tok in config["tokenizers"].items():
@@ -121,9 +126,11 @@ TABLES = ["table2", "table7", "codebook_calibration", "overhead"] + (["table3"] 
 UNC = config.get("uncertainty", {})
 UNC_RUNS = vc.uncertainty_runs(config)
 MODE_RUNS = vc.mode_runs(config)
+TOY_RUNS = vc.toy_runs(config)
+TOY_DATASETS = sorted({r.dataset for r in TOY_RUNS})
 TABLES += (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglement"] if UNC_RUNS else []) + (
     ["mode_coverage"] if MODE_RUNS else []
-)
+) + (["toy_metrics"] if TOY_RUNS else [])
 FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else []) + (
     ["mc_dropout_sigma", "droppath_sweep"] if UNC_RUNS else []
 )
@@ -173,6 +180,27 @@ def bench_args():
     args += ["--compile"] if b.get("compile") else []
     args += [] if b.get("plain", True) else ["--skip-plain"]
     return " ".join(args)
+
+
+def inception_metric_params():
+    """The metrics settings of the Inception-feature rules (evaluate, score_uncertainty_sets): without
+    toy_features, so editing those re-runs only the toy-feature rules."""
+    return {k: v for k, v in config["metrics"].items() if k != "toy_features"}
+
+
+def toy_metric_params(w):
+    """Reference set (the one real_features uses) and metric settings of the toy-feature rules."""
+    m = config["metrics"]
+    return {"split": ds(w).get("metrics_real_split", "val"), "max_images": m["real_max_images"],
+            "resolution": ds(w)["resolution"], "batch_size": m["batch_size"],
+            **{k: m[k] for k in ("kid_subsets", "kid_subset_size", "prc_neighborhood", "prdc_nearest_k")}}
+
+
+def toy_floor_params(w):
+    """toy_metric_params plus the floor set: n_per_class images per class (a run's sample size) of floor_split."""
+    t = config["metrics"]["toy_features"]
+    return {**toy_metric_params(w), "floor_split": t["floor_split"],
+            "n_per_class": vc.sample_settings(config, w.dataset)["n_per_class"]}
 
 
 def unc_mask_dir(w):

@@ -51,10 +51,41 @@ rule tokenizer_train:
         " --work {params.work} >> {log} 2>&1"
 
 
+rule tokenizer_gate:
+    input:
+        data=f"{RES}/{{dataset}}/data",
+        tokenizer=tokenizer_file,
+        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+    output:
+        f"{RES}/{{dataset}}/tokenizer/gate.json",
+    params:
+        device=DEVICE,
+        bound=lambda w: ds(w)["tokenizer_gate"]["max_class_error"],
+        split=lambda w: ds(w)["tokenizer_gate"].get("split", "val"),
+        key=lambda w: f"datasets.{w.dataset}.tokenizer_gate.max_class_error",
+        pre=lambda w: q(ds(w).get("preprocess", {})),
+        res=lambda w: ds(w)["resolution"],
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+    priority: 45  # the critical path of the DAG goes first
+    log:
+        f"{RES}/logs/tokenizer/{{dataset}}_gate.log",
+    benchmark:
+        f"{RES}/benchmarks/tokenizer/{{dataset}}_gate.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup tokenizer-gate --threads {threads} --device {params.device} --tokenizer {input.tokenizer}"
+        " --classifier {input.classifier} --data {input.data} --resolution {params.res} --preprocess {params.pre}"
+        " --split {params.split} --max-class-error {params.bound} --key {params.key} --out {output} > {log} 2>&1"
+
+
 rule encode:
     input:
         data=f"{RES}/{{dataset}}/data",
         tokenizer=tokenizer_file,
+        gate=tokenizer_gate_file,
     output:
         meta=f"{RES}/{{dataset}}/tokens/meta.json",
         train=f"{RES}/{{dataset}}/tokens/train_tokens.npy",

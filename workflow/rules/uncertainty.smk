@@ -70,7 +70,7 @@ rule score_uncertainty_sets:
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json",
     params:
         device=DEVICE,
-        p=lambda w: q(config["metrics"]),
+        p=lambda w: q(inception_metric_params()),
     threads: THREADS
     resources:
         **GPU,
@@ -98,6 +98,7 @@ rule mode_classifier:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+    priority: 50  # the tokenizer gate needs it before encoding (the critical path)
     log:
         f"{RES}/logs/uncertainty/{{dataset}}_mode_classifier.log",
     benchmark:

@@ -229,6 +229,14 @@ def load_uint8_images(paths: Sequence[str | os.PathLike], resolution: int, mid_r
     return out
 
 
+def open_split(data_dir: str | os.PathLike, split: str, resolution: int, preprocess: dict | None = None,
+               hflip: bool = False) -> "ImageDataset":
+    """The ImageDataset of one split of a prepared dataset directory, with the config's ``preprocess`` settings."""
+    pre = dict(preprocess or {})
+    return ImageDataset.from_toy(data_dir, split, resolution=resolution, mid_reso=pre.get("mid_reso", 1.0),
+                                 crop=pre.get("crop", "center"), hflip=hflip)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images (B, 3, H, W) in [0, 1] -> uint8 numpy (B, H, W, 3) via ``clamp(x * 255 + 0.5)``.
 

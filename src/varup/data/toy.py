@@ -58,7 +58,7 @@ from PIL import Image, ImageDraw
 
 from varup.utils import atomic_write_json, progress as _progress, read_json, sha256_file
 
-GENERATOR_VERSION = "toy-shapes-v2"
+GENERATOR_VERSION = "toy-shapes-v3"
 SUPERSAMPLE = 4
 SPLITS = ("train", "val")
 MANIFEST_COLUMNS = ("path", "mask_path", "split", "label", "class_name", "colour", "size", "background", "mode",
@@ -73,8 +73,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "magenta": (205, 40, 200),
     "cyan": (35, 195, 210),
 }
-# Object extent (longest side of its unrotated bounding box) as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.35, "medium": 0.5, "large": 0.65}
+# Object extent (longest side of its unrotated bounding box) as a fraction of the image side. A small object spans
+# 16 px at 32 px, 4 latent cells of the toy tokenizer (4 px each): at 11 px (v2) its reconstructions lost the shape.
+SIZES: dict[str, float] = {"small": 0.5, "medium": 0.62, "large": 0.75}
 SHAPES = ("circle", "square", "triangle", "cross")
 BACKGROUNDS = ("plain", "stripes")
 
@@ -129,8 +130,11 @@ def _unit_polygon(shape: str) -> np.ndarray:
 _UNIT_POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
 
 
-def _object_alpha(shape: str, size: str, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """Antialiased object coverage in [0, 1], shape (R, R): the polygon drawn at 4x, LANCZOS-downsampled."""
+def _object_alpha(shape: str, size: str, resolution: int, rng: np.random.Generator,
+                  position_jitter: float = 1.0) -> np.ndarray:
+    """Antialiased object coverage in [0, 1], shape (R, R): the polygon drawn at 4x, LANCZOS-downsampled.
+    ``position_jitter`` is the fraction of the free range (bounding box inside the image) the centre is drawn
+    from, around the middle: 1 = anywhere, 0 = always centred."""
     extent = SIZES[size] * resolution * (1 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER))
     aspect = math.exp(rng.uniform(-_ASPECT_JITTER, _ASPECT_JITTER))
     if shape == "circle":
@@ -141,9 +145,12 @@ def _object_alpha(shape: str, size: str, resolution: int, rng: np.random.Generat
     c, s = math.cos(theta), math.sin(theta)
     pts = pts @ np.array([[c, s], [-s, c]])
     lo, hi = pts.min(0), pts.max(0)
-    # Uniform position with the whole (rotated) bounding box inside the image.
-    centre = [rng.uniform(_MARGIN_PX - lo[d], max(_MARGIN_PX - lo[d], resolution - _MARGIN_PX - hi[d]))
-              for d in range(2)]
+    # Uniform position in the middle `position_jitter` of the range that keeps the (rotated) bounding box inside.
+    centre = []
+    for d in range(2):
+        a = _MARGIN_PX - lo[d]
+        b = max(a, resolution - _MARGIN_PX - hi[d])
+        centre.append(a + (b - a) * rng.uniform(0.5 - position_jitter / 2, 0.5 + position_jitter / 2))
     pts = (pts + centre) * SUPERSAMPLE - 0.5  # continuous coords -> supersampled pixel-centre coords
     big = Image.new("L", (resolution * SUPERSAMPLE,) * 2, 0)
     ImageDraw.Draw(big).polygon([tuple(p) for p in pts.tolist()], fill=255)
@@ -170,9 +177,10 @@ def _background(kind: str, resolution: int, rng: np.random.Generator) -> np.ndar
     raise KeyError(f"toy dataset: unknown background {kind!r}")
 
 
-def render_toy_image(mode: dict[str, Any], resolution: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render_toy_image(mode: dict[str, Any], resolution: int, rng: np.random.Generator,
+                     position_jitter: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Render one image of ``mode``; returns (RGB uint8 (R, R, 3), mask uint8 (R, R) with 0/255)."""
-    alpha = _object_alpha(mode["shape"], mode["size"], resolution, rng)
+    alpha = _object_alpha(mode["shape"], mode["size"], resolution, rng, position_jitter)
     colour = np.asarray(COLOURS[mode["colour"]], np.float32) + rng.normal(0, _COLOUR_JITTER, 3).astype(np.float32)
     bg = _background(mode["background"], resolution, rng)
     a = alpha[..., None]
@@ -190,8 +198,9 @@ def _plan(split_id: int, n_per_class: int, n_classes: int, n_modes_per_class: in
     return [(c * n_per_class + j, c, j % n_modes_per_class) for c in range(n_classes) for j in range(n_per_class)]
 
 
-def _render_one(seed: int, split_id: int, i: int, mode: dict[str, Any], resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    return render_toy_image(mode, resolution, np.random.default_rng([seed, split_id, i]))
+def _render_one(seed: int, split_id: int, i: int, mode: dict[str, Any], resolution: int,
+                position_jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    return render_toy_image(mode, resolution, np.random.default_rng([seed, split_id, i]), position_jitter)
 
 
 def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolution: int = 32,
@@ -200,7 +209,7 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
                          sizes: Sequence[str] = ("small", "large"),
                          backgrounds: Sequence[str] = ("plain", "stripes"),
                          n_train_per_class: int = 512, n_val_per_class: int = 64,
-                         progress: bool = True) -> dict[str, Any]:
+                         position_jitter: float = 1.0, progress: bool = True) -> dict[str, Any]:
     """Generate the toy dataset into ``out_dir`` (atomically; see the module docstring for the layout).
 
     Returns the dict written to ``dataset.json``.
@@ -209,6 +218,8 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
         raise ValueError(f"toy dataset: resolution must be >= 8, got {resolution}")
     if n_train_per_class < 0 or n_val_per_class < 0:
         raise ValueError("toy dataset: image counts per class must be >= 0")
+    if not 0.0 <= position_jitter <= 1.0:
+        raise ValueError(f"toy dataset: position_jitter must be in [0, 1], got {position_jitter}")
     shapes, colours, sizes, backgrounds = (list(x) for x in (shapes, colours, sizes, backgrounds))
     modes = build_modes(shapes, colours, sizes, backgrounds)
     per_class = len(modes) // len(shapes)
@@ -217,7 +228,7 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         rows = _write_images(tmp, seed, resolution, shapes, modes, per_class,
-                             {"train": n_train_per_class, "val": n_val_per_class}, progress)
+                             {"train": n_train_per_class, "val": n_val_per_class}, position_jitter, progress)
         _write_manifest(tmp / "manifest.csv", rows)
         info = {
             "name": "toy", "seed": seed, "resolution": resolution, "classes": shapes, "modes": modes,
@@ -225,6 +236,7 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
             "generator_version": GENERATOR_VERSION, "manifest_sha256": sha256_file(tmp / "manifest.csv"),
             "colours": colours, "sizes": sizes, "backgrounds": backgrounds,
             "n_train_per_class": n_train_per_class, "n_val_per_class": n_val_per_class,
+            "position_jitter": position_jitter,
         }
         atomic_write_json(tmp / "dataset.json", info)
         _replace_dir(tmp, out_dir)
@@ -235,7 +247,8 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
 
 
 def _write_images(root: Path, seed: int, resolution: int, shapes: list[str], modes: list[dict[str, Any]],
-                  per_class: int, n_per_class: dict[str, int], show_progress: bool) -> list[dict[str, Any]]:
+                  per_class: int, n_per_class: dict[str, int], position_jitter: float,
+                  show_progress: bool) -> list[dict[str, Any]]:
     """Render and save every image and mask under ``root``; return the manifest rows."""
     jobs = [(split, split_id, i, label, m) for split_id, split in enumerate(SPLITS)
             for i, label, m in _plan(split_id, n_per_class[split], len(shapes), per_class)]
@@ -247,7 +260,7 @@ def _write_images(root: Path, seed: int, resolution: int, shapes: list[str], mod
     rows = []
     for split, split_id, i, label, m in it:
         mode = modes[label * per_class + m]
-        rgb, mask = _render_one(seed, split_id, i, mode, resolution)
+        rgb, mask = _render_one(seed, split_id, i, mode, resolution, position_jitter)
         rel_img = f"images/{split}/{shapes[label]}/{i:05d}.png"
         rel_mask = f"masks/{split}/{shapes[label]}/{i:05d}.png"
         Image.fromarray(rgb, "RGB").save(root / rel_img, format="PNG")
