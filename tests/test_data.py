@@ -370,3 +370,24 @@ def test_to_uint8_rounds_and_clamps():
     assert (out[0, ..., 0] == out[0, ..., 2]).all()
     with pytest.raises(ValueError, match="B, 3, H, W"):
         to_uint8(torch.zeros(3, 4, 4))
+
+
+def test_position_jitter_narrows_where_objects_sit():
+    """0 centres every object; 1 spreads them over the whole free range; in between, in proportion."""
+    mode = {"shape": "square", "colour": "red", "size": "small", "background": "plain"}
+
+    def centres(jitter):
+        out = []
+        for i in range(40):
+            _, mask = toy.render_toy_image(mode, 32, np.random.default_rng([0, 0, i]), position_jitter=jitter)
+            ys, xs = np.nonzero(mask)
+            out.append((xs.mean() + 0.5, ys.mean() + 0.5))
+        return np.array(out)
+
+    c0, c3, c1 = centres(0.0), centres(0.3), centres(1.0)
+    assert np.abs(c0 - 16).max() < 1.0  # centred (rotation jitter moves the mask centroid a little)
+    spread = [np.ptp(c, axis=0).max() for c in (c0, c3, c1)]
+    assert spread[0] < spread[1] < spread[2] and spread[2] > 8
+    assert np.abs(c3 - 16).max() <= 0.3 * 16 / 2 + 1.5  # the free range of a ~16 px object is ~15 px
+    with pytest.raises(ValueError, match="position_jitter"):
+        generate_toy_dataset("/nonexistent/never", position_jitter=1.5, **SMALL)
