@@ -1,5 +1,5 @@
-"""The toy generator learns its data: a reduced toy config (half the images, 600 tokenizer and VAR steps, a few
-minutes on 2 cores) run through the real DAG up to one run's mode coverage. The trained VAR's samples must show the
+"""The toy generator learns its data: a reduced toy config (the default data and tokenizer, 600 VAR steps, one
+seed; about 4 minutes on 2 cores) run through the real DAG up to one run's mode coverage. The trained VAR's samples must show the
 conditioned shape far more often than chance, and the tokenizer gate must have measured a tokenizer that keeps the
 class. A trainer that ignores the class, a broken teacher-forcing input or a tokenizer that blurs shapes away fails
 these thresholds (chance is a class error of 0.75 with 4 classes)."""
@@ -20,10 +20,8 @@ CHANCE = 0.75
 def reduced_config(results) -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["results_dir"] = str(results)
-    ds = cfg["datasets"]["shapes"]
-    ds["generator"].update(n_train_per_class=256, n_val_per_class=32)
-    ds["tokenizer_gate"]["max_class_error"] = 0.2
-    cfg["tokenizers"]["toy_vq"]["train"].update(steps=600, ckpt_every=300)
+    # data, tokenizer and gate as in the default (a smaller tokenizer run fails the gate: 600 steps on half the
+    # images gave a class error of 0.23 on its reconstructions); the VAR gets 600 steps and one seed
     cfg["train"].update(steps=600, ckpt_every=300)
     cfg["seeds"] = [0]
     cfg["sample"]["n_per_class"] = 24
@@ -40,7 +38,7 @@ def test_reduced_toy_generator_beats_chance_by_a_wide_margin(tmp_path):
     r = smk(tmp_path, f, "--cores", "2", str(target))
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     gate = json.loads((run / "tokenizer" / "gate.json").read_text())
-    assert gate["passed"] and gate["class_error"] <= 0.2, gate
+    assert gate["passed"] and gate["class_error"] <= cfg["datasets"]["shapes"]["tokenizer_gate"]["max_class_error"]
     cov = json.loads(target.read_text())["coverage"]
     print(f"reduced toy: gate class error {gate['class_error']:.3f}, sample class error {cov['class_error']:.3f}, "
           f"modes covered {cov['overall']['covered']} (i.i.d. ceiling {cov['overall']['expected_covered_true']:.1f})")

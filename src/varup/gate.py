@@ -4,8 +4,9 @@ A generator can only be as good as its tokenizer's reconstructions: if the decod
 longer show the object's shape, no amount of transformer training makes samples of the conditioned class. On the toy
 dataset this is measured directly: the mode classifier (trained on real images, :mod:`varup.modes`) classifies the
 tokenizer's reconstructions of held-out images, and the run stops before encoding if its class (shape) error exceeds
-a configured bound (``datasets.<d>.tokenizer_gate.max_class_error``). The numbers are written to a JSON file either
-way, so a failed gate leaves its evidence beside the tokenizer.
+a configured bound (``datasets.<d>.tokenizer_gate.max_class_error``). The numbers are written to the gate's JSON
+output when it passes, and to ``<output stem>.failed.json`` beside it when it fails (Snakemake deletes a failed
+job's outputs), so a failed gate leaves its evidence beside the tokenizer.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def run_tokenizer_gate(tokenizer, classifier, data_dir, out_json, *, resolution:
                        split: str = "val", max_class_error: float = 0.1, config_key: str = "tokenizer_gate",
                        device: str = "cpu") -> dict[str, Any]:
     """Measure the class error of the mode classifier on the tokenizer's reconstructions of ``split``; write
-    ``out_json`` (atomically) and raise :class:`TokenizerGateError`, naming the number and the bound's config key,
-    when it exceeds ``max_class_error``."""
+    ``out_json`` (atomically) when it is within ``max_class_error``; otherwise write the record to
+    :func:`failed_record_path` and raise :class:`TokenizerGateError`, naming the number and the bound's config key."""
     from varup.data.folder import open_split
     from varup.models.vqvae import load_vqvae
     from varup.modes import ATTRIBUTES, load_mode_classifier
@@ -73,8 +74,13 @@ def run_tokenizer_gate(tokenizer, classifier, data_dir, out_json, *, resolution:
     passed = res["class_error"] <= max_class_error
     res.update(kind="tokenizer_gate", split=split, max_class_error=max_class_error, config_key=config_key,
                passed=bool(passed), tokenizer_sha256=sha256_file(tokenizer), classifier_sha256=sha256_file(classifier))
-    atomic_write_json(out_json, res)
-    write_provenance(out_json, config={"split": split, "max_class_error": max_class_error}, started=t0)
+    out_json, failed = Path(out_json), failed_record_path(out_json)
+    target = out_json if passed else failed  # a failed job's outputs are deleted by Snakemake: keep the evidence
+    atomic_write_json(target, res)
+    write_provenance(target, config={"split": split, "max_class_error": max_class_error}, started=t0)
+    if passed:
+        for stale in (failed, failed.with_name(failed.name + ".prov.json")):
+            stale.unlink(missing_ok=True)
     msg = (f"tokenizer gate: class error of the mode classifier on {tokenizer}'s reconstructions of {res['n']} "
            f"held-out ({split}) images is {res['class_error']:.4f} (on the real images {res['real_class_error']:.4f}); "
            f"bound {config_key} = {max_class_error}")
@@ -83,6 +89,12 @@ def run_tokenizer_gate(tokenizer, classifier, data_dir, out_json, *, resolution:
                                  f"(per-attribute errors {_rounded(res['reconstruction_errors'])})")
     log.info("%s: passed (per-attribute errors %s)", msg, _rounded(res["reconstruction_errors"]))
     return res
+
+
+def failed_record_path(out_json) -> Path:
+    """Where a failed gate writes its record: beside the output, ``gate.json`` -> ``gate.failed.json``."""
+    out_json = Path(out_json)
+    return out_json.with_name(out_json.stem + ".failed" + out_json.suffix)
 
 
 def _attributes(data_dir: Path, split: str, classifier, attribute_names) -> np.ndarray:
@@ -102,4 +114,4 @@ def _rounded(d: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in d.items()}
 
 
-__all__ = ["TokenizerGateError", "reconstruct_uint8", "reconstruction_errors", "run_tokenizer_gate"]
+__all__ = ["TokenizerGateError", "failed_record_path", "reconstruct_uint8", "reconstruction_errors", "run_tokenizer_gate"]
