@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from helpers import tiny_vqvae
 from varup.data.folder import open_split
 from varup.data.toy import generate_toy_dataset, read_manifest
 from varup.gate import TokenizerGateError, failed_record_path, reconstruction_errors, run_tokenizer_gate
-from varup.modes import load_mode_classifier, train_mode_classifier
+from varup.modes import load_mode_classifier, manifest_attributes, train_mode_classifier
 from varup.utils import atomic_torch_save
 
 RES = 32  # tiny_vqvae: downsample 4, last patch_num 8
@@ -42,11 +41,7 @@ def _val(d):
     ds = open_split(str(d / "toy"), "val", RES, {})
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     clf = load_mode_classifier(d / "cls.pt")
-    names = clf.attributes
-    rows = read_manifest(d / "toy", "val")
-    attrs = np.array([[names["shape"].index(r["class_name"]), names["colour"].index(r["colour"]),
-                       names["size"].index(r["size"]), names["background"].index(r["background"])] for r in rows])
-    return images, clf, attrs
+    return images, clf, manifest_attributes(read_manifest(d / "toy", "val"), clf.attributes)
 
 
 def test_perfect_reconstructions_have_the_classifiers_own_error(toy):

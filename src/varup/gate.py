@@ -59,7 +59,7 @@ def run_tokenizer_gate(tokenizer, classifier, data_dir, out_json, *, resolution:
     :func:`failed_record_path` and raise :class:`TokenizerGateError`, naming the number and the bound's config key."""
     from varup.data.folder import open_split
     from varup.models.vqvae import load_vqvae
-    from varup.modes import ATTRIBUTES, load_mode_classifier
+    from varup.modes import load_mode_classifier
     from varup.runtime import resolve_device
     from varup.utils import atomic_write_json, sha256_file, write_provenance
 
@@ -69,7 +69,7 @@ def run_tokenizer_gate(tokenizer, classifier, data_dir, out_json, *, resolution:
     clf = load_mode_classifier(classifier).to(dev)
     ds = open_split(str(data_dir), split, resolution, preprocess)
     images = torch.stack([ds[i][0] for i in range(len(ds))]).to(dev)
-    attrs = _attributes(Path(data_dir), split, clf, ATTRIBUTES)
+    attrs = _attributes(Path(data_dir), split, clf)
     res = reconstruction_errors(vae, clf, images, attrs)
     passed = res["class_error"] <= max_class_error
     res.update(kind="tokenizer_gate", split=split, max_class_error=max_class_error, config_key=config_key,
@@ -97,15 +97,13 @@ def failed_record_path(out_json) -> Path:
     return out_json.with_name(out_json.stem + ".failed" + out_json.suffix)
 
 
-def _attributes(data_dir: Path, split: str, classifier, attribute_names) -> np.ndarray:
+def _attributes(data_dir: Path, split: str, classifier) -> np.ndarray:
     """(N, 4) true attribute indices of ``split`` in the dataset's order (the order ``open_split`` reads)."""
     from varup.data.toy import read_manifest
+    from varup.modes import manifest_attributes
 
-    names = classifier.attributes or {}
-    rows = read_manifest(data_dir, split)
-    cols = {"shape": "class_name", "colour": "colour", "size": "size", "background": "background"}
     try:
-        return np.array([[names[a].index(r[cols[a]]) for a in attribute_names] for r in rows], np.int64)
+        return manifest_attributes(read_manifest(data_dir, split), classifier.attributes or {})
     except (KeyError, ValueError) as e:
         raise ValueError(f"{data_dir}: the mode classifier's attribute names do not match the manifest ({e})") from None
 

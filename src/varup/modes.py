@@ -82,6 +82,14 @@ def _attribute_names(info: Mapping[str, Any]) -> dict[str, list[str]]:
             "background": list(info["backgrounds"])}
 
 
+def manifest_attributes(rows: Sequence[Mapping[str, Any]], names: Mapping[str, list[str]]) -> np.ndarray:
+    """(N, 4) shape, colour, size and background indices of toy manifest ``rows`` in the order of ``names``
+    (the attribute names a classifier was trained with); ValueError/KeyError on a name it does not know."""
+    return np.array([[names["shape"].index(r["class_name"]), names["colour"].index(r["colour"]),
+                      names["size"].index(r["size"]), names["background"].index(r["background"])] for r in rows],
+                    np.int64).reshape(-1, len(ATTRIBUTES))
+
+
 def _load_split(dataset_dir: Path, split: str, names: Mapping[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, R, R, 3) images and (N, 4) attribute indices; checks the manifest's global mode index."""
     from PIL import Image
@@ -92,8 +100,7 @@ def _load_split(dataset_dir: Path, split: str, names: Mapping[str, list[str]]) -
     if not rows:
         raise ValueError(f"{dataset_dir}: split {split!r} has no images")
     imgs = np.stack([np.asarray(Image.open(dataset_dir / r["path"]).convert("RGB")) for r in rows])
-    attrs = np.array([[names["shape"].index(r["class_name"]), names["colour"].index(r["colour"]),
-                       names["size"].index(r["size"]), names["background"].index(r["background"])] for r in rows])
+    attrs = manifest_attributes(rows, names)
     modes = attrs_to_mode(attrs, [len(names[a]) for a in ATTRIBUTES])
     want = np.array([r["mode"] for r in rows])
     if not np.array_equal(modes, want) or not np.array_equal(attrs[:, 0], [r["label"] for r in rows]):
@@ -400,4 +407,5 @@ def mode_coverage_table(records: Sequence[Mapping[str, Any]]):
 
 
 __all__ = ["ModeClassifier", "train_mode_classifier", "load_mode_classifier", "classify", "attrs_to_mode",
-           "true_mode_hist", "kl", "mode_coverage", "run_mode_coverage", "mode_coverage_table", "ATTRIBUTES", "KL_EPS"]
+           "true_mode_hist", "manifest_attributes", "kl", "mode_coverage", "run_mode_coverage", "mode_coverage_table",
+           "ATTRIBUTES", "KL_EPS"]
