@@ -151,8 +151,12 @@ def test_baseline_gradient_is_plain_cross_entropy():
     refs = build_references(torch.randn(16, 4), None, PN, num_clusters=4)
     logits = torch.randn(3, 5, 16, requires_grad=True)
     t = torch.randint(0, 16, (3, 5))
-    out = UncertaintyLoss(LossConfig(), PN, refs)(logits, t)  # λ1 = λ2 = 0, regularisers only logged
-    assert out.l2nd > 0 and out.lse > 0
+    loss = UncertaintyLoss(LossConfig(), PN, refs)
+    out = loss(logits, t)  # λ1 = λ2 = 0: the regularisers are not computed in training...
+    assert out.l2nd == 0 and out.lse == 0
+    diag = loss.diagnostics(logits, t)  # ...but read on log steps, outside the gradient
+    assert diag["l2nd"] > 0 and diag["lse"] > 0 and diag["gshare_2nd"] == 0 and diag["gshare_se"] == 0
+    assert diag["gshare_2nd_per_lambda"] > 0 and diag["gshare_se_per_lambda"] > 0
     out.total.backward()
     ref_logits = logits.detach().clone().requires_grad_(True)
     F.cross_entropy(ref_logits.view(-1, 16), t.view(-1)).backward()

@@ -305,7 +305,7 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             **({"fused": True} if dev.type == "cuda" else {}))
     refs = benchmark_references(vocab)
-    losses = {"ce_only": UncertaintyLoss(LossConfig(), patch_nums, None, log_all=False).to(dev),
+    losses = {"ce_only": UncertaintyLoss(LossConfig(), patch_nums, refs).to(dev),  # the baseline as trained
               "full_objective": UncertaintyLoss(LossConfig(lambda_2nd=0.002, lambda_se=0.01), patch_nums, refs).to(dev)}
     lab = torch.randint(0, num_classes, (batch,), device=dev)
     vcfg = None
