@@ -180,12 +180,52 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(asse
         return real_forward(self, logits, targets)
 
     monkeypatch.setattr(T.UncertaintyLoss, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 7.*step 4"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at or before step 7.*step 4"):
         run_train(assets, tmp_path, spec())
     ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if k != "attn_bias_for_masking")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_nan_before_a_sigterm_leaves_the_previous_good_checkpoint(assets, tmp_path, monkeypatch):
+    """A NaN at step 6 (checks every 4 steps) and SIGTERM in the same step: the preemption checkpoint checks the
+    flag first, so last.pt stays the good step-4 one instead of NaN weights."""
+    import varup.train as T
+
+    calls = {"n": 0}
+    real_forward = T.UncertaintyLoss.forward
+
+    def poisoned(self, logits, targets):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            logits = logits * float("nan")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, logits, targets)
+
+    monkeypatch.setattr(T.UncertaintyLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at or before step 6.*step 4"):
+        run_train(assets, tmp_path, spec(ckpt_every=4, nonfinite_check_every=4, log_every=100))
+    ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if k != "attn_bias_for_masking")
+
+
+def test_ckpt_every_must_be_a_multiple_of_the_nonfinite_check():
+    with pytest.raises(ValueError, match="ckpt_every.*multiple.*nonfinite_check_every"):
+        OptimConfig(ckpt_every=10, nonfinite_check_every=4)
+    OptimConfig(ckpt_every=12, nonfinite_check_every=4)
+
+
+def test_log_lines_carry_gradient_shares_and_dispersion(assets, tmp_path):
+    run_train(assets, tmp_path, spec(steps=4))
+    rows = [json.loads(x) for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    # lambda_2nd 0.01, lambda_se 0.02: the weighted share is lambda times the per-unit share
+    assert last["gshare_2nd"] == pytest.approx(0.01 * last["gshare_2nd_per_lambda"], rel=1e-6)
+    assert last["gshare_se"] == pytest.approx(0.02 * last["gshare_se_per_lambda"], rel=1e-6)
+    assert 0 < last["pred_dispersion"] < 1 and 0 < last["pred_entropy"] < np.log(64) + 1e-6
+    assert last["ref_dispersion"] is not None and last["ref_entropy"] is not None
 
 
 def test_checkpoint_of_another_config_is_set_aside(assets, tmp_path):

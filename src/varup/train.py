@@ -13,8 +13,11 @@ Reliability:
   checkpoint reaches the same final weights as an uninterrupted one. A checkpoint written under another config
   (hash mismatch, e.g. after a loss hyper-parameter was edited) is set aside, never resumed.
 * preemption: SIGTERM/SIGUSR1 → checkpoint after the current step → exit status 75 (retry resumes).
-* a non-finite loss stops the job with a message naming the step and the loss components; no checkpoint is
-  written after it, so the last good one stays.
+* a non-finite loss stops the job with a message naming the step and the loss components; every checkpoint
+  (periodic, preemption, stop) is written only after a finite-loss check, so the last good one stays
+  (``ckpt_every`` must be a multiple of ``nonfinite_check_every``).
+* strength made visible: each log line carries :meth:`UncertaintyLoss.diagnostics` (the regularisers' values,
+  their logit-gradient shares against CE, the predictive dispersion and entropy beside the reference's).
 * multi-GPU: started by torchrun, each rank takes its slice of every global batch; gradients are averaged (DDP),
   so the loss curve equals one process with the same global batch. Only rank 0 logs and writes files.
 """
@@ -77,6 +80,9 @@ class OptimConfig:
             raise ValueError(f"train.lr_schedule must be lin0, constant or cosine, got {self.lr_schedule!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("train.steps and train.batch_size must be >= 1")
+        if self.nonfinite_check_every < 1 or self.ckpt_every % self.nonfinite_check_every:
+            raise ValueError(f"train.ckpt_every ({self.ckpt_every}) must be a multiple of train.nonfinite_check_every "
+                             f"({self.nonfinite_check_every}): a checkpoint is only written after a finite-loss check")
 
 
 def lr_at(step: int, c: OptimConfig) -> float:
@@ -197,30 +203,43 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
-def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
-          out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
-          warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None) -> dict:
-    """Train one run; writes ``out_model`` (plain state dict + config) and, in ``work_dir``: ``metrics.jsonl``,
-    ``summary.json`` and ``ckpt/last.pt``. ``stop_after`` ends the job early after that many steps *of this
-    process* (used by tests to simulate a kill) without writing the final model."""
-    t_start = time.time()
+@dataclass
+class _Run:
+    """What one training job holds between its steps (built by :func:`_setup`)."""
+
+    d: Dist
+    dev: torch.device
+    oc: OptimConfig
+    work: Path
+    ckpt_path: Path
+    log_path: Path
+    run_hash: str
+    vae: VQVAE
+    quant: torch.nn.Module
+    cache: TokenCache
+    model: VAR
+    loss_fn: UncertaintyLoss
+    opt: torch.optim.Optimizer
+    amp: torch.dtype | None
+    scaler: object
+    start: int = 0
+    last_ckpt: int | None = None
+    bad: torch.Tensor | None = None
+
+
+def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path) -> _Run:
+    """Model, loss, optimiser and token cache of one run, on its device (not yet resumed)."""
     d, dev = init_distributed(device)
     oc = OptimConfig(**spec.optim)
     lc = LossConfig(**spec.loss)
     work = Path(work_dir)
-    ckpt_path = work / "ckpt" / "last.pt"
-    log_path = work / "metrics.jsonl"
     work.mkdir(parents=True, exist_ok=True)
-    run_hash = spec.hash()
-
     vae = load_vqvae(tokenizer, map_location="cpu")
-    quant = vae.quantize.to(dev)  # only the codebook and Phi are needed for teacher forcing
     cache = TokenCache(tokens_dir, "train")
     if tuple(cache.patch_nums) != tuple(vae.patch_nums) or cache.vocab_size != vae.V:
         raise ValueError(f"token cache {tokens_dir} (patch_nums {cache.patch_nums}, V {cache.vocab_size}) was not "
                          f"made by tokenizer {tokenizer} (patch_nums {vae.patch_nums}, V {vae.V})")
     refs = load_references(references) if references else None
-
     torch.manual_seed(spec.seed)  # identical initialisation on every rank
     model = build_model(spec, vae, cache.num_classes)
     model.init_weights(oc.init_adaln, oc.init_adaln_gamma, oc.init_head, oc.init_std)
@@ -231,159 +250,207 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
             raise ValueError("train.warm_start is set but no official checkpoint path was given (--warm-start)")
         warm_start(model, str(warm_start_path), class_map=cache.meta.get("imagenet1k_index"))
     model.to(dev)
-    loss_fn = UncertaintyLoss(lc, vae.patch_nums, refs).to(dev)
     opt = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=oc.betas,
                             **({"fused": True} if dev.type == "cuda" else {}))
     amp = autocast_dtype(oc.precision, dev)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**11) if amp == torch.float16 else None
+    return _Run(d=d, dev=dev, oc=oc, work=work, ckpt_path=work / "ckpt" / "last.pt", log_path=work / "metrics.jsonl",
+                run_hash=spec.hash(), vae=vae, quant=vae.quantize.to(dev), cache=cache, model=model,
+                loss_fn=UncertaintyLoss(lc, vae.patch_nums, refs).to(dev), opt=opt, amp=amp, scaler=scaler,
+                bad=torch.zeros((), dtype=torch.bool, device=dev))
 
-    start = 0
-    state = load_training_state(ckpt_path)
-    if state is not None and state.get("extra", {}).get("run_hash") != run_hash:
-        stale = ckpt_path.with_name(f"stale-{state.get('extra', {}).get('run_hash', 'unknown')}.pt")
-        if d.is_main:
-            log.warning("checkpoint %s was written under another configuration: moved to %s, starting afresh", ckpt_path, stale)
-            os.replace(ckpt_path, stale)
+
+def _resume(r: _Run, spec: RunSpec) -> None:
+    """Load ``last.pt`` when it was written under this run's configuration (else set it aside), trim the log to
+    its step, and restore this rank's RNG stream (class dropout, DropPath) exactly."""
+    state = load_training_state(r.ckpt_path)
+    if state is not None and state.get("extra", {}).get("run_hash") != r.run_hash:
+        stale = r.ckpt_path.with_name(f"stale-{state.get('extra', {}).get('run_hash', 'unknown')}.pt")
+        if r.d.is_main:
+            log.warning("checkpoint %s was written under another configuration: moved to %s, starting afresh",
+                        r.ckpt_path, stale)
+            os.replace(r.ckpt_path, stale)
         state = None
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["step"])
-        log.info("resumed from %s at step %d", ckpt_path, start)
-    if d.is_main:
-        _truncate_log(log_path, start)
-    # RNG streams: per rank, restored exactly on resume (class dropout, DropPath)
-    torch.manual_seed(derive_seed(spec.seed, "train", d.rank))
+        r.model.load_state_dict(state["model"])
+        r.opt.load_state_dict(state["optimizer"])
+        if r.scaler is not None and "scaler" in state:
+            r.scaler.load_state_dict(state["scaler"])
+        r.start = r.last_ckpt = int(state["step"])
+        log.info("resumed from %s at step %d", r.ckpt_path, r.start)
+    if r.d.is_main:
+        _truncate_log(r.log_path, r.start)
+    torch.manual_seed(derive_seed(spec.seed, "train", r.d.rank))
     if state is not None:
         saved = state["extra"].get("rank_rng") or []
-        if len(saved) != d.world:
-            raise RuntimeError(f"{ckpt_path} was written by {len(saved)} rank(s); resume it with the same number "
-                               f"of processes (now {d.world})")
-        set_rng_state(saved[d.rank])
+        if len(saved) != r.d.world:
+            raise RuntimeError(f"{r.ckpt_path} was written by {len(saved)} rank(s); resume it with the same number "
+                               f"of processes (now {r.d.world})")
+        set_rng_state(saved[r.d.rank])
 
-    net: torch.nn.Module = model
-    if oc.compile:
-        net = torch.compile(net)
+
+def _check_finite(r: _Run, done: int, out) -> None:
+    """Raise (naming the step and the loss components) if any step since the last check had a non-finite loss."""
+    if bool(r.bad):
+        raise NonFiniteLossError(
+            f"non-finite loss at or before step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
+            f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); the last good checkpoint ({r.ckpt_path}, step "
+            f"{r.last_ckpt}) is kept; lower the learning rate or check the data")
+
+
+def _checkpoint(r: _Run, spec: RunSpec, step: int, out) -> None:
+    """Write ``last.pt`` after a finite-loss check, so a NaN from an unchecked step never overwrites the last
+    good checkpoint (every rank's RNG stream is saved, so a resumed multi-process run continues each exactly)."""
+    _check_finite(r, step, out)
+    rngs = [None] * r.d.world
+    if r.d.enabled:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if r.d.is_main:
+        save_training_state(r.ckpt_path, model=r.model, optimizer=r.opt, step=step, config=asdict(spec),
+                            extra={"run_hash": r.run_hash, "rank_rng": rngs}, scaler=r.scaler)
+    r.last_ckpt = step
+
+
+def _global_mean(r: _Run, values: list) -> list:
+    """Average a list of floats/tensors over ranks (one all-reduce): logged numbers are global-batch means."""
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64, device=r.dev)
+    if r.d.enabled:
+        dist.all_reduce(v)
+        v /= r.d.world
+    return v.cpu().tolist()
+
+
+_DIAG_KEYS = ("gshare_2nd", "gshare_se", "gshare_2nd_per_lambda", "gshare_se_per_lambda", "pred_dispersion",
+              "pred_entropy", "ref_dispersion", "ref_entropy")
+
+
+def _log_record(r: _Run, step: int, logits, tok, out, gnorm, speed: dict) -> dict:
+    """One line of ``metrics.jsonl``: the loss and its terms (from :meth:`UncertaintyLoss.diagnostics`, so a
+    baseline logs the regularisers it does not train with), per scale, gradient shares, dispersion, accuracy."""
+    diag = r.loss_fn.diagnostics(logits, tok)
+    L_last = r.vae.patch_nums[-1] ** 2
+    acc = (logits.detach().argmax(-1) == tok).float().mean(0)  # (L,)
+    present = [k for k in _DIAG_KEYS if diag[k] is not None]
+    head = [out.total.detach(), out.ce, diag["l2nd"], diag["lse"], acc.mean(), acc[-L_last:].mean()]
+    flat = _global_mean(r, head + diag["per_scale"].reshape(-1).tolist() + [diag[k] for k in present])
+    SN = len(r.vae.patch_nums)
+    ps = torch.tensor(flat[6:6 + 3 * SN]).view(3, SN)
+    rec = {"step": step, "lr": lr_at(step - 1, r.oc), "loss": flat[0], "ce": flat[1], "l2nd": flat[2], "lse": flat[3],
+           "grad_norm": float(gnorm), "acc_mean": flat[4], "acc_last": flat[5],
+           "per_scale": {"ce": ps[0].tolist(), "l2nd": ps[1].tolist(), "lse": ps[2].tolist()}}
+    rec.update({k: None for k in _DIAG_KEYS})
+    rec.update(dict(zip(present, flat[6 + 3 * SN:])))
+    rec.update(speed)
+    return rec
+
+
+def _train_step(r: _Run, net, step: int, tok, lab):
+    for g in r.opt.param_groups:
+        g["lr"] = lr_at(step, r.oc)
+    x = r.quant.idxBl_to_var_input(split_tokens(tok, r.vae.patch_nums))
+    net.train()
+    with autocast(r.dev, r.amp):
+        logits = net(lab, x)
+    out = r.loss_fn(logits, tok)
+    r.opt.zero_grad(set_to_none=True)
+    if r.scaler is not None:
+        r.scaler.scale(out.total).backward()
+        r.scaler.unscale_(r.opt)
+    else:
+        out.total.backward()
+    gnorm = (torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0
+             else torch.zeros((), device=r.dev))
+    r.bad |= ~torch.isfinite(out.total.detach())
+    if r.scaler is not None:
+        r.scaler.step(r.opt)
+        r.scaler.update()
+    else:
+        r.opt.step()
+    return logits, out, gnorm
+
+
+def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
+          out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
+          warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None) -> dict:
+    """Train one run; writes ``out_model`` (plain state dict + config) and, in ``work_dir``: ``metrics.jsonl``,
+    ``summary.json`` and ``ckpt/last.pt``. ``stop_after`` ends the job early after that many steps *of this
+    process* (used by tests to simulate a kill) without writing the final model."""
+    t_start = time.time()
+    r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path)
+    _resume(r, spec)
+    oc, d = r.oc, r.d
+    net: torch.nn.Module = torch.compile(r.model) if oc.compile else r.model
     if d.enabled:
-        net = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    order = BatchOrder(len(cache), oc.batch_size, spec.seed, d)
-
-    last_ckpt = start if state is not None else None
-
-    def checkpoint(step: int) -> None:
-        nonlocal last_ckpt
-        rngs = [None] * d.world
-        if d.enabled:  # every rank's RNG stream, so a resumed multi-process run continues each of them exactly
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if d.is_main:
-            save_training_state(ckpt_path, model=model, optimizer=opt, step=step, config=asdict(spec),
-                                extra={"run_hash": run_hash, "rank_rng": rngs}, scaler=scaler)
-        last_ckpt = step
-
-    n_params = model.num_params()
+        net = DDP(net, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
+    order = BatchOrder(len(r.cache), oc.batch_size, spec.seed, d)
     log.info("run %s: VAR depth %d, %.2fM params, %d steps of global batch %d on %s (%d rank(s)), precision %s, "
-             "loss %s", run_hash, model.depth, n_params / 1e6, oc.steps, oc.batch_size, dev, d.world,
-             amp or "fp32", lc.to_dict())
-    bad = torch.zeros((), dtype=torch.bool, device=dev)
-    t_loop, steps_done, tokens_seen = time.time(), 0, 0
-    bar = progress(total=oc.steps, initial=start, desc=f"train {work.name}", unit="step", disable=not d.is_main)
-    batches = Prefetcher(cache, order, start, oc.steps, dev)
+             "loss %s", r.run_hash, r.model.depth, r.model.num_params() / 1e6, oc.steps, oc.batch_size, r.dev, d.world,
+             r.amp or "fp32", r.loss_fn.cfg.to_dict())
+    t_loop, steps_done, tokens_seen, rec = time.time(), 0, 0, None
+    bar = progress(total=oc.steps, initial=r.start, desc=f"train {r.work.name}", unit="step", disable=not d.is_main)
+    batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev)
     with PreemptionGuard() as guard:
-        for step in range(start, oc.steps):
+        for step in range(r.start, oc.steps):
             tok, lab = batches.get(step)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, oc)
-            x = quant.idxBl_to_var_input(split_tokens(tok, vae.patch_nums))
-            net.train()
-            with autocast(dev, amp):
-                logits = net(lab, x)
-            out = loss_fn(logits, tok)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(out.total).backward()
-                scaler.unscale_(opt)
-            else:
-                out.total.backward()
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip) if oc.grad_clip > 0
-                     else torch.zeros((), device=dev))
-            bad |= ~torch.isfinite(out.total.detach())
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            logits, out, gnorm = _train_step(r, net, step, tok, lab)
             steps_done += 1
             tokens_seen += tok.numel() * d.world
             done = step + 1
-            if done % oc.nonfinite_check_every == 0 or done % oc.log_every == 0 or done == oc.steps:
-                if bool(bad):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
-                        f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); the last good checkpoint "
-                        f"({ckpt_path}, step {last_ckpt}) is kept; lower the learning rate or check the data")
-            if done % oc.log_every == 0 or done == oc.steps:
-                with torch.no_grad():
-                    L_last = vae.patch_nums[-1] ** 2
-                    acc = (logits.detach().argmax(-1) == tok).float().mean(0)  # (L,)
-                    # one vector, averaged over ranks: the logged numbers are global-batch means (a sync per log step)
-                    stats = torch.cat([torch.stack([out.total.detach(), out.ce, out.l2nd, out.lse]).float(),
-                                       out.per_scale.reshape(-1).float(), acc.mean()[None], acc[-L_last:].mean()[None]])
-                    if d.enabled:
-                        dist.all_reduce(stats)
-                        stats /= d.world
-                    stats = stats.cpu()
-                dt = time.time() - t_loop
-                SN = len(vae.patch_nums)
-                ps = stats[4:4 + 3 * SN].view(3, SN)
-                rec = {"step": done, "lr": lr_at(step, oc), "loss": float(stats[0]), "ce": float(stats[1]),
-                       "l2nd": float(stats[2]), "lse": float(stats[3]), "grad_norm": float(gnorm),
-                       "acc_mean": float(stats[-2]), "acc_last": float(stats[-1]),
-                       "per_scale": {"ce": ps[0].tolist(), "l2nd": ps[1].tolist(), "lse": ps[2].tolist()},
-                       "imgs_per_s": steps_done * oc.batch_size / max(dt, 1e-9), "tokens_per_s": tokens_seen / max(dt, 1e-9),
-                       "elapsed_s": round(time.time() - t_start, 2)}
+            log_now = done % oc.log_every == 0 or done == oc.steps
+            if done % oc.nonfinite_check_every == 0 or log_now:
+                _check_finite(r, done, out)
+            if log_now:
+                dt = max(time.time() - t_loop, 1e-9)
+                rec = _log_record(r, done, logits, tok, out, gnorm, {
+                    "imgs_per_s": steps_done * oc.batch_size / dt, "tokens_per_s": tokens_seen / dt,
+                    "elapsed_s": round(time.time() - t_start, 2)})
                 if d.is_main:
-                    with open(log_path, "a") as f:
+                    with open(r.log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
             bar.update(1)
             if done % oc.ckpt_every == 0 and done < oc.steps:
-                checkpoint(done)
-            if guard.any_rank_requested(d, dev):
-                checkpoint(done)
+                _checkpoint(r, spec, done, out)
+            stop = "signal" if guard.any_rank_requested(d, r.dev) else (
+                "stop_after" if stop_after is not None and steps_done >= stop_after else None)
+            if stop:
+                _checkpoint(r, spec, done, out)
                 bar.close()
                 batches.close()
                 shutdown_distributed()
-                exit_preempted(guard.requested or "signal on another rank")
-            if stop_after is not None and steps_done >= stop_after:
-                checkpoint(done)
-                bar.close()
-                batches.close()
-                shutdown_distributed()
+                if stop == "signal":
+                    exit_preempted(guard.requested or "signal on another rank")
                 return {"stopped_at": done}
     bar.close()
     batches.close()
-    wall = time.time() - t_loop
+    summary = _finish(r, spec, out_model, order, steps_done, time.time() - t_loop, t_start, rec)
+    shutdown_distributed()
+    return summary
+
+
+def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: int, wall: float, t_start: float,
+            rec: dict | None) -> dict:
+    """Write the model, ``summary.json`` and provenance; drop ``last.pt`` (the model file is the result)."""
+    n_params, oc = r.model.num_params(), r.oc
     summary = {
-        "run_hash": run_hash, "params": n_params, "params_m": round(n_params / 1e6, 3), "depth": model.depth,
-        "global_batch": oc.batch_size, "world_size": d.world, "steps": oc.steps, "resumed_from": start,
+        "run_hash": r.run_hash, "params": n_params, "params_m": round(n_params / 1e6, 3), "depth": r.model.depth,
+        "global_batch": oc.batch_size, "world_size": r.d.world, "steps": oc.steps, "resumed_from": r.start,
         "steps_this_job": steps_done, "wall_s_this_job": round(wall, 2),
         "s_per_step": wall / max(steps_done, 1), "imgs_per_s": steps_done * oc.batch_size / max(wall, 1e-9),
         "steps_per_epoch": order.per_epoch, "epoch_s": wall / max(steps_done, 1) * order.per_epoch,
-        "peak_mem_mb_per_device": round(_peak_memory_mb(dev), 1), "device": str(dev), "precision": str(amp or "fp32"),
-        "final": {k: rec[k] for k in ("loss", "ce", "l2nd", "lse")} if steps_done else None,
+        "peak_mem_mb_per_device": round(_peak_memory_mb(r.dev), 1), "device": str(r.dev),
+        "precision": str(r.amp or "fp32"),
+        "final": {k: rec[k] for k in ("loss", "ce", "l2nd", "lse", *_DIAG_KEYS)} if rec else None,
     }
-    if d.is_main:
-        atomic_torch_save({"model": model.state_dict(), "config": model.cfg.to_dict(), "run": asdict(spec),
-                           "run_hash": run_hash}, out_model)
-        atomic_write_json(work / "summary.json", summary)
-        write_provenance(out_model, config=asdict(spec), seed=spec.seed, device=str(dev), started=t_start)
-        if ckpt_path.exists():
-            ckpt_path.unlink()  # finished: the model file is the result
-    shutdown_distributed()
+    if r.d.is_main:
+        atomic_torch_save({"model": r.model.state_dict(), "config": r.model.cfg.to_dict(), "run": asdict(spec),
+                           "run_hash": r.run_hash}, out_model)
+        atomic_write_json(r.work / "summary.json", summary)
+        write_provenance(out_model, config=asdict(spec), seed=spec.seed, device=str(r.dev), started=t_start)
+        if r.ckpt_path.exists():
+            r.ckpt_path.unlink()
     return summary
 
 
