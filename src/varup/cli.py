@@ -128,23 +128,30 @@ def cmd_references(a) -> None:
     import numpy as np
     import torch
 
-    from varup.losses import build_references
+    from varup.losses import build_references, reference_stats
     from varup.models.vqvae import load_vqvae
     from varup.tokens import TokenCache
-    from varup.utils import atomic_torch_save, write_provenance
+    from varup.utils import atomic_torch_save, atomic_write_json, write_provenance
 
     t0 = time.time()
     vae = load_vqvae(a.tokenizer)
     cache = TokenCache(a.tokens, "train")
     tokens = torch.from_numpy(np.asarray(cache.tokens).astype(np.int64))
     refs = build_references(vae.quantize.embedding.weight.detach(), tokens, vae.patch_nums,
-                            num_clusters=a.num_clusters, cluster_seed=a.seed, tau=a.tau)
+                            num_clusters=a.num_clusters, cluster_seed=a.seed, tau=a.tau, support_k=a.support_k)
     atomic_torch_save(refs, a.out)
+    stats = reference_stats(refs)
+    if a.stats:
+        atomic_write_json(a.stats, stats)
     write_provenance(a.out, config=vars_json(a), seed=a.seed, started=t0, tau=float(refs["tau"]),
                      dataset_s_star=refs["dataset_s_star"].tolist(),
                      semantic_s_star_mean=float(refs["semantic_s_star"].mean()))
-    log.info("references: tau %.4g, dataset s* per scale %s, semantic s* mean %.4g", float(refs["tau"]),
-             [round(x, 4) for x in refs["dataset_s_star"].tolist()], float(refs["semantic_s_star"].mean()))
+    for name in ("semantic", "semantic_k"):
+        st = stats[name]
+        log.info("references: %s tau %.4g, s* median %.4g (q10 %.4g, q90 %.4g), effective support median %.1f of %d "
+                 "codes", name, st["tau"], st["s_star"]["median"], st["s_star"]["q10"], st["s_star"]["q90"],
+                 st["effective_support"]["median"], stats["vocab_size"])
+    log.info("references: dataset s* per scale %s", [round(x, 4) for x in refs["dataset_s_star"].tolist()])
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -315,7 +322,14 @@ def cmd_toy_metrics_floor(a) -> None:
 def cmd_tables(a) -> None:
     from varup.tables import make_tables
 
-    make_tables(a.config, a.results, a.out)
+    make_tables(a.config, a.results, a.out, only=a.only)
+
+
+def cmd_lambda_study(a) -> None:
+    from varup.lambdastudy import run_lambda_study
+
+    res = run_lambda_study(a.entries, a.out, baseline=a.baseline, confidence=a.confidence, losses=a.losses)
+    log.info("lambda study: %s", res["verdict"])
 
 
 def cmd_figures(a) -> None:
@@ -408,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-clusters", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--support-k", type=float, default=8.0, help="median effective support of the semantic_k reference")
+    p.add_argument("--stats", default=None, help="also write the references' s* statistics (JSON) here")
     p.add_argument("--out", required=True)
 
     p = cmd("train", cmd_train, "train one VAR run")
@@ -513,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("tables", cmd_tables, "regenerate every table")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
     p.add_argument("--results", required=True, help="results/<experiment>")
+    p.add_argument("--only", default=None, help="build only this table (lambda_study: the target of that name)")
+    p.add_argument("--out", required=True)
+
+    p = cmd("lambda-study", cmd_lambda_study, "score the λ study: means, t-intervals, paired differences, verdict")
+    p.add_argument("--entries", type=_json, required=True,
+                   help="JSON list of {point, seed, run, mode_coverage, toy_metrics, samples, summary, tokens_meta}")
+    p.add_argument("--losses", type=_json, default={}, help="JSON {point: loss settings} (for the table)")
+    p.add_argument("--baseline", default="baseline")
+    p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--out", required=True)
 
     p = cmd("figures", cmd_figures, "regenerate every figure")

@@ -110,6 +110,8 @@ def _check_cross_references(cfg: dict) -> None:
         base = f4.get("base_method", "ours")
         if base not in cfg["methods"]:
             problems.append(f"experiments/figure4/base_method: {base!r} is not defined under methods")
+    problems += _lambda_study_problems(cfg)
+    problems += _checkpoint_problems(cfg)
     if "downstream" in ex:
         missing = [m for m in ex["downstream"].get("methods", ["baseline", "ours"]) if m not in cfg["methods"]]
         if missing:
@@ -117,6 +119,36 @@ def _check_cross_references(cfg: dict) -> None:
     problems += _uncertainty_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
+
+
+def _lambda_study_problems(cfg: dict) -> list[str]:
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return []
+    out = []
+    d = cfg["datasets"].get(ls["dataset"])
+    if d is None:
+        return [f"experiments/lambda_study/dataset: {ls['dataset']!r} is not defined under datasets"]
+    if d["kind"] != "toy":
+        out.append(f"experiments/lambda_study/dataset: {ls['dataset']!r} is not a toy dataset; the study scores mode "
+                   f"coverage, which needs known modes (on real data use experiments/figure4)")
+    if ls.get("baseline", "baseline") not in ls["points"]:
+        out.append(f"experiments/lambda_study/baseline: {ls.get('baseline', 'baseline')!r} is not one of the points "
+                   f"{sorted(ls['points'])}")
+    if ls.get("depth") and int(ls["depth"]) not in cfg["model"]["depths"]:
+        out.append(f"experiments/lambda_study/depth: {ls['depth']} is not in model/depths")
+    return out
+
+
+def _checkpoint_problems(cfg: dict) -> list[str]:
+    """A checkpoint is written only after a finite-loss check: ckpt_every must be a multiple of the check interval."""
+    out = []
+    for where, t in [("train", cfg["train"])] + [(f"datasets/{n}/train", deep_merge(cfg["train"], d.get("train")))
+                                                  for n, d in cfg["datasets"].items() if d.get("train")]:
+        every, check = t.get("ckpt_every", 200), t.get("nonfinite_check_every", 1)
+        if every % check:
+            out.append(f"{where}/ckpt_every: {every} is not a multiple of {where}/nonfinite_check_every ({check})")
+    return out
 
 
 def _uncertainty_problems(cfg: dict) -> list[str]:
@@ -246,8 +278,35 @@ def runs(cfg: dict) -> Iterator[Run]:
             yield r
 
 
+def lambda_points(cfg: dict) -> dict[str, str]:
+    """The λ study's points -> the method that trains each: a configured method when its loss is identical
+    (so e.g. the baseline's seeds 0 and 1 are the default run's), else a derived ``lam_<point>`` method."""
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return {}
+    out = {}
+    for name, loss in ls["points"].items():
+        same = [m for m, l in cfg["methods"].items() if l == loss]
+        out[name] = same[0] if same else f"lam_{name}"
+    return out
+
+
+def lambda_methods(cfg: dict) -> dict[str, dict]:
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    return {m: dict(ls["points"][p]) for p, m in lambda_points(cfg).items() if m not in cfg["methods"]}
+
+
+def lambda_runs(cfg: dict) -> list[tuple[str, Run]]:
+    """(point, run) for every point x seed of the λ study."""
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return []
+    depth = int(ls.get("depth") or cfg["model"]["depths"][0])
+    return [(p, Run(ls["dataset"], depth, m, int(s))) for p, m in lambda_points(cfg).items() for s in ls["seeds"]]
+
+
 def all_methods(cfg: dict) -> dict[str, dict]:
-    return {**cfg["methods"], **ablation_methods(cfg)}
+    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg)}
 
 
 def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:

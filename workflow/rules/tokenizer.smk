@@ -117,9 +117,11 @@ rule references:
         tokenizer=tokenizer_file,
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
     output:
-        f"{RES}/{{dataset}}/refs.pt",
+        refs=f"{RES}/{{dataset}}/refs.pt",
+        stats=f"{RES}/{{dataset}}/refs.json",
     params:
         k=config["references"]["num_clusters"],
+        support_k=config["references"]["support_k"],
         seed=config["references"]["cluster_seed"],
         tau=("" if config["references"].get("tau") is None else f"--tau {config['references']['tau']}"),
         tokens=lambda w, input: os.path.dirname(input.tokens),
@@ -134,4 +136,5 @@ rule references:
         CONDA_ENV
     shell:
         "varup references --threads {threads} --tokenizer {input.tokenizer} --tokens {params.tokens}"
-        " --num-clusters {params.k} --seed {params.seed} {params.tau} --out {output} > {log} 2>&1"
+        " --num-clusters {params.k} --seed {params.seed} {params.tau} --support-k {params.support_k}"
+        " --stats {output.stats} --out {output.refs} > {log} 2>&1"
