@@ -28,6 +28,7 @@ include: "workflow/rules/downstream.smk"
 include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/paper.smk"
 include: "workflow/rules/bench.smk"
+include: "workflow/rules/lambda_study.smk"
 
 
 rule all:

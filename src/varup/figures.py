@@ -70,7 +70,8 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
     groups: dict[tuple[str, int, str], list] = {}
     for r in main_runs(cfg):
         groups.setdefault((r.dataset, r.depth, r.method), []).append(r)
-    fig, axes = plt.subplots(len(groups), len(comps), figsize=(4.3 * len(comps), 2.9 * len(groups)), squeeze=False)
+    ncol = len(comps) + 2
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(4.3 * ncol, 2.9 * len(groups)), squeeze=False)
     for i, ((dataset, depth, method), rs) in enumerate(groups.items()):
         logs = [_curves(results / r.path / "train" / "metrics.jsonl") for r in rs]
         n = min(len(lg) for lg in logs)
@@ -87,8 +88,42 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7, ncol=2)
+        _strength_panels(axes[i][len(comps)], axes[i][len(comps) + 1], logs, n, steps, f"{dataset} d{depth} {method}")
     fig.tight_layout()
     save_figure(fig, out, name)
+
+
+def _series(logs: list[list[dict]], n: int, key: str) -> np.ndarray | None:
+    """Seed mean of one logged scalar over the first n log lines, or None where a log lacks it."""
+    vals = [[rec.get(key) for rec in lg[:n]] for lg in logs]
+    if any(v is None for row in vals for v in row):
+        return None
+    return np.asarray(vals, np.float64).mean(0)
+
+
+def _strength_panels(ax_g, ax_s, logs, n, steps, title: str) -> None:
+    """Whether a λ can matter: each weighted regulariser's logit-gradient norm as a share of CE's (log scale; a
+    baseline's are 0 and not drawn), and the predictive dispersion s beside the reference's s*."""
+    for key, label, colour in (("gshare_2nd", r"$\lambda_1 L_{2nd}$", "C0"), ("gshare_se", r"$\lambda_2 L_{SE}$", "C1")):
+        y = _series(logs, n, key)
+        if y is not None and (y > 0).any():
+            ax_g.plot(steps, np.where(y > 0, y, np.nan), color=colour, lw=1.2, label=label)
+    ax_g.set_yscale("log") if ax_g.lines else ax_g.text(0.5, 0.5, "λ = 0: no regulariser in the gradient",
+                                                         ha="center", va="center", fontsize=8, transform=ax_g.transAxes)
+    ax_g.set_title(f"{title}: ‖∇ term‖ / ‖∇ CE‖", fontsize=9)
+    ax_g.set_xlabel("step")
+    ax_g.grid(alpha=0.3)
+    if ax_g.lines:
+        ax_g.legend(fontsize=7)
+    for key, label, style in (("pred_dispersion", "model s", "-"), ("ref_dispersion", "reference s*", "--")):
+        y = _series(logs, n, key)
+        if y is not None:
+            ax_s.plot(steps, y, "k" + style, lw=1.2, label=label)
+    ax_s.set_title(f"{title}: predictive dispersion", fontsize=9)
+    ax_s.set_xlabel("step")
+    ax_s.grid(alpha=0.3)
+    if ax_s.lines:
+        ax_s.legend(fontsize=7)
 
 
 def _err(g):

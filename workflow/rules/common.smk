@@ -120,7 +120,7 @@ GPU = vc.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU a
 CPU = vc.cluster_resources(config, gpu=False)
 TRAIN_CMD, TRAIN_RES = vc.train_launch(config)
 EXPERIMENTS = config["experiments"]
-TABLES = ["table2", "table7", "codebook_calibration", "overhead"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
+TABLES = ["table2", "table7", "codebook_calibration", "overhead", "loss_references"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
     ["figure4"] if "figure4" in EXPERIMENTS else []
 )
 UNC = config.get("uncertainty", {})

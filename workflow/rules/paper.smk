@@ -11,6 +11,7 @@ rule tables:
         modes=[f"{RES}/{r.path}/mode_coverage.json" for r in MODE_RUNS],
         toy=[f"{RES}/{r.path}/toy_metrics.json" for r in TOY_RUNS],
         toy_floor=[f"{RES}/{d}/toy_metrics_floor.json" for d in TOY_DATASETS],
+        refs=[f"{RES}/{d}/refs.json" for d in DATASETS],
     output:
         **{
             f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",

@@ -1,0 +1,63 @@
+# The λ study (experiments.lambda_study, issue 11): named loss settings x training seeds on a toy dataset, scored
+# by mode coverage, KL, class error, toy-feature metrics and codebook usage, with t-intervals and paired
+# differences to the baseline. Its own target, `snakemake lambda_study` (not part of `all`: it trains
+# points x seeds runs; README has its measured time). Points whose loss equals a configured method reuse its runs.
+
+LAMBDA = EXPERIMENTS.get("lambda_study")
+LAMBDA_RUNS = vc.lambda_runs(config)
+LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metrics.json",
+                "samples": "samples.npz", "summary": "train/summary.json"}
+
+
+def lambda_entries():
+    return [{"point": p, "seed": r.seed, "run": r.path, "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
+             **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
+
+
+rule lambda_study_scores:
+    input:
+        [e[k] for e in lambda_entries() for k in (*LAMBDA_FILES, "tokens_meta")],
+    output:
+        f"{RES}/lambda_study/lambda_study.json",
+    params:
+        entries=lambda w: q(lambda_entries()),
+        losses=lambda w: q(LAMBDA["points"]),
+        baseline=lambda w: LAMBDA["baseline"],
+        confidence=lambda w: LAMBDA["confidence"],
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/lambda_study/scores.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lambda-study --entries {params.entries} --losses {params.losses} --baseline {params.baseline}"
+        " --confidence {params.confidence} --out {output} > {log} 2>&1"
+
+
+rule lambda_study_table:
+    input:
+        f"{RES}/lambda_study/lambda_study.json",
+    output:
+        csv=f"{RES}/tables/lambda_study.csv",
+        md=report(f"{RES}/tables/lambda_study.md", caption="../report/lambda_study.rst", category="Tables",
+                  labels={"table": "lambda_study", "format": "md"}),
+        tex=f"{RES}/tables/lambda_study.tex",
+    params:
+        cfg=lambda w: q(vc.report_config(config)),
+        results=lambda w: RES,
+        out=lambda w, output: os.path.dirname(output.csv),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/lambda_study/table.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup tables --only lambda_study --config {params.cfg} --results {params.results} --out {params.out}"
+        " > {log} 2>&1"
+
+
+rule lambda_study:
+    input:
+        [f"{RES}/tables/lambda_study.{e}" for e in ("csv", "md", "tex")] if LAMBDA else [],
