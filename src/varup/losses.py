@@ -203,6 +203,9 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, *, s_star: torch.T
     else:
         cluster_assign = None
     with torch.autocast(device_type=logits.device.type, enabled=False):
+        if not want_2nd and not want_se:  # cross-entropy alone (the baseline): torch's own kernel, ~3x faster
+            ce = F.cross_entropy(logits.to(dt), targets.long(), reduction="none", label_smoothing=float(label_smoothing))
+            return torch.stack([ce, torch.zeros_like(ce).detach(), torch.zeros_like(ce).detach()], 1)
         return _TokenLosses.apply(logits, targets.long(), s_star, cluster_assign, float(label_smoothing), discrepancy,
                                   float(eps), bool(want_2nd), bool(want_se), float(dispersion_scale))
 
