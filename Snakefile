@@ -37,6 +37,12 @@ rule all:
     default_target: True
 
 
+rule lambda_study:
+    """The λ study of experiments.lambda_study (not part of all: points x seeds training runs)."""
+    input:
+        [f"{RES}/tables/lambda_study.{e}" for e in ("csv", "md", "tex")] if LAMBDA else [],
+
+
 rule prefetch:
     """Download everything the chosen config needs (run on a login node; compute jobs then stay offline)."""
     input:

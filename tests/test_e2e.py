@@ -136,6 +136,9 @@ def test_tables_have_the_expected_contents(finished):
     en = pd.read_csv(tables / "uncertainty_entanglement.csv")
     assert sorted(en["concepts"].unique()) == [1, 2] and np.isfinite(en["fid_mean"]).all()
 
+    lr = pd.read_csv(tables / "loss_references.csv").set_index("reference")
+    assert lr.loc["semantic_k", "support_median"] == pytest.approx(8.0, rel=0.01)  # references.support_k
+    assert lr.loc["semantic", "support_median"] > lr.loc["semantic_k", "support_median"]  # median-NN tau: wider
     ov = pd.read_csv(tables / "overhead.csv")
     assert ov.loc[ov["method"] == "baseline", "step_time_vs_baseline"].iloc[0] == pytest.approx(1.0)
     assert (ov["params_m"] > 0).all() and (ov["global_batch"] == 16).all()

@@ -65,14 +65,15 @@ def test_paper_dag_resolves_completely(paper_cfg, tmp_path):
     c = job_counts(r.stdout)
     n_main = 2 * 2 * 2 * 3  # datasets x depths x methods x seeds
     n_grid = len(set(grid_points(cfg).values()) - set(cfg["methods"]))  # grid points that need their own run
-    assert len(list(main_runs(cfg))) == n_main and len(list(runs(cfg))) == n_main + n_grid == 42
+    n_all = n_main + n_grid  # Figure 4's grid over decades of lambda_2nd (8 x 4 points, 2 of them configured methods)
+    assert len(list(main_runs(cfg))) == n_main and len(list(runs(cfg))) == n_all == 24 + 30
     shards = {"afhq": 4, "imagenet100": 16}
     sweep = cfg_sweep(cfg)
     assert len(sweep) == 2 * 5
     expected = {
         "fetch_archive": 1, "data_afhq": 1, "data_imagenet100": 1, "fetch_weights": 1, "inception_weights": 1,
-        "encode": 2, "references": 2, "real_features": 2, "train": 42,
-        "sample_shard": sum(shards[r.dataset] for r in runs(cfg)), "merge_samples": 42, "evaluate": 42,
+        "encode": 2, "references": 2, "real_features": 2, "train": n_all,
+        "sample_shard": sum(shards[r.dataset] for r in runs(cfg)), "merge_samples": n_all, "evaluate": n_all,
         "sample_qualitative": 2 * 2 * 2, "sample_cfg_shard": 10 * shards["afhq"], "merge_cfg_samples": 10,
         "evaluate_cfg": 10, "data_ood": 1, "encode_ood": 1, "ood_eval": len(ood_runs(cfg)), "downstream": 1,
         "tables": 1, "figures": 1, "all": 1,

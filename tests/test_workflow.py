@@ -105,6 +105,41 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
                  "toy_metrics": n_runs, "toy_metrics_floor": 1}  # toy-feature metrics: every run, a floor per dataset
 
 
+def test_lambda_study_target_pairs_its_points_with_the_default_runs(tmp_path):
+    import varup.config as vc
+
+    cfg = vc.validate(default_cfg())
+    ls = cfg["experiments"]["lambda_study"]
+    points = vc.lambda_points(cfg)
+    assert points["baseline"] == "baseline" and points["ours"] == "ours"  # identical losses reuse the default runs
+    assert all(m == f"lam_{p}" for p, m in points.items() if p not in ("baseline", "ours"))
+    r = snakemake("-n", "lambda_study", "--cores", "2", "-d", str(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = job_counts(r.stdout)
+    n = len(ls["points"]) * len(ls["seeds"])
+    assert c["train"] == c["mode_coverage"] == c["toy_metrics"] == n and c["lambda_study_scores"] == 1
+    assert "evaluate" not in c and "tables" not in c  # no Inception pass: the study scores in the toy's own terms
+    for s in ls["seeds"]:
+        assert f"shapes/d2/baseline/seed{s}/model.pt" in r.stdout and f"shapes/d2/lam_se_max/seed{s}/model.pt" in r.stdout
+    bad = default_cfg()
+    bad["experiments"]["lambda_study"]["baseline"] = "nope"
+    with pytest.raises(vc.ConfigError, match="experiments/lambda_study/baseline"):
+        vc.validate(bad)
+
+
+def test_kl_with_a_uniform_reference_and_an_unchecked_checkpoint_are_rejected():
+    import varup.config as vc
+
+    bad = default_cfg()
+    bad["methods"]["ours"].update(reference="uniform", discrepancy="kl")
+    with pytest.raises(vc.ConfigError, match="methods/ours"):
+        vc.validate(bad)
+    bad = default_cfg()
+    bad["train"].update(ckpt_every=350, nonfinite_check_every=100)
+    with pytest.raises(vc.ConfigError, match="train/ckpt_every: 350 is not a multiple"):
+        vc.validate(bad)
+
+
 def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):
     cfg = default_cfg()
     cfg["bench"] = {"depth": 3, "batch": 5, "sample_batch": 7, "compile": True, "plain": False}

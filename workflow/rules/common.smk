@@ -213,3 +213,15 @@ def unc_common(w):
     """Sampling settings shared by the uncertainty studies of a dataset."""
     s = vc.sample_settings(config, w.dataset)
     return {"cfg": s["cfg"], "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
+
+
+# The λ study (workflow/rules/lambda_study.smk): its (point, run) pairs and the files it scores.
+LAMBDA = EXPERIMENTS.get("lambda_study")
+LAMBDA_RUNS = vc.lambda_runs(config)
+LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metrics.json",
+                "samples": "samples.npz", "summary": "train/summary.json"}
+
+
+def lambda_entries():
+    return [{"point": p, "seed": r.seed, "run": r.path, "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
+             **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]

@@ -3,17 +3,6 @@
 # differences to the baseline. Its own target, `snakemake lambda_study` (not part of `all`: it trains
 # points x seeds runs; README has its measured time). Points whose loss equals a configured method reuse its runs.
 
-LAMBDA = EXPERIMENTS.get("lambda_study")
-LAMBDA_RUNS = vc.lambda_runs(config)
-LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metrics.json",
-                "samples": "samples.npz", "summary": "train/summary.json"}
-
-
-def lambda_entries():
-    return [{"point": p, "seed": r.seed, "run": r.path, "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
-             **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
-
-
 rule lambda_study_scores:
     input:
         [e[k] for e in lambda_entries() for k in (*LAMBDA_FILES, "tokens_meta")],
@@ -28,6 +17,8 @@ rule lambda_study_scores:
         **CPU,
     log:
         f"{RES}/logs/lambda_study/scores.log",
+    benchmark:
+        f"{RES}/benchmarks/lambda_study/scores.tsv"
     conda:
         CONDA_ENV
     shell:
@@ -51,13 +42,11 @@ rule lambda_study_table:
         **CPU,
     log:
         f"{RES}/logs/lambda_study/table.log",
+    benchmark:
+        f"{RES}/benchmarks/lambda_study/table.tsv"
     conda:
         CONDA_ENV
     shell:
         "varup tables --only lambda_study --config {params.cfg} --results {params.results} --out {params.out}"
         " > {log} 2>&1"
 
-
-rule lambda_study:
-    input:
-        [f"{RES}/tables/lambda_study.{e}" for e in ("csv", "md", "tex")] if LAMBDA else [],
