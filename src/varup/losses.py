@@ -3,18 +3,26 @@
 Per token (position i of scale k) with predicted distribution p over V codes and ground-truth code g:
 
 * ``L_CE``  — cross-entropy, optional label smoothing ε: ``-(1-ε)·log p_g - ε·mean_v log p_v``.
-* ``L_2nd`` — second-order regulariser ``d(s(p), s*)`` with the dispersion statistic
-  ``s(p) = V·Var_v[p_v] = Σ_v p_v² - 1/V`` (0 for uniform, ≈1 for one-hot; the raw variance of eq. 3 is O(1/V)).
+* ``L_2nd`` — second-order regulariser ``d(c·s(p), c·s*)`` with the dispersion statistic
+  ``s(p) = V·Var_v[p_v] = Σ_v p_v² - 1/V`` (0 for uniform, ≈1 for one-hot) and ``c = 1`` (``dispersion_scale:
+  vocab``) or ``c = 1/V`` (``raw``: the variance of eq. 3 literally, O(1/V)).
   Reference ``s*``: ``uniform`` (0), ``dataset`` (s of the empirical code histogram of scale k in the training token
-  cache) or ``semantic`` (s of q*(v) ∝ exp(-‖e_v - e_g‖² / 2τ²) around the ground-truth code; a V-vector).
+  cache), ``semantic`` (s of q*(v) ∝ exp(-‖e_v - e_g‖² / 2τ²) around the ground-truth code, τ = median
+  nearest-neighbour distance; a V-vector) or ``semantic_k`` (the same kernel, τ set by :func:`support_tau` so that
+  q* has a median effective support 1/Σq*² of k codes).
   Discrepancy ``d``: ``squared`` (s - s*)², ``wasserstein`` (√s - √s*)² (scale part of W2 between equal-mean
-  Gaussians), ``kl`` ½(s/s* - 1 - ln(s/s*)) (KL(N(0,s) ‖ N(0,s*))); the last two add ``eps`` to s and s*.
+  Gaussians), ``kl`` ½(s/s* - 1 - ln(s/s*)) (KL(N(0,s) ‖ N(0,s*))); the last two add ``eps`` to s and s*
+  (``kl`` with ``uniform`` is rejected: it would divide by eps).
 * ``L_SE``  — semantic entropy over code clusters c (k-means of the codebook): ``P_c = Σ_{v∈c} p_v``,
-  ``-Σ_c P_c log P_c``.
+  ``-Σ_c P_c log P_c``; ``se_direction: maximize`` flips its sign in the objective.
 
-Each is a token mean (every token weighs 1/L, as the official trainer). The three per-token terms come from one
-fused, chunked autograd function: it keeps only the logits and a few per-token scalars between forward and backward
-(no V×V tensor, no saved softmax), so memory stays at or below plain cross-entropy and the gradient is analytic.
+CE and L_SE are token means (every token weighs 1/L, as the official trainer); L_2nd is a token mean
+(``l2nd_reduction: token_mean``) or summed over an image's L tokens (``image_sum``). The three per-token terms come
+from one fused, chunked autograd function: it keeps only the logits and a few per-token scalars between forward and
+backward (no V×V tensor, no saved softmax), so memory stays at or below plain cross-entropy and the gradient is
+analytic. It runs with autocast disabled (float32, or float64 for float64 logits). A run whose λ are 0 computes
+cross-entropy alone; :meth:`UncertaintyLoss.diagnostics` reads every term, its logit-gradient share against CE and
+the predictive dispersion/entropy on log steps, outside the gradient.
 """
 from __future__ import annotations
 
