@@ -9,9 +9,7 @@ the favourable direction. It computes and writes ``lambda_study.json``; :mod:`va
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -30,7 +28,6 @@ METRICS = (
     ("gshare_2nd", "‖∇λ1·L_2nd‖/‖∇CE‖", 0, 5),
     ("gshare_se", "‖∇λ2·L_SE‖/‖∇CE‖", 0, 4),
 )
-SCORES = tuple(m for m in METRICS if m[2] != 0)
 
 
 def t_interval(x: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -80,11 +77,9 @@ def summarise(per_run: Mapping[str, Mapping[int, Mapping[str, Any]]], baseline: 
             if name != baseline and shared:
                 diffs = [runs[s][key] - base[s][key] for s in shared]
                 dm, dlo, dhi = t_interval(diffs, confidence)
+                beyond_noise = len(shared) > 1 and (dlo > 0 or dhi < 0)  # the interval excludes 0
                 row.update(diff_mean=dm, diff_ci_low=dlo, diff_ci_high=dhi, diff_n=len(shared),
-                           better=bool(better and len(shared) > 1 and
-                                       ((better > 0 and dlo > 0) or (better < 0 and dhi < 0))),
-                           worse=bool(better and len(shared) > 1 and
-                                      ((better > 0 and dhi < 0) or (better < 0 and dlo > 0))))
+                           better=bool(beyond_noise and better * dm > 0), worse=bool(beyond_noise and better * dm < 0))
             entry["metrics"][key] = row
         points.append(entry)
     return {"baseline": baseline, "confidence": confidence, "points": points,
@@ -137,9 +132,4 @@ def run_lambda_study(entries: Sequence[Mapping[str, Any]], out_json, *, baseline
     return res
 
 
-def load_entries(path) -> list[dict]:
-    return json.loads(Path(path).read_text())
-
-
-__all__ = ["METRICS", "SCORES", "t_interval", "run_readings", "summarise", "verdict", "run_lambda_study",
-           "load_entries"]
+__all__ = ["METRICS", "t_interval", "run_readings", "summarise", "verdict", "run_lambda_study"]
