@@ -234,6 +234,11 @@ def grid_method(l1: float, l2: float) -> str:
     return f"grid_l1-{_num(l1)}_l2-{_num(l2)}"
 
 
+def method_with_loss(cfg: dict, loss: dict, new_name: str) -> str:
+    """The configured method whose loss is exactly ``loss`` (its runs are reused), else ``new_name``."""
+    return next((m for m, l in cfg["methods"].items() if l == loss), new_name)
+
+
 def grid_points(cfg: dict) -> dict[tuple[float, float], str]:
     """Figure 4's lambda_2nd x lambda_se grid -> the method that trains each point: an existing method when its
     loss is identical (e.g. (0, 0) is the baseline), else a derived ``grid_l1-*_l2-*`` method."""
@@ -244,9 +249,7 @@ def grid_points(cfg: dict) -> dict[tuple[float, float], str]:
     out = {}
     for a in f4.get("lambda_2nd", []):
         for b in f4.get("lambda_se", []):
-            loss = {**base, "lambda_2nd": a, "lambda_se": b}
-            same = [m for m, l in cfg["methods"].items() if l == loss]
-            out[(a, b)] = same[0] if same else grid_method(a, b)
+            out[(a, b)] = method_with_loss(cfg, {**base, "lambda_2nd": a, "lambda_se": b}, grid_method(a, b))
     return out
 
 
@@ -284,11 +287,7 @@ def lambda_points(cfg: dict) -> dict[str, str]:
     ls = cfg.get("experiments", {}).get("lambda_study")
     if not ls:
         return {}
-    out = {}
-    for name, loss in ls["points"].items():
-        same = [m for m, l in cfg["methods"].items() if l == loss]
-        out[name] = same[0] if same else f"lam_{name}"
-    return out
+    return {name: method_with_loss(cfg, loss, f"lam_{name}") for name, loss in ls["points"].items()}
 
 
 def lambda_methods(cfg: dict) -> dict[str, dict]:
