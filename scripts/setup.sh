@@ -3,17 +3,21 @@
 #
 # torch and torchvision are installed as one matching registry pair: on CPU-only machines the
 # local +cpu torch wheel cannot load any registry torchvision ("operator torchvision::nms does
-# not exist"), while the CUDA builds of a matching pair run fine on CPU.
-# Re-running is cheap: nothing is installed when pyproject.toml and this script are unchanged.
+# not exist"), while the CUDA builds of a matching pair run fine on CPU. The pair and every other distribution
+# are pinned by requirements.lock, used as pip constraints (regenerate it with scripts/lock.sh).
+# VARUP_TORCH_PIN="torch==A torchvision==B" installs another matching pair: the lock then constrains everything
+# except torch, torchvision and the CUDA wheels that torch build brings (nvidia-*, cuda-*, triton).
+# Re-running is cheap: nothing is installed when pyproject.toml, the lock and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VARUP_VENV:-.venv}
-TORCH_PIN=${VARUP_TORCH_PIN:-"torch==2.14.1 torchvision==0.29.1"}
+LOCK=requirements.lock
+TORCH_PIN=${VARUP_TORCH_PIN:-$(grep -E '^(torch|torchvision)==' "$LOCK" | tr '\n' ' ')}
 
 stamp="$VENV/.varup-setup"
-want=$( (cat pyproject.toml scripts/setup.sh; echo "$TORCH_PIN") | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml "$LOCK" scripts/setup.sh; echo "$TORCH_PIN") | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -21,13 +25,20 @@ fi
 
 echo "setup: creating $VENV with $("$PYTHON" --version 2>&1)"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+constraints="$VENV/.varup-constraints.txt"
+if [ -n "${VARUP_TORCH_PIN:-}" ]; then
+  grep -vE '^(torch|torchvision|triton|nvidia-[^=]*|cuda-[^=]*)==' "$LOCK" > "$constraints"
+else
+  cp "$LOCK" "$constraints"
+fi
+"$VENV/bin/python" -m pip install -q -c "$constraints" --upgrade pip
 echo "setup: installing $TORCH_PIN (a few GB on first install)"
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pip install -q $TORCH_PIN
+"$VENV/bin/python" -m pip install -q -c "$constraints" $TORCH_PIN
 echo "setup: installing varup and its dependencies"
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pip install -q -e '.[test]' $TORCH_PIN
+"$VENV/bin/python" -m pip install -q -c "$constraints" -e '.[test]' $TORCH_PIN
+"$VENV/bin/python" -m pip check
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, torch_fidelity, cleanfid, snakemake  # noqa: F401  fail here, not mid-DAG
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, ok")
