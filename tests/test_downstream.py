@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from helpers import tiny_var, tiny_vqvae
-from varup.downstream import (downstream_figure, edit_images, edit_tokens, image_nll, keep_mask, masked_input,
-                              ood_auroc, run_downstream, run_ood)
+from varup.downstream import (composite, downstream_figure, edit_images, edit_tokens, image_nll, keep_mask,
+                              masked_input, ood_auroc, pixel_keep, run_downstream, run_ood)
 from varup.models.vqvae import split_tokens
 from varup.sample import derive_seed
 from varup.tokens import TokenCache, encode_split, write_meta
@@ -117,11 +117,49 @@ def test_edit_keeps_exactly_the_masked_tokens_and_regenerates_the_rest(models, t
     # labels: the null class for out-/in-painting, the next class for editing
     expect_labels = [4, 4, 4] if task != "edit" else [1, 2, 3]
     assert res.labels.tolist() == expect_labels
-    # decoded images are the decoding of the returned tokens
+    # decoded images: the decoding of the returned tokens in the edited cells, the input's decoding elsewhere
     assert res.images.shape == (B, 2, 3, 16, 16) and 0 <= res.images.min() and res.images.max() <= 1
     flat = [t.reshape(B * 2, -1) for t in res.tokens]
-    dec = vae.idxBl_to_img(flat).add(1).mul(0.5).reshape(B, 2, 3, 16, 16)
-    assert torch.allclose(dec, res.images, atol=1e-4)
+    dec = vae.idxBl_to_img(flat).add(1).mul(0.5).clamp(0, 1).reshape(B, 2, 3, 16, 16)
+    kept = expect.repeat_interleave(4, 0).repeat_interleave(4, 1)  # 4 x 4 pixels per latent cell
+    assert torch.allclose(dec[..., ~kept], res.images[..., ~kept], atol=1e-4)
+    inp = vae.idxBl_to_img(tokens).add(1).mul(0.5).clamp(0, 1)
+    assert torch.allclose(res.images[..., kept], inp[:, None].expand(-1, 2, -1, -1, -1)[..., kept], atol=1e-5)
+
+
+@pytest.mark.parametrize("task,box,cells", [
+    ("inpaint", (0.3, 0.3, 0.7, 0.7), (1, 1, 3, 3)),       # snapped to the latent cells: pixels 4..12
+    ("edit", (0.2, 0.35, 0.6, 0.9), (1, 1, 2, 4)),         # rows round(0.8)..round(2.4), cols round(1.4)..round(3.6)
+    ("outpaint", (0.25, 0.0, 0.75, 0.5), (1, 0, 3, 2)),
+])
+def test_edit_leaves_every_pixel_outside_the_edited_cells_exactly_as_the_input(models, task, box, cells):
+    vae, var = models
+    B = 2
+    tokens = rand_tokens(B, seed=8)
+    photo = torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # any image, not a decoding
+    res = edit_tokens(var, vae, tokens, torch.tensor([0, 3]), task, box=box, input_images=photo, **EDIT_KW)
+    y0, x0, y1, x1 = (4 * c for c in cells)
+    box_px = torch.zeros(16, 16, dtype=torch.bool)
+    box_px[y0:y1, x0:x1] = True
+    unchanged = box_px if task == "outpaint" else ~box_px
+    assert torch.equal(pixel_keep(res.keep, 16, 16), unchanged)
+    expected = photo[:, None].expand(-1, 2, -1, -1, -1)
+    assert torch.equal(res.images[..., unchanged], expected[..., unchanged])  # exactly, pixel for pixel
+    assert (res.images[..., ~unchanged] - expected[..., ~unchanged]).abs().mean() > 0.05  # the edit happened
+    # without the composite, the decoder alone would have changed the kept pixels
+    flat = [t.reshape(B * 2, -1) for t in res.tokens]
+    raw = vae.idxBl_to_img(flat).add(1).mul(0.5).clamp(0, 1).reshape(B, 2, 3, 16, 16)
+    own = vae.idxBl_to_img(tokens).add(1).mul(0.5).clamp(0, 1)[:, None]
+    assert (raw - own).abs()[..., unchanged].max() > 1e-3
+    with pytest.raises(ValueError, match="input_images"):
+        edit_tokens(var, vae, tokens, torch.tensor([0, 3]), task, box=box, input_images=photo[:1], **EDIT_KW)
+
+
+def test_composite_takes_the_input_in_the_kept_cells():
+    keep = keep_mask(PN, "inpaint", (0.5, 0.5, 1.0, 1.0))  # regenerate the bottom-right quarter
+    inputs, samples = torch.zeros(1, 3, 16, 16), torch.ones(1, 2, 3, 16, 16)
+    out = composite(inputs, samples, keep)
+    assert out[..., 8:, 8:].eq(1).all() and out[..., :8, :].eq(0).all() and out[..., :, :8].eq(0).all()
 
 
 def test_edit_target_labels_and_validation(models):
@@ -213,6 +251,7 @@ def test_run_downstream_writes_figures_and_summary(assets, tmp_path):
     assert s["tasks"]["inpaint"]["seeds"][1] == [derive_seed(2, "inpaint", 1, 0)]
     assert s["tasks"]["outpaint"]["box_yxyx"] == [0.25, 0.25, 0.75, 0.75]
     assert s["tasks"]["edit"]["box_yxyx"] == [0.3, 0.3, 0.7, 0.7]
+    assert s["tasks"]["edit"]["box_cells_yxyx"] == [0.25, 0.25, 0.75, 0.75]  # the cells regenerated (p = 4)
 
 
 # ------------------------------------------------------------------------------------------------ NLL / OOD

@@ -8,6 +8,12 @@ Zero-shot editing follows the official VAR zero-shot edit demo, which :func:`var
 * **class-conditional editing** is class-conditional in-painting of the box with a *target* class (official:
   "class-conditional editing is implemented as class-conditional in-painting").
 
+The box is snapped to the latent cells of the last scale (``box_mask``). Keeping the input's tokens there does not
+keep its pixels: coarser scales regenerate every token whose cell straddles the box, their contribution is upsampled
+into the kept cells, and the decoder sees across cell borders. So the decoded samples are composited with the input
+image: pixels of the kept cells are the input's, exactly (:func:`composite`, :func:`pixel_keep`; the official demo
+does not composite).
+
 Out-/in-painting use the null class (label ``num_classes``), as the official demo; with the null class both CFG
 halves are identical, so ``cfg`` has no effect there. Sample ``j`` of image ``i`` is drawn with its own generator,
 seeded ``derive_seed(seed, task, image_id_i, j)`` (one ``sample`` call per (image, sample), batch 1), so every method
@@ -91,7 +97,7 @@ class EditResult:
     keep: torch.Tensor  # (p, p) float {0,1}: the latent-resolution keep mask
     labels: torch.Tensor  # (B,) the class each image was generated with (num_classes = null class)
     seeds: list[list[int]]  # (B, n_samples) generator seeds
-    images: torch.Tensor | None  # (B, n_samples, 3, H, W) float in [0, 1]; None when decode=False
+    images: torch.Tensor | None  # (B, n_samples, 3, H, W) float in [0, 1], composited; None when decode=False
 
 
 def _task_labels(var: VAR, task: str, labels: torch.Tensor | None, target_labels, B: int, device) -> torch.Tensor:
@@ -116,13 +122,16 @@ def _task_labels(var: VAR, task: str, labels: torch.Tensor | None, target_labels
 def edit_tokens(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels: torch.Tensor | Sequence[int] | None,
                 task: str, *, box: Sequence[float], target_labels=None, n_samples: int = 3, seed: int = 0,
                 cfg: float = 3.0, top_k: int = 900, top_p: float = 0.95, more_smooth: bool = False,
-                image_ids: Sequence | None = None, decode: bool = True) -> EditResult:
+                image_ids: Sequence | None = None, decode: bool = True,
+                input_images: torch.Tensor | None = None) -> EditResult:
     """Out-paint / in-paint / class-conditionally edit B token maps, ``n_samples`` samples each.
 
     ``tokens``: per-scale (B, pn*pn) index maps of the inputs; ``labels``: their classes (only used by 'edit' when
     ``target_labels`` is None: the next class, ``(label + 1) % num_classes``). ``target_labels``: int or (B,).
     ``image_ids`` (default ``0..B-1``) name the images in the seeds: sample j of image i uses the generator seed
     ``derive_seed(seed, task, image_ids[i], j)``. One sampler call per (image, sample), batch 1.
+    The decoded samples keep the pixels of ``input_images`` (B, 3, H, W) in [0, 1] (default: the decoding of
+    ``tokens``) in the kept latent cells, exactly (:func:`composite`).
     """
     _check_pair(var, vae)
     if n_samples < 1:
@@ -134,6 +143,8 @@ def edit_tokens(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels: to
     ids = list(range(B)) if image_ids is None else [i.item() if hasattr(i, "item") else i for i in image_ids]
     if len(ids) != B:
         raise ValueError(f"got {len(ids)} image_ids for {B} images")
+    if input_images is not None and (input_images.ndim != 4 or tuple(input_images.shape[:2]) != (B, 3)):
+        raise ValueError(f"input_images must be ({B}, 3, H, W), got {tuple(input_images.shape)}")
     keep = keep_mask(patch_nums, task, box)
     masks = edit_masks(patch_nums, keep)  # per scale (1, pn*pn)
     gen_labels = _task_labels(var, task, labels, target_labels, B, device)
@@ -154,8 +165,34 @@ def edit_tokens(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels: to
                     if images is None:
                         images = torch.empty(B, n_samples, *out.images.shape[1:])
                     images[i, j] = out.images[0].float().clamp(0, 1).cpu()
+        if decode:
+            images = composite(_input_images(vae, tokens, input_images, images.shape), images, keep)
     return EditResult(tokens=out_tokens, masks=[m[0].cpu() for m in masks], keep=keep, labels=gen_labels.cpu(),
                       seeds=seeds, images=images)
+
+
+def _input_images(vae: VQVAE, tokens: Sequence[torch.Tensor], images: torch.Tensor | None, shape) -> torch.Tensor:
+    """The (B, 3, H, W) images in [0, 1] an edit keeps: ``images`` as given, else the decoding of the input tokens
+    (one image at a time, like the samples: an image's result does not depend on the others of the batch)."""
+    if images is None:
+        images = torch.cat([vae.idxBl_to_img([t[i:i + 1] for t in tokens]) for i in range(shape[0])]).add(1).mul(0.5)
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape != (shape[0], *shape[2:]):
+        raise ValueError(f"input_images must be (B, 3, H, W) = {(shape[0], *shape[2:])}, got {tuple(images.shape)}")
+    return images
+
+
+def pixel_keep(keep: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(H, W) bool: the pixels of the kept latent cells of a (p, p) keep mask (nearest upsampling: each cell is an
+    (H/p) x (W/p) block). The same region is hatched in the figure's input column and composited."""
+    return torch.nn.functional.interpolate(keep[None, None].float(), size=(H, W), mode="nearest")[0, 0].bool()
+
+
+def composite(inputs: torch.Tensor, samples: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``samples`` (B, n, 3, H, W) with the pixels of the kept latent cells replaced by those of ``inputs``
+    (B, 3, H, W): outside the edited region every pixel is the input's."""
+    m = pixel_keep(keep, *samples.shape[-2:])
+    return torch.where(m, inputs[:, None].to(samples.dtype), samples)
 
 
 def edit_images(var: VAR, vae: VQVAE, tokens: Sequence[torch.Tensor], labels, task: str, *, box: Sequence[float],
@@ -172,7 +209,7 @@ def masked_input(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The input column: kept region as is, regenerated region dimmed towards grey and hatched.
     images (B, 3, H, W) in [0, 1]; keep (p, p) latent mask -> (B, 3, H, W)."""
     B, _, H, W = images.shape
-    m = torch.nn.functional.interpolate(keep[None, None].float(), size=(H, W), mode="nearest")[0, 0].bool()
+    m = pixel_keep(keep, H, W)
     period = max(6, H // 16)
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     hatch = ((yy + xx) % period) < max(1, period // 3)
@@ -234,7 +271,8 @@ def downstream_figure(models: Mapping[str, VAR], vae: VQVAE, tokens: Sequence[to
 
     if not models:
         raise ValueError("downstream_figure needs at least one model")
-    results = {k: edit_tokens(m, vae, tokens, labels, task, **kw) for k, m in models.items()}
+    results = {k: edit_tokens(m, vae, tokens, labels, task, input_images=input_images, **kw)
+               for k, m in models.items()}
     first = next(iter(results.values()))
     shown = masked_input(input_images.detach().float().cpu().clamp(0, 1), first.keep)
     inputs_u8 = _u8(shown)
@@ -252,7 +290,8 @@ def downstream_figure(models: Mapping[str, VAR], vae: VQVAE, tokens: Sequence[to
     ax.set_ylim(Hg - 0.5, -0.5)
     ax.axis("off")
     for k, cx in centres.items():
-        label = k if k == "input" else f"{k} ({samples_u8[k].shape[1]} samples)"
+        n_k = samples_u8[k].shape[1] if k != "input" else 0
+        label = k if k == "input" else f"{k} ({n_k} sample{'s' if n_k != 1 else ''})"
         ax.text(cx, -3, label, ha="center", va="bottom", fontsize=9, fontweight="bold" if k != "input" else "normal")
     if row_labels is not None:
         H = inputs_u8.shape[1]
@@ -333,7 +372,8 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
                                   "bilinearly downsampled per scale (>0.5 kept; scales with <=3 tokens always kept); "
                                   "out-/in-painting with the null class, editing = class-conditional in-painting "
                                   "with the target class; inputs shown are tokenizer reconstructions of the cached "
-                                  "val token maps"),
+                                  "val token maps; samples keep the input's pixels in the kept latent cells "
+                                  "(composited after decoding)"),
                      "tasks": {}}
     for task in tasks:
         box = boxes[task]
@@ -350,6 +390,7 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
                                 image_ids=[int(r) for r in rows], **kw)
         summary["tasks"][task] = {
             "box_yxyx": list(box), "kept": "inside the box" if task == "outpaint" else "outside the box",
+            "box_cells_yxyx": _cells(keep_mask(vae.patch_nums, task, box), task),
             "labels_used": res["labels"].tolist(), "null_class": C,
             "target_classes": [names[int(c)] for c in targets] if task == "edit" else None,
             "seeds": res["seeds"], "figure": [str(out_dir / f"{name}.png"), str(out_dir / f"{name}.pdf")],
@@ -360,6 +401,16 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
     write_provenance(out_json, config={k: v for k, v in summary.items() if k != "tasks"}, seed=seed, device=str(dev),
                      started=t0)
     return summary
+
+
+def _cells(keep: torch.Tensor, task: str) -> list[float] | None:
+    """The box as snapped to the last scale's latent cells, (y0, x0, y1, x1) in [0, 1] (None: no whole cell)."""
+    box = keep.bool() if task == "outpaint" else ~keep.bool()
+    ys, xs = torch.nonzero(box, as_tuple=True)
+    p = keep.shape[0]
+    if len(ys) == 0:
+        return None
+    return [int(ys.min()) / p, int(xs.min()) / p, (int(ys.max()) + 1) / p, (int(xs.max()) + 1) / p]
 
 
 # ------------------------------------------------------------------------------------------------ OOD / NLL
@@ -512,5 +563,6 @@ def run_ood(model: str | os.PathLike, tokenizer: str | os.PathLike, id_tokens_di
     return out
 
 
-__all__ = ["edit_tokens", "edit_images", "EditResult", "keep_mask", "masked_input", "edit_grid", "downstream_figure",
-           "run_downstream", "image_nll", "ood_auroc", "run_ood", "TASKS", "eval_mode"]
+__all__ = ["edit_tokens", "edit_images", "EditResult", "keep_mask", "pixel_keep", "composite", "masked_input",
+           "edit_grid", "downstream_figure", "run_downstream", "image_nll", "ood_auroc", "run_ood", "TASKS",
+           "eval_mode"]

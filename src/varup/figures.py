@@ -1,9 +1,11 @@
-"""Every figure (PNG + PDF): sample grids (baseline vs ours on the same classes and seeds) and training curves
-(loss components per scale). Inputs are the runs' ``qualitative.npz`` and ``train/metrics.jsonl``."""
+"""Every figure (PNG + PDF): sample grids (baseline vs ours on the same classes and seeds, rows named by class) and
+training curves (every method overlaid per quantity). Inputs are the runs' ``qualitative.npz`` and
+``train/metrics.jsonl``, and the class names in each dataset's ``tokens/meta.json``."""
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -38,6 +40,24 @@ def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int, pad: int 
     return grid
 
 
+def class_names(results: Path, dataset: str) -> list[str] | None:
+    """The dataset's class names, from its token cache's ``meta.json`` (None where there is none)."""
+    meta = results / dataset / "tokens" / "meta.json"
+    return json.loads(meta.read_text())["class_names"] if meta.exists() else None
+
+
+def _label_rows(ax, labels: np.ndarray, names: list[str] | None, H: int, pad: int = 2) -> None:
+    """Class names as y tick labels at the centre of each row of an :func:`image_grid`."""
+    classes = np.unique(labels)
+    ax.set_yticks([pad + r * (H + pad) + H / 2 for r in range(len(classes))])
+    ax.set_yticklabels([names[c] if names is not None and c < len(names) else f"class {c}" for c in classes],
+                       fontsize=8)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
 def samples_figure(cfg: dict, results: Path, out: Path, name: str = "samples") -> None:
     first_seed = cfg["seeds"][0]
     panels = [r for r in main_runs(cfg) if r.seed == first_seed]
@@ -45,15 +65,16 @@ def samples_figure(cfg: dict, results: Path, out: Path, name: str = "samples") -
     for r in panels:
         groups.setdefault((r.dataset, r.depth), []).append(r)
     rows, cols = len(groups), max(len(v) for v in groups.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 0.8, 2.6 * rows + 0.6), squeeze=False)
     for i, ((dataset, depth), rs) in enumerate(groups.items()):
+        names = class_names(results, dataset)
         for j, r in enumerate(rs):
             with np.load(results / r.path / "qualitative.npz") as z:
                 imgs, labels, params = z["images"], z["labels"], json.loads(str(z["params"]))
             ax = axes[i][j]
             ax.imshow(image_grid(imgs, labels, params["n_per_class"]))
             ax.set_title(f"{dataset} d{depth} — {r.method} (seed {r.seed}, cfg {params['cfg']})", fontsize=9)
-            ax.axis("off")
+            _label_rows(ax, labels, names, imgs.shape[1])
         for j in range(len(rs), cols):
             axes[i][j].axis("off")
     fig.suptitle("Samples: one row per class, same classes and sampling seeds for every method", fontsize=10)
@@ -61,69 +82,105 @@ def samples_figure(cfg: dict, results: Path, out: Path, name: str = "samples") -
     save_figure(fig, out, name)
 
 
-def _curves(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+def _curves(path: Path) -> dict[int, dict]:
+    """A run's ``train/metrics.jsonl`` by step (a step logged twice, e.g. around a resume: its last line)."""
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return {int(r["step"]): r for r in recs}
+
+
+def aligned(logs: list[dict[int, dict]], get) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values (seeds, steps)) of one logged quantity, seeds aligned by step over the union of their
+    steps (no truncation to the shortest log); NaN where a seed has no value. A step missing from every log
+    (spacing above 1.5x the usual log interval) gets a NaN column, so a line shows the gap instead of bridging it."""
+    steps = sorted(set().union(*logs)) if logs else []
+    vals = np.array([[_value(lg.get(t), get) for t in steps] for lg in logs], np.float64).reshape(len(logs), -1)
+    if len(steps) > 2:
+        d = np.diff(steps)
+        gaps = np.flatnonzero(d > 1.5 * np.median(d))
+        steps = np.insert(np.asarray(steps, np.float64), gaps + 1, np.asarray(steps)[gaps] + d[gaps] / 2)
+        vals = np.insert(vals, gaps + 1, np.nan, axis=1)
+    return np.asarray(steps, np.float64), vals
+
+
+def _value(rec: dict | None, get) -> float:
+    try:
+        v = get(rec) if rec is not None else None
+    except (KeyError, IndexError, TypeError):
+        v = None
+    return np.nan if v is None else float(v)
+
+
+# one panel per quantity: (title, y label, y scale, [(line label, getter, line style)])
+CURVES = [
+    ("cross-entropy $L_{CE}$", "nats / token", "linear", [("", lambda r: r["ce"], "-")]),
+    ("second-order term $L_{2nd}$", "$d(s, s^*)$ as in the loss (log scale)", "log", [("", lambda r: r["l2nd"], "-")]),
+    ("semantic entropy $L_{SE}$", "nats / token", "linear", [("", lambda r: r["lse"], "-")]),
+    ("regulariser strength", r"$\|\nabla_{logits}\,\lambda\,$term$\| \,/\, \|\nabla_{logits} L_{CE}\|$ (log)", "log",
+     [(r"$\lambda_1 L_{2nd}$", lambda r: r["gshare_2nd"] or None, "-"),
+      (r"$\lambda_2 L_{SE}$", lambda r: r["gshare_se"] or None, "--")]),
+    ("predictive dispersion", r"$s = V\,\mathrm{Var}_v[p_v]$ (token mean)", "linear",
+     [("model $s$", lambda r: r["pred_dispersion"], "-"), ("reference $s^*$", lambda r: r["ref_dispersion"], ":")]),
+    ("cross-entropy per scale, finest last", "nats / token", "linear",
+     [("first scale", lambda r: r["per_scale"]["ce"][0], ":"),
+      ("last scale", lambda r: r["per_scale"]["ce"][-1], "-")]),
+]
+
+
+def _method_colours(methods) -> dict[str, str]:
+    return {m: f"C{i}" for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def _curve_panel(ax, by_method: dict[str, list[dict[int, dict]]], colours: dict, spec) -> None:
+    """Every method on one panel: per seed a thin line, the mean over the seeds present at a step a thick one."""
+    title, ylabel, yscale, lines = spec
+    for method, logs in by_method.items():
+        for label, get, style in lines:
+            steps, vals = aligned(logs, get)
+            if not np.isfinite(vals).any() or (yscale == "log" and not (vals > 0).any()):
+                continue
+            if yscale == "log":
+                vals = np.where(vals > 0, vals, np.nan)
+            for v in vals if len(logs) > 1 else []:
+                ax.plot(steps, v, style, color=colours[method], lw=0.7, alpha=0.45)
+            with warnings.catch_warnings():  # a step no seed logged (a gap) has an empty mean: NaN, as wanted
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(vals, axis=0)
+            ax.plot(steps, mean, style, color=colours[method], lw=1.6,
+                    label=f"{method} (n = {len(logs)})" + (f": {label}" if label else ""))
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.set_yscale(yscale)
+        ax.legend(fontsize=6.5)
+    else:
+        ax.text(0.5, 0.5, "not logged (or 0: a baseline's λ = 0)", ha="center", va="center", fontsize=8,
+                transform=ax.transAxes)
 
 
 def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "training_curves") -> None:
-    comps = [("ce", "cross-entropy $L_{CE}$"), ("l2nd", "second-order $L_{2nd}$"), ("lse", "semantic entropy $L_{SE}$")]
-    groups: dict[tuple[str, int, str], list] = {}
+    """Per (dataset, depth) a block of panels, one per quantity of :data:`CURVES`, with every method overlaid
+    (a colour per method; thin lines: seeds, thick: their mean), seeds aligned by step."""
+    groups: dict[tuple[str, int], dict[str, list]] = {}
     for r in main_runs(cfg):
-        groups.setdefault((r.dataset, r.depth, r.method), []).append(r)
-    ncol = len(comps) + 2
-    fig, axes = plt.subplots(len(groups), ncol, figsize=(4.3 * ncol, 2.9 * len(groups)), squeeze=False)
-    for i, ((dataset, depth, method), rs) in enumerate(groups.items()):
-        logs = [_curves(results / r.path / "train" / "metrics.jsonl") for r in rs]
-        n = min(len(lg) for lg in logs)
-        steps = np.array([rec["step"] for rec in logs[0][:n]])
-        for j, (key, title) in enumerate(comps):
-            ax = axes[i][j]
-            arr = np.array([[rec["per_scale"][key] for rec in lg[:n]] for lg in logs])  # (seeds, n, SN)
-            mean = arr.mean(0)
-            cmap = plt.get_cmap("viridis", mean.shape[1])
-            for k in range(mean.shape[1]):
-                ax.plot(steps, mean[:, k], color=cmap(k), lw=1.2, label=f"scale {k}")
-            ax.set_title(f"{dataset} d{depth} {method}: {title}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7, ncol=2)
-        _strength_panels(axes[i][len(comps)], axes[i][len(comps) + 1], logs, n, steps, f"{dataset} d{depth} {method}")
+        groups.setdefault((r.dataset, r.depth), {}).setdefault(r.method, []).append(r)
+    colours = _method_colours(m for g in groups.values() for m in g)
+    ncol = 3
+    nrow = -(-len(CURVES) // ncol)
+    fig, axes = plt.subplots(nrow * len(groups), ncol, figsize=(5.2 * ncol, 3.4 * nrow * len(groups)), squeeze=False)
+    for g, ((dataset, depth), methods) in enumerate(groups.items()):
+        logs = {m: [_curves(results / r.path / "train" / "metrics.jsonl") for r in rs] for m, rs in methods.items()}
+        for k, spec in enumerate(CURVES):
+            ax = axes[g * nrow + k // ncol][k % ncol]
+            _curve_panel(ax, logs, colours, spec)
+            ax.set_title(f"{dataset} d{depth}: {ax.get_title()}", fontsize=9)
+        for k in range(len(CURVES), nrow * ncol):
+            axes[g * nrow + k // ncol][k % ncol].axis("off")
+    fig.suptitle("Training curves: thick lines the mean over the n training seeds logged at a step, thin lines each "
+                 "seed; a gap is a stretch of steps no log has", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out, name)
-
-
-def _series(logs: list[list[dict]], n: int, key: str) -> np.ndarray | None:
-    """Seed mean of one logged scalar over the first n log lines, or None where a log lacks it."""
-    vals = [[rec.get(key) for rec in lg[:n]] for lg in logs]
-    if any(v is None for row in vals for v in row):
-        return None
-    return np.asarray(vals, np.float64).mean(0)
-
-
-def _strength_panels(ax_g, ax_s, logs, n, steps, title: str) -> None:
-    """Whether a λ can matter: each weighted regulariser's logit-gradient norm as a share of CE's (log scale; a
-    baseline's are 0 and not drawn), and the predictive dispersion s beside the reference's s*."""
-    for key, label, colour in (("gshare_2nd", r"$\lambda_1 L_{2nd}$", "C0"), ("gshare_se", r"$\lambda_2 L_{SE}$", "C1")):
-        y = _series(logs, n, key)
-        if y is not None and (y > 0).any():
-            ax_g.plot(steps, np.where(y > 0, y, np.nan), color=colour, lw=1.2, label=label)
-    ax_g.set_yscale("log") if ax_g.lines else ax_g.text(0.5, 0.5, "λ = 0: no regulariser in the gradient",
-                                                         ha="center", va="center", fontsize=8, transform=ax_g.transAxes)
-    ax_g.set_title(f"{title}: ‖∇ term‖ / ‖∇ CE‖", fontsize=9)
-    ax_g.set_xlabel("step")
-    ax_g.grid(alpha=0.3)
-    if ax_g.lines:
-        ax_g.legend(fontsize=7)
-    for key, label, style in (("pred_dispersion", "model s", "-"), ("ref_dispersion", "reference s*", "--")):
-        y = _series(logs, n, key)
-        if y is not None:
-            ax_s.plot(steps, y, "k" + style, lw=1.2, label=label)
-    ax_s.set_title(f"{title}: predictive dispersion", fontsize=9)
-    ax_s.set_xlabel("step")
-    ax_s.grid(alpha=0.3)
-    if ax_s.lines:
-        ax_s.legend(fontsize=7)
 
 
 def _err(g):
@@ -179,6 +236,6 @@ def uncertainty_figures(cfg: dict, results: Path, out: Path) -> None:
     first = runs_[0]
     same = [r for r in runs_ if (r.dataset, r.depth, r.seed) == (first.dataset, first.depth, first.seed)]
     U.sigma_figure({r.method: results / r.path / "uncertainty" / "mc_dropout.npz" for r in same}, out,
-                   name="mc_dropout_sigma")
+                   name="mc_dropout_sigma", class_names=class_names(results, first.dataset))
     U.sweep_figure([read_json(results / r.path / "uncertainty" / "sweep_scored.json") for r in runs_], out,
                    name="droppath_sweep")

@@ -1,5 +1,5 @@
 """Table cells shared by every table module (tables.py, uncertainty.py, modes.py): mean ± std of a group's values,
-and the grouping of run records by (dataset, depth, method).
+the grouping of run records by (dataset, depth, method), and the LaTeX and HTML renderings of a display table.
 
 The convention, the same in every table:
 
@@ -13,7 +13,9 @@ entries), that cell says ``(n = k)``.
 """
 from __future__ import annotations
 
+import html
 import math
+import unicodedata
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
@@ -87,5 +89,125 @@ def key_cols(key: tuple) -> dict:
     return {k: v for k, v in zip(GROUP_KEYS, key) if v is not None}
 
 
+# ------------------------------------------------------------------------------------------ LaTeX
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+                 ">": r"\textgreater{}", "|": r"\textbar{}", "\n": " ", "\t": " "}
+LATEX_MATH = {"±": r"\pm", "≥": r"\geq", "≤": r"\leq", "≠": r"\neq", "≈": r"\approx", "×": r"\times", "·": r"\cdot",
+              "−": "-", "∞": r"\infty", "↑": r"\uparrow", "↓": r"\downarrow", "→": r"\rightarrow",
+              "←": r"\leftarrow", "▲": r"\triangle", "▼": r"\nabla", "∇": r"\nabla", "‖": r"\|", "√": r"\surd",
+              "∈": r"\in", "∑": r"\sum", "²": "^{2}", "³": "^{3}", "¹": "^{1}", "°": r"^{\circ}", "′": "'",
+              "∗": "*", "⋅": r"\cdot"}
+LATEX_TEXT = {"—": "---", "–": "--", "‘": "`", "’": "'", "“": "``", "”": "''", "…": r"\ldots{}", "\u00a0": "~",
+              "•": r"\textbullet{}", "§": r"\S{}", "¶": r"\P{}", "©": r"\copyright{}", "£": r"\pounds{}",
+              "ß": r"\ss{}", "æ": r"\ae{}", "Æ": r"\AE{}", "ø": r"\o{}", "Ø": r"\O{}", "œ": r"\oe{}", "Œ": r"\OE{}",
+              "å": r"\aa{}", "Å": r"\AA{}", "ł": r"\l{}", "Ł": r"\L{}", "ı": r"\i{}"}
+LATEX_ACCENTS = {"\u0300": "`", "\u0301": "'", "\u0302": "^", "\u0303": "~", "\u0304": "=", "\u0306": "u",
+                 "\u0307": ".", "\u0308": '"', "\u030a": "r", "\u030b": "H", "\u030c": "v", "\u0327": "c"}
+# Greek capitals that LaTeX spells with a Latin letter (no \Alpha); the others are \Gamma, \Delta, ...
+GREEK_LATIN_CAPITALS = {"ALPHA": "A", "BETA": "B", "EPSILON": "E", "ZETA": "Z", "ETA": "H", "IOTA": "I",
+                        "KAPPA": "K", "MU": "M", "NU": "N", "OMICRON": "O", "RHO": "P", "TAU": "T", "CHI": "X"}
+
+
+def _greek(c: str) -> tuple[str, str] | None:
+    r"""("math", r"\sigma") / ("text", "A") for a Greek letter, None for anything else."""
+    name = unicodedata.name(c, "")
+    for case in ("SMALL", "CAPITAL"):
+        head = f"GREEK {case} LETTER "
+        letter = name[len(head):].replace("FINAL SIGMA", "FINAL").replace("LAMDA", "LAMBDA")
+        if name.startswith(head) and " " not in letter:
+            if case == "SMALL":
+                return ("text", "o") if letter == "OMICRON" else (
+                    "math", r"\varsigma" if letter == "FINAL" else "\\" + letter.lower())
+            if letter in GREEK_LATIN_CAPITALS:
+                return "text", GREEK_LATIN_CAPITALS[letter]
+            return "math", "\\" + letter.capitalize()
+    return None
+
+
+def _latex_piece(c: str) -> tuple[str, str]:
+    """(mode, LaTeX) of one character: mode "math" (to go between $ $) or "text"."""
+    if c in LATEX_SPECIAL:
+        return "text", LATEX_SPECIAL[c]
+    if ord(c) < 128:
+        return "text", c if c.isprintable() else " "
+    if c in LATEX_MATH:
+        return "math", LATEX_MATH[c]
+    if c in LATEX_TEXT:
+        return "text", LATEX_TEXT[c]
+    if (g := _greek(c)) is not None:
+        return g
+    base, *marks = unicodedata.normalize("NFKD", c)
+    if base != c and all(unicodedata.combining(m) for m in marks):  # an accented letter: \'{e}
+        mode, text = _latex_piece(base)
+        if mode == "math":  # an accented Greek letter: the letter
+            return mode, text
+        for m in marks:
+            text = f"\\{LATEX_ACCENTS[m]}{{{text}}}" if m in LATEX_ACCENTS else text
+        return "text", text
+    if base != c:  # a compatibility form: ligatures, full-width letters
+        return "text", latex_escape("".join((base, *marks)))
+    return "text", f"[U+{ord(c):04X}]"  # no pdflatex rendering: named, never passed through
+
+
+def latex_escape(text: Any) -> str:
+    r"""``text`` as LaTeX that pdflatex compiles with no package beyond the kernel: the special characters
+    ``\ & % $ # _ { } ~ ^ < > |`` escaped, math symbols and Greek letters in ``$ $`` (Δ → ``$\Delta$``,
+    ≥ → ``$\geq$``, ± → ``$\pm$``, ▲ / ▼ → ``$\triangle$`` / ``$\nabla$``), dashes and quotes as TeX ligatures,
+    accented letters as accent commands; any other non-ASCII character is written as ``[U+XXXX]``."""
+    out: list[str] = []
+    math_run: list[str] = []
+    for c in str(text):
+        mode, tex = _latex_piece(c)
+        if mode == "math":
+            math_run.append(tex)
+            continue
+        if math_run:
+            out.append("$" + " ".join(math_run) + "$")
+            math_run = []
+        out.append(tex)
+    if math_run:
+        out.append("$" + " ".join(math_run) + "$")
+    return "".join(out)
+
+
+def _cell(v: Any) -> str:
+    return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def latex_table(table, caption: str, label: str) -> str:
+    r"""A ``table`` float with a booktabs ``tabular`` of a display DataFrame (every cell escaped by
+    :func:`latex_escape`); compiles with pdflatex and ``\usepackage{booktabs}``. A tabular wider than the line is
+    scaled to the line width where the document loads graphicx (``\resizebox``), else set at its natural width."""
+    head = " & ".join(latex_escape(c) for c in table.columns) + r" \\"
+    body = [" & ".join(latex_escape(_cell(v)) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    fit = (r"\ifdim\wd0>\linewidth\ifdefined\resizebox\resizebox{\linewidth}{!}{\usebox0}\else\usebox0\fi"
+           r"\else\usebox0\fi")
+    return "\n".join([r"\begin{table}", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
+                      rf"\label{{{label}}}", rf"\sbox0{{\begin{{tabular}}{{{'l' * len(table.columns)}}}",
+                      r"\toprule", head, r"\midrule", *body, r"\bottomrule", r"\end{tabular}}%", fit,
+                      r"\end{table}", ""])
+
+
+# ------------------------------------------------------------------------------------------ HTML
+HTML_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:8px}"
+              "table{border-collapse:collapse}caption{caption-side:top;text-align:left;max-width:60em;"
+              "padding-bottom:6px}th,td{padding:3px 8px;text-align:left;white-space:nowrap}"
+              "thead th{border-top:2px solid #333;border-bottom:1px solid #333}"
+              "tbody tr:last-child td{border-bottom:2px solid #333}tbody tr:nth-child(even){background:#f4f4f4}")
+
+
+def html_table(table, caption: str, title: str) -> str:
+    """A self-contained HTML page (inline style, no scripts) with one ``<table>`` of a display DataFrame and its
+    caption: what the Snakemake report shows for a table."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in table.columns)
+    rows = "\n".join("<tr>" + "".join(f"<td>{esc(_cell(v))}</td>" for v in row) + "</tr>"
+                     for row in table.itertuples(index=False))
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
+            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n<table>\n<caption>{esc(caption)}</caption>\n"
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>\n</body>\n</html>\n")
+
+
 __all__ = ["DDOF", "GROUP_KEYS", "MISSING", "Stat", "mean_std", "fmt", "fmt_stat", "add_stat", "spread_note",
-           "group_key", "grouped", "key_cols"]
+           "group_key", "grouped", "key_cols", "latex_escape", "latex_table", "html_table"]

@@ -1,4 +1,4 @@
-"""Every table, from the runs' ``metrics.json`` and ``train/summary.json``: CSV + Markdown + LaTeX each.
+"""Every table, from the runs' ``metrics.json`` and ``train/summary.json``: CSV + Markdown + LaTeX + HTML each.
 
 * ``table2`` — the paper's Table 2 layout: dataset x depth x method, FID / IS / KID / precision / recall / clean-FID,
   mean ± std over seeds (IS says "unavailable: <reason>" when only FID-only Inception weights could be had).
@@ -13,11 +13,14 @@
 * ``lambda_study`` — target ``lambda_study`` only (``lambda_study.json``, :mod:`varup.lambdastudy`): each loss
   setting's mean with a t-interval over the training seeds and its paired difference to the baseline, with the
   study's one-line verdict as the caption.
+* ``uncertainty_droppath`` / ``_region`` / ``_entanglement`` — the MC-Dropout studies (rows from
+  :mod:`varup.uncertainty`), with the companion study's numbers beside ours as a reference (no Δ).
 * ``toy_metrics`` — toy datasets only: Fréchet distance, KID and precision/recall in the feature space of the toy
   mode classifier, beside the Inception ones, with a "real vs real (floor)" row per dataset.
 
 Cells follow :mod:`varup.tablefmt`: mean ± std over the training seeds of a row (sample std, ddof = 1), a single
-seed's value without ±, and a display column ``n``; each caption says what its ± is over.
+seed's value without ±, and a display column ``n``; each caption says what its ± is over. The paper's numbers are
+printed beside ours wherever it reports them; a difference (Δ) to them only where our dataset is the paper's.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import pandas as pd
 
 from varup.config import (Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, toy_runs,
                           uncertainty_enabled, uncertainty_runs)
-from varup.tablefmt import add_stat, fmt, mean_std, spread_note
+from varup.tablefmt import add_stat, fmt, html_table, latex_table, mean_std, spread_note
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")
@@ -57,7 +60,12 @@ def _paper_key(cfg: dict, dataset: str) -> str | None:
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
+    return None if not _finite(a) or not _finite(b) else a - b
+
+
+def _finite(v) -> bool:
+    """A number (not None, not NaN): pandas turns a None among floats into NaN."""
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def _load(results: Path, runs_: list[Run], name: str) -> list[dict]:
@@ -65,14 +73,15 @@ def _load(results: Path, runs_: list[Run], name: str) -> list[dict]:
 
 
 def write_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str, display: pd.DataFrame | None = None) -> None:
-    """``name.csv`` (full precision, machine-readable), ``name.md`` and ``name.tex`` (formatted ``display``)."""
+    """``name.csv`` (full precision, machine-readable), and the formatted ``display`` with its caption as ``name.md``,
+    ``name.tex`` (booktabs, compiles with pdflatex) and ``name.html`` (a self-contained page, shown by the report)."""
     out = Path(out_dir)
     disp = df if display is None else display
     atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))
     md = f"**{caption}**\n\n" + disp.to_markdown(index=False, disable_numparse=True) + "\n"  # keep the digits
     atomic_write_text(out / f"{name}.md", md)
-    tex = disp.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True)
-    atomic_write_text(out / f"{name}.tex", tex)
+    atomic_write_text(out / f"{name}.tex", latex_table(disp, caption, f"tab:{name}"))
+    atomic_write_text(out / f"{name}.html", html_table(disp, caption, name))
 
 
 def _metric_table(cfg: dict, results: Path, columns: list[tuple[str, str, Callable[[dict], float | None], int]],
@@ -109,7 +118,8 @@ def table2(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     df["paper_fid"], df["paper_is"] = pf, pi
     df["fid_minus_paper"] = [_diff(a, b) for a, b in zip(df["fid_mean"], pf)]
     disp["FID (paper)"] = [f"{v:.2f}" if v is not None else "—" for v in pf]
-    disp["Δ FID"] = [f"{v:+.2f}" if v is not None else "—" for v in df["fid_minus_paper"]]
+    if any(v is not None for v in pf):  # a Δ only for rows on the paper's datasets
+        disp["Δ FID"] = [f"{v:+.2f}" if v is not None else "—" for v in df["fid_minus_paper"]]
     disp["IS (paper)"] = [f"{v:.2f}" if v is not None else "—" for v in pi]
     first = _load(results, [next(iter(main_runs(cfg)))], "metrics.json")[0]
     reason = first["inception"].get("isc_unavailable_reason")
@@ -120,7 +130,8 @@ def table2(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     df["inception_source"] = first["inception"]["source"]
     caption = (f"Table 2 layout: generation quality per dataset, depth and method. {spread_note()}; KID is "
                "torch-fidelity's mean over its random subsets within each run (that std is in metrics.json), "
-               f"then mean ± std over the seeds. Inception weights: {first['inception']['source']}.{is_note}")
+               f"then mean ± std over the seeds. The paper's values are shown, with Δ = ours − paper, only for rows on "
+               f"its datasets (AFHQ, ImageNet-100). Inception weights: {first['inception']['source']}.{is_note}")
     write_table(df, out, "table2", caption, disp)
     return df
 
@@ -138,22 +149,33 @@ def table7(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     ]
     df, disp = _metric_table(cfg, results, cols)
     paper = paper_results()["table7"]
-    # the paper's layout: one row per metric, our runs as columns, the paper's value and our 'ours' difference
+    on_paper = [_paper_key(cfg, d) is not None for d in df["dataset"]]
+    df["paper_ours_json"] = json.dumps(paper)
+    for key, *_ in cols:  # Δ only for 'ours' on one of the paper's datasets
+        df[f"{key}_minus_paper"] = [_diff(m, paper.get(key)) if ok and meth == "ours" else None
+                                    for m, ok, meth in zip(df[f"{key}_mean"], on_paper, df["method"])]
+    write_table(df, out, "table7", "Table 7 layout: diversity metrics, one column per run group (n: its training "
+                "seeds), beside the paper's values for its method (the paper does not say which dataset or depth). "
+                "Δ = ours − paper only for runs on one of the paper's datasets (AFHQ, ImageNet-100); on any other "
+                f"dataset the paper's column is a reference, not a target. {spread_note(of='column')}.",
+                _table7_display(df, cols, paper))
+    return df
+
+
+def _table7_display(df: pd.DataFrame, cols: list, paper: dict) -> pd.DataFrame:
+    """The paper's layout: one row per metric, the paper's value, our run groups as columns, and a Δ column beside
+    each group that has a difference to the paper (``<key>_minus_paper``: 'ours' on a paper dataset)."""
     rows = []
     for key, title, _, digits in cols:
         r = {"metric": title.replace(" ↓", "").replace(" ↑", ""), "paper (ours)": paper.get(key)}
         for _, row in df.iterrows():
             name = f"{row['dataset']} d{row['depth']} {row['method']}"
             r[f"{name} (n = {row['seeds']})"] = fmt(row[f"{key}_mean"], row[f"{key}_std"], digits)
-            if row["method"] == "ours":
-                d = _diff(row[f"{key}_mean"], paper.get(key))
-                r[f"Δ {name} − paper"] = f"{d:+.3f}" if d is not None else "—"
+            if any(_finite(row[f"{k}_minus_paper"]) for k, *_ in cols):
+                d = row[f"{key}_minus_paper"]
+                r[f"Δ {name} − paper"] = f"{d:+.3f}" if _finite(d) else "—"
         rows.append(r)
-    df["paper_ours_json"] = json.dumps(paper)
-    write_table(df, out, "table7", "Table 7 layout: diversity metrics, one column per run group (n: its training "
-                f"seeds), beside the paper's values for its method (the paper does not say which dataset or depth). "
-                f"{spread_note(of='column')}.", pd.DataFrame(rows))
-    return df
+    return pd.DataFrame(rows)
 
 
 def codebook_calibration(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
@@ -255,11 +277,14 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "NLL / token (OOD)": fmt(ood_tok[0], None, 3), "AUROC % ↑": fmt(auc[0], auc[1], 1),
                      "NLL (paper)": p["nll"] if p else "—", "AUROC % (paper)": p["auroc_percent"] if p else "—",
                      "Δ AUROC": f"{rows[-1]['auroc_minus_paper']:+.1f}" if rows[-1]["auroc_minus_paper"] is not None else "—"})
-    df = pd.DataFrame(rows)
+    df, disp = pd.DataFrame(rows), pd.DataFrame(disp)
+    if df.empty or df["paper_auroc_percent"].isna().all():  # a Δ only for rows on the paper's dataset
+        disp = disp.drop(columns="Δ AUROC", errors="ignore")
     write_table(df, out, "table3", "Table 3 layout: OOD detection from token likelihoods (score = NLL; AUROC of OOD "
-                "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper does not define its "
-                f"NLL unit; mCE (ImageNet-C) is not reproduced. {spread_note()}; the OOD NLL is their mean.",
-                pd.DataFrame(disp))
+                "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper's values (its "
+                "ImageNet experiment), with Δ AUROC = ours − paper, are shown only for ImageNet-100 rows. The paper "
+                f"does not define its NLL unit; mCE (ImageNet-C) is not reproduced. {spread_note()}; the OOD NLL is "
+                "their mean.", disp)
     return df
 
 
@@ -300,29 +325,69 @@ def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
-UNCERTAINTY_TABLES = {
+STUDY_NOTE = ("Columns marked (study): the companion MC-Dropout study's values "
+              "(shared/papers/mc-dropout-var-study.md), a reference printed without a difference: it sampled single "
+              "ImageNet class prompts with its own model and sample count, a setting no configured dataset "
+              "reproduces; its IS ± is its own.")
+UNCERTAINTY_TABLES = {  # name: (uncertainty.py function, run file, caption, the study's rows, the column they match)
     "uncertainty_droppath": ("droppath_table", "uncertainty/sweep_scored.json",
                              "MC-Dropout: generation quality and pixel-wise σ (std over T stochastic passes of the decoded "
                              "image in [0,1]) against the DropPath rate kept active at inference, baseline vs ours. "
-                             f"{spread_note()}."),
+                             f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_droppath_sweep", "rate"),
     "uncertainty_region": ("region_table", "uncertainty/mc_dropout.json",
                            "MC-Dropout σ inside vs outside the object (toy: the object segmented in the mean image, "
                            "checked against the exact masks; real datasets: absent, with the reason). "
-                           f"{spread_note()}."),
+                           f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_region_sigma", None),
     "uncertainty_entanglement": ("entanglement_table", "uncertainty/entanglement_scored.json",
                                  "Class entanglement: conditioning on an equal-weight mix of 1, 2 or 3 class "
                                  "embeddings; FID/KID against the real images of the mixed classes, and σ (each "
                                  "run's mixes of the same size averaged first). "
-                                 f"{spread_note()}."),
+                                 f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_entanglement", "concepts"),
 }
+
+
+def _study_cells(e: dict | None) -> tuple[dict, dict]:
+    """(CSV columns, display cells) of one row of the companion study (FID, IS ± its std, CMMD, σ); "—" where the
+    study has no row for ours."""
+    e = e or {}
+    csv = {f"study_{k}": e.get(k) for k in ("fid", "is", "is_std", "cmmd", "sigma")}
+    disp = {"σ (study)": fmt(e.get("sigma"), None, 4), "FID (study)": fmt(e.get("fid"), None, 2),
+            "IS (study)": fmt(e.get("is"), e.get("is_std"), 2), "CMMD (study)": fmt(e.get("cmmd"), None, 3)}
+    return csv, disp
+
+
+def _region_study_cells(r: dict) -> tuple[dict, dict]:
+    csv = {"study_sigma_object": r["object"], "study_sigma_background": r["background"]}
+    disp = {"σ object (study)": fmt(r["object"], None, 4), "σ background (study)": fmt(r["background"], None, 4),
+            "σ background − object (study)": fmt(r["background"] - r["object"], None, 4)}
+    return csv, disp
+
+
+def with_study(df: pd.DataFrame, disp: pd.DataFrame, study_key: str, match: str | None):
+    """The companion study's numbers beside each row of an uncertainty table: by DropPath rate or number of mixed
+    classes (``match``), or, for the region table, the study's one object / background pair on every row."""
+    study = paper_results()[study_key]
+    cells = []
+    for _, row in df.iterrows():
+        if match is None:
+            cells.append(_region_study_cells(study))
+        else:
+            e = next((e for e in study if math.isclose(float(e[match]), float(row[match]))), None)
+            cells.append(_study_cells(e))
+    if not cells:
+        return df, disp
+    df = pd.concat([df, pd.DataFrame([c for c, _ in cells], index=df.index)], axis=1)
+    disp = pd.concat([disp, pd.DataFrame([d for _, d in cells], index=disp.index)], axis=1)
+    return df, disp
 
 
 def uncertainty_tables(cfg: dict, results: Path, out: Path) -> None:
     from varup import uncertainty as U
 
     runs_ = uncertainty_runs(cfg)
-    for name, (fn, path, caption) in UNCERTAINTY_TABLES.items():
-        df, disp = getattr(U, fn)([read_json(results / r.path / path) for r in runs_])
+    for name, (fn, path, caption, study_key, match) in UNCERTAINTY_TABLES.items():
+        table = getattr(U, fn)([read_json(results / r.path / path) for r in runs_])
+        df, disp = with_study(*table, study_key, match)
         write_table(df, out, name, caption, disp)
     if mode_runs(cfg):
         df, disp = U.mode_coverage_table([read_json(results / r.path / "mode_coverage.json") for r in mode_runs(cfg)])

@@ -134,15 +134,100 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
     return root
 
 
+class LineProgress:
+    """Progress for a stream that is not a terminal (a Snakemake log): newline-terminated lines, never carriage
+    returns; one line at the start, one each time another ``every_frac`` of ``total`` is done or ``every_s``
+    seconds have passed since the last line (whichever comes first), and one at :meth:`close`. The subset of
+    tqdm's interface the library uses: iteration, ``update``, ``set_postfix``, ``close``, a context manager."""
+
+    def __init__(self, iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
+                 unit: str = "it", initial: int = 0, file=None, disable: bool = False, unit_scale: bool = False,
+                 every_frac: float = 0.1, every_s: float = 120.0, clock=time.monotonic):
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.iterable, self.total, self.desc, self.unit, self.unit_scale = iterable, total, desc, unit, unit_scale
+        self.n = self._start_n = initial
+        self.file, self.disable, self.every_frac, self.every_s, self.clock = file, disable, every_frac, every_s, clock
+        self.postfix, self.closed, self._last_n = "", False, None
+        self._t0 = self._last_t = clock()
+        self._last_bucket = self._bucket()
+        self._emit()
+
+    def _bucket(self) -> int:
+        """How many ``every_frac`` steps of ``total`` are done (integer arithmetic: 300 of 1000 is 3 tenths)."""
+        return int(self.n * max(1, round(1 / self.every_frac)) // self.total) if self.total else 0
+
+    def _count(self, x: float, unit: str = "") -> str:
+        from tqdm import tqdm
+
+        if self.unit_scale:
+            return f"{tqdm.format_sizeof(x)}{unit}"
+        num = str(int(x)) if float(x).is_integer() else (f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}")
+        return num + (f" {unit}" if unit else "")
+
+    def _line(self) -> str:
+        from tqdm import tqdm
+
+        dt = self.clock() - self._t0
+        rate = (self.n - self._start_n) / dt if dt > 0 else None
+        head = f"{self.desc}: " if self.desc else ""
+        if self.total:
+            head += f"{100 * self.n / self.total:3.0f}% {self._count(self.n)}/{self._count(self.total, self.unit)}"
+        else:
+            head += self._count(self.n, self.unit)
+        left = f", {tqdm.format_interval((self.total - self.n) / rate)} left" if self.total and rate else ""
+        speed = f", {self._count(rate, self.unit)}/s" if rate else ""
+        tail = f" {self.postfix}" if self.postfix else ""
+        return f"{head} [{tqdm.format_interval(dt)} elapsed{left}{speed}]{tail}"
+
+    def _emit(self) -> None:
+        if self.disable:
+            return
+        f = self.file if self.file is not None else sys.stderr
+        f.write(self._line() + "\n")
+        f.flush()
+        self._last_t, self._last_bucket, self._last_n = self.clock(), self._bucket(), self.n
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if self._bucket() > self._last_bucket or self.clock() - self._last_t >= self.every_s:
+            self._emit()
+
+    def set_postfix(self, **kw) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def close(self) -> None:
+        if not self.closed and self.n != self._last_n:
+            self._emit()
+        self.closed = True
+
+    def __iter__(self):
+        try:
+            for x in self.iterable:
+                yield x
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-             initial: int = 0, **kw) -> Any:
-    """tqdm on stderr; refreshes rarely when stderr is a file (Snakemake logs) so logs stay readable."""
+             initial: int = 0, file=None, **kw) -> Any:
+    """A progress bar on ``file`` (default stderr): tqdm when it is a terminal; otherwise (a Snakemake log)
+    :class:`LineProgress`, plain lines at about every 10 % or 2 minutes. ``VARUP_NO_PROGRESS=1`` silences both."""
+    f = sys.stderr if file is None else file
+    kw["disable"] = kw.get("disable", False) or os.environ.get("VARUP_NO_PROGRESS") == "1"
+    if not (hasattr(f, "isatty") and f.isatty()):
+        return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, file=f, **kw)
     from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
-    kw["disable"] = kw.get("disable", False) or os.environ.get("VARUP_NO_PROGRESS") == "1"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=tty,
-                mininterval=0.5 if tty else 15.0, **kw)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, file=f, dynamic_ncols=True,
+                mininterval=0.5, **kw)
 
 
 # --------------------------------------------------------------------------------------- provenance

@@ -9,6 +9,7 @@ rule lambda_study_scores:
     output:
         f"{RES}/lambda_study/lambda_study.json",
     params:
+        code=code_of("lambda-study"),
         entries=lambda w: q(lambda_entries()),
         losses=lambda w: q(LAMBDA["points"]),
         baseline=lambda w: LAMBDA["baseline"],
@@ -31,10 +32,12 @@ rule lambda_study_table:
         f"{RES}/lambda_study/lambda_study.json",
     output:
         csv=f"{RES}/tables/lambda_study.csv",
-        md=report(f"{RES}/tables/lambda_study.md", caption="../report/lambda_study.rst", category="Tables",
-                  labels={"table": "lambda_study", "format": "md"}),
+        md=f"{RES}/tables/lambda_study.md",
         tex=f"{RES}/tables/lambda_study.tex",
+        html=report(f"{RES}/tables/lambda_study.html", caption="../report/lambda_study.rst", category="Tables",
+                    labels={"table": "lambda_study"}),
     params:
+        code=code_of("tables"),
         cfg=lambda w: q(vc.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output.csv),

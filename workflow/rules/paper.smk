@@ -13,13 +13,15 @@ rule tables:
         toy_floor=[f"{RES}/{d}/toy_metrics_floor.json" for d in TOY_DATASETS],
         refs=[f"{RES}/{d}/refs.json" for d in DATASETS],
     output:
+        # the report shows each table's HTML rendering (its viewer cannot display .md); .md and .tex are for papers
         **{
             f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",
-                                 labels={"table": t, "format": ext}) if ext == "md" else f"{RES}/tables/{t}.{ext}"
+                                 labels={"table": t}) if ext == "html" else f"{RES}/tables/{t}.{ext}"
             for t in TABLES
-            for ext in ("csv", "md", "tex")
+            for ext in ("csv", "md", "tex", "html")
         },
     params:
+        code=code_of("tables"),
         cfg=lambda w: q(vc.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
@@ -42,6 +44,7 @@ rule figures:
         metrics=run_files("metrics.json") if "figure4" in EXPERIMENTS else [],
         sweep=cfg_sweep_files("metrics.json"),
         unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS for f in ("mc_dropout.npz", "sweep_scored.json")],
+        tokens_meta=[f"{RES}/{d}/tokens/meta.json" for d in DATASETS],  # class names of the sample grids
     output:
         **{
             f"{f}_{ext}": report(f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures",
@@ -50,6 +53,7 @@ rule figures:
             for ext in ("png", "pdf")
         },
     params:
+        code=code_of("figures"),
         cfg=lambda w: q(vc.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
