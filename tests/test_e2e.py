@@ -160,9 +160,13 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
     assert "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     edited = json.loads(json.dumps(cfg))
     edited["methods"]["ours"]["lambda_se"] = 0.05
-    f = work / "edited.yaml"
+    f = finished[2]  # the config that owns results/toy, edited (another file would be refused: varup.ownership)
+    original = f.read_text()
     f.write_text(yaml.safe_dump(edited))
-    r = smk(work, f, "-n")
+    try:
+        r = smk(work, f, "-n")
+    finally:
+        f.write_text(original)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = planned_jobs(r.stdout)
     by_rule: dict[str, list[dict]] = {}

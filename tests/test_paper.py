@@ -52,6 +52,7 @@ def paper_cfg(tmp_path) -> Path:
     for split in ("train", "val"):
         (imagenet / split / "n02869837").mkdir(parents=True)
     cfg["datasets"]["imagenet100"]["root"] = str(imagenet)
+    (tmp_path / "imagenet-o").mkdir()
     cfg["experiments"]["ood"]["source"]["root"] = str(tmp_path / "imagenet-o")
     f = tmp_path / "paper.yaml"
     f.write_text(yaml.safe_dump(cfg))
@@ -98,6 +99,27 @@ def test_prefetch_target_lists_every_download(paper_cfg, tmp_path):
     r = smk(tmp_path / "work", paper_cfg, "-n", "prefetch", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert job_counts(r.stdout) == {"fetch_archive": 1, "fetch_weights": 1, "inception_weights": 1, "prefetch": 1}
+
+
+def test_the_required_paths_are_checked_when_the_dag_is_built(paper_cfg, tmp_path):
+    """config/paper.yaml as shipped: its REQUIRED placeholders stop a dry run, naming the key, not a queued job;
+    prefetch reads neither, so it plans. A missing OOD folder or an ImageNet root without train/ is named too."""
+    shipped = REPO / "config" / "paper.yaml"
+    r = smk(tmp_path / "work", shipped, "-n", timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "datasets.imagenet100.root: /path/to/imagenet is not an existing folder" in out, out[-3000:]
+    assert "REQUIRED" in out
+    r = smk(tmp_path / "work", shipped, "-n", "prefetch", timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    cfg = yaml.safe_load(paper_cfg.read_text())
+    os.rmdir(cfg["experiments"]["ood"]["source"]["root"])
+    r = smk(tmp_path / "work", paper_cfg, "-n", timeout=300)
+    assert r.returncode != 0 and "experiments.ood.source.root:" in r.stdout + r.stderr
+    (tmp_path / "imagenet-o").mkdir()
+    os.rmdir(tmp_path / "imagenet" / "train" / "n02869837")
+    os.rmdir(tmp_path / "imagenet" / "train")
+    r = smk(tmp_path / "work", paper_cfg, "-n", timeout=300)
+    assert r.returncode != 0 and "datasets.imagenet100.root: " in r.stdout + r.stderr and "has no train/" in r.stdout + r.stderr
 
 
 @pytest.mark.slow

@@ -164,6 +164,31 @@ def test_every_gpu_rule_asks_the_slurm_profile_for_a_gpu():
             if "**GPU" in m.group(2):
                 gpu_rules.add(m.group(1))
     assert {"sample_shard", "evaluate", "mc_dropout", "bench"} <= gpu_rules
-    prof = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     missing = sorted(r for r in gpu_rules if prof["set-resources"].get(r, {}).get("gpu", 0) < 1)
-    assert not missing, f"GPU rules without a gpu request in workflow/profiles/slurm: {missing}"
+    assert not missing, f"GPU rules without a gpu request in profiles/slurm: {missing}"
+
+
+def test_the_default_profile_is_loaded_beside_the_snakefile(tmp_path):
+    """Snakemake looks for profiles/default in the working directory and beside the Snakefile (not in workflow/)."""
+    r = snakemake("-n", "-d", str(tmp_path), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Using workflow specific profile {REPO / 'profiles' / 'default'} for setting" in r.stdout + r.stderr
+
+
+def test_the_default_profile_retries_a_failed_job(tmp_path):
+    """A job that fails on its first attempt succeeds on the retry of the default profile's `retries: 1`, in a run
+    that passes neither --retries nor --cores (both come from the profile)."""
+    prof = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    assert prof["retries"] >= 1 and prof["cores"] >= 1
+    (tmp_path / "profiles" / "default").mkdir(parents=True)
+    (tmp_path / "profiles" / "default" / "config.yaml").write_text((REPO / "profiles" / "default" / "config.yaml").read_text())
+    (tmp_path / "Snakefile").write_text(
+        'rule flaky:\n    output: "done.txt"\n    resources: attempt=lambda wildcards, attempt: attempt\n'
+        '    shell: "echo {resources.attempt} >> attempts.txt; test {resources.attempt} -gt 1 && touch {output}"\n')
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+    r = subprocess.run([*SNAKEMAKE, "-s", str(tmp_path / "Snakefile"), "-d", str(tmp_path)], cwd=sub,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path / "attempts.txt").read_text().split() == ["1", "2"]

@@ -1,7 +1,7 @@
 """``python -m varup <stage> ...`` — the command line the Snakemake rules call (one stage per command).
 
 Every command takes ``--log FILE`` (appended; progress bars go to stderr) and ``--threads N``. Structured
-settings arrive as JSON strings (``--params``), already validated against config/schema.yaml by the Snakefile.
+settings arrive as JSON strings (``--params``), already validated against src/varup/schema.yaml by the Snakefile.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def cmd_tokenizer_train(a) -> None:
     n_val = min(len(val), 256)
     val_images = torch.stack([val[i][0] for i in range(n_val)])
     s = train_tokenizer(a.vqvae, a.train, get_batch, len(ds), out_model=a.out, work_dir=a.work, device=a.device,
-                        val_images=val_images)
+                        val_images=val_images, stop_before_limit_s=a.stop_before_limit_s)
     log.info("tokenizer done: %s", {k: v for k, v in s.items() if k != "config"})
 
 
@@ -160,7 +160,7 @@ def cmd_train(a) -> None:
 
     spec = RunSpec(**a.spec)
     train(spec, tokens_dir=a.tokens, tokenizer=a.tokenizer, references=a.refs, out_model=a.out, work_dir=a.work,
-          device=a.device, warm_start_path=a.warm_start)
+          device=a.device, warm_start_path=a.warm_start, stop_before_limit_s=a.stop_before_limit_s)
 
 
 # --------------------------------------------------------------------------------------- sample
@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--log", help="append the log to this file")
         p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--device", default="auto", help="auto | auto:gpu | auto:any | cpu | cuda | cuda:N (auto: CUDA "
+                       "if torch sees a GPU, else the CPU, refused where GPUs were allocated; auto:gpu also refuses it "
+                       "in a Slurm job; auto:any never; see varup.runtime.resolve_device)")
         return p
 
     p = cmd("data-toy", cmd_data_toy, "generate the toy shapes dataset")
@@ -395,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_json, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
+    p.add_argument("--stop-before-limit-s", type=float, default=600.0,
+                   help="inside a Slurm job: checkpoint and exit (status 75) this long before its time limit; 0: never")
 
     p = cmd("tokenizer-gate", cmd_tokenizer_gate, "fail when the toy mode classifier cannot tell the class of the "
             "tokenizer's reconstructions of held-out images")
@@ -434,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     p.add_argument("--warm-start", default=None, help="official var_d{depth}.pth (when train.warm_start is set)")
+    p.add_argument("--stop-before-limit-s", type=float, default=600.0,
+                   help="inside a Slurm job: checkpoint and exit (status 75) this long before its time limit; 0: never")
 
     p = cmd("sample", cmd_sample, "sample one shard of a run's evaluation set")
     p.add_argument("--model", required=True)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_SCHEMA = REPO / "config" / "schema.yaml"
+# The JSON schema ships inside the package (pyproject package-data), so an installed varup validates too.
+DEFAULT_SCHEMA = resources.files("varup").joinpath("schema.yaml")
 
 OFFICIAL_VAE_URL = "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth"
 
@@ -32,7 +33,7 @@ def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_def
     """Validate against the JSON schema, filling schema defaults; raise ConfigError naming every bad key."""
     import jsonschema
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = read_schema(schema_path)
     cls = jsonschema.validators.validator_for(schema)
     errors = sorted(cls(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
@@ -42,6 +43,12 @@ def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_def
         _fill_defaults(cfg, schema, schema)
     _check_cross_references(cfg)
     return cfg
+
+
+def read_schema(schema_path=DEFAULT_SCHEMA) -> dict:
+    """The schema as a dict; a path, or the packaged resource (a Path, or a Traversable in a zipped install)."""
+    src = Path(schema_path) if isinstance(schema_path, (str, os.PathLike)) else schema_path
+    return yaml.safe_load(src.read_text())
 
 
 def _resolve(node: dict, root: dict) -> dict:
@@ -91,7 +98,7 @@ def _check_cross_references(cfg: dict) -> None:
         if tok["kind"] == "train" and "vqvae" not in tok:
             problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
     for name, d in cfg["datasets"].items():
-        for key in ("gpus", "nodes"):
+        for key in LAUNCH_KEYS:
             if key in d.get("train", {}):
                 problems.append(f"datasets/{name}/train/{key}: set {key} at the top level (train/{key}); it sizes the "
                                 f"training rule for every dataset")
@@ -356,7 +363,7 @@ def model_settings(cfg: dict, depth: int) -> dict:
 def run_spec(cfg: dict, run: Run) -> dict:
     """The complete, JSON-able specification of one training job (varup.train.RunSpec fields). Snakemake records
     it as a rule parameter, so editing anything in it re-runs exactly this job and what depends on it."""
-    optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k != "gpus"}
+    optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k not in LAUNCH_KEYS}
     return {"model": model_settings(cfg, run.depth), "loss": dict(all_methods(cfg)[run.method]), "optim": optim,
             "seed": run.seed, "extra": {}}
 
@@ -373,6 +380,51 @@ def patch_nums_of(cfg: dict, dataset: str) -> list[int]:
     return list(tok["vqvae"]["patch_nums"])
 
 
+def get_key(cfg: dict, key: str):
+    """The value at dotted ``key`` (``datasets.afhq.root``), or None when a part of it is not set."""
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+#: sub-folders that a folder given by a config key must hold: ImageNet-100 is built from an ImageNet-1k root
+REQUIRED_SUBDIRS = {"imagenet100": ("train", "val")}
+
+
+def dir_problem(cfg: dict, key: str) -> str | None:
+    """Why the folder at dotted ``key`` cannot be read (None: it can, or the key is not set)."""
+    val = get_key(cfg, key)
+    if val is None:
+        return None
+    p = Path(val).expanduser()
+    hint = " (the config's placeholder: fill in the path marked REQUIRED)" if str(val).startswith("/path/to/") else ""
+    if not p.is_dir():
+        return f"{key}: {val} is not an existing folder{hint}"
+    parts = key.split(".")
+    kind = get_key(cfg, ".".join(parts[:-1] + ["kind"])) if parts[-1] == "root" else None
+    missing = [s for s in REQUIRED_SUBDIRS.get(kind, ()) if not (p / s).is_dir()]
+    return f"{key}: {val} has no {' or '.join(f'{s}/' for s in missing)} (kind {kind})" if missing else None
+
+
+def check_dirs(cfg: dict, keys) -> None:
+    """Raise ConfigError naming every key of ``keys`` whose folder cannot be read (see :func:`dir_problem`)."""
+    problems = [m for k in keys if (m := dir_problem(cfg, k))]
+    if problems:
+        raise ConfigError("a configured folder that this job reads is missing:\n" + "\n".join("  " + m for m in problems))
+
+
+def job_device(cfg: dict, gpu_rule: bool) -> str:
+    """The ``--device`` of a rule's job: the configured device, where ``auto`` becomes ``auto:any`` with
+    ``allow_cpu_fallback`` and ``auto:gpu`` for a GPU rule (which then refuses the CPU in a Slurm job;
+    :func:`varup.runtime.resolve_device`)."""
+    dev = cfg.get("device", "auto")
+    if dev != "auto":
+        return dev
+    return "auto:any" if cfg.get("allow_cpu_fallback") else ("auto:gpu" if gpu_rule else "auto")
+
+
 def cluster_resources(cfg: dict, gpu: bool) -> dict:
     """Slurm partition/account resources from ``cluster`` (only the ones set)."""
     c = cfg.get("cluster", {})
@@ -380,24 +432,30 @@ def cluster_resources(cfg: dict, gpu: bool) -> dict:
     return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c.get("account"))) if v}
 
 
+#: train keys that say how a run is launched (processes, restarts, time-limit margin), not what it computes: they
+#: are not part of the run specification, so changing them re-trains nothing
+LAUNCH_KEYS = ("gpus", "nodes", "stop_before_limit_s")
+
+
 def train_launch(cfg: dict) -> tuple[str, dict]:
     """The command prefix that starts ``varup train`` and the Slurm resources of the training rule.
 
-    1 GPU: ``varup``. G > 1 on one node: ``torchrun --standalone --nproc_per_node=G -m varup`` with ``gpu=G``.
-    K > 1 nodes: ``srun`` starts one torchrun per node, which meet through a c10d rendezvous on the first node
-    (``nodes=K, tasks=K, mpi=srun``, ``--gpus-per-node=G`` in ``slurm_extra``). Every training job asks Slurm for
-    SIGUSR1 10 minutes before its time limit: the job checkpoints and exits, and a retry resumes."""
-    t = cfg["train"]
+    1 GPU: ``varup``. G > 1 on one node: ``torchrun --standalone --nproc_per_node=G -m varup`` with ``gpu=G,
+    nodes=1``. K > 1 nodes: ``srun`` starts ``python -m varup.launch`` once per node (``nodes=K, tasks=K, mpi=srun``,
+    ``--gpus-per-task=G``), which reads the node list from the task's own environment and starts torchrun
+    (:mod:`varup.launch`); ``{cpus}`` in the command is the rule's ``cpus_per_task`` resource. CPUs and memory scale with the GPUs of a node (``cluster.train_cpus_per_gpu``,
+    ``cluster.train_mem_mb_per_gpu``). No ``--signal`` is requested: the trainer stops itself
+    ``train.stop_before_limit_s`` before the time limit (:class:`varup.runtime.SlurmClock`)."""
+    t, c = cfg["train"], cfg.get("cluster", {})
     g, k = int(t.get("gpus", 1)), int(t.get("nodes", 1))
-    signal = "--signal=USR1@600"
     res = cluster_resources(cfg, gpu=True)
-    if k > 1:
-        cmd = (f"srun -n {k} torchrun --nnodes={k} --nproc_per_node={g} --rdzv_id=$SLURM_JOB_ID "
-               f"--rdzv_backend=c10d --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 "
-               f"-m varup")
-        res.update(nodes=k, tasks=k, mpi="srun", slurm_extra=f"--gpus-per-node={g} --ntasks-per-node=1 {signal}")
-        return cmd, res
-    res.update(gpu=g, slurm_extra=signal)
+    res.update(cpus_per_task=g * int(c.get("train_cpus_per_gpu", 8)), mem_mb=g * int(c.get("train_mem_mb_per_gpu", 60000)),
+               runtime=int(c.get("train_runtime_min", 2880)))
+    if k > 1:  # the job step lost the allocation's SLURM_* settings: srun is told the task's CPUs and GPUs again
+        res.update(nodes=k, tasks=k, mpi="srun", slurm_extra=f"--gpus-per-task={g}")
+        return (f"srun -n {k} --cpus-per-task={{cpus}} --gpus-per-task={g} python -m varup.launch "
+                f"--nproc-per-node={g} --"), res
+    res.update(gpu=g, nodes=1)
     return ("varup" if g == 1 else f"torchrun --standalone --nproc_per_node={g} -m varup"), res
 
 

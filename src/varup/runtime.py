@@ -1,13 +1,18 @@
 """What every long-running job shares: device and precision, torchrun/DDP setup, resumable checkpoints with RNG
-state, and a preemption guard that turns SIGTERM/SIGUSR1 (sent by Slurm before a time limit) into a checkpoint and
-a clean, retryable exit."""
+state and a log that survives a retry, and a preemption guard that turns SIGTERM/SIGUSR1/SIGINT, or the Slurm time
+limit coming close (:class:`SlurmClock`), into a checkpoint and a requeue or a clean, retryable exit."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,73 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ device
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class DeviceError(RuntimeError):
+    pass
+
+
+#: environment variables that say GPUs were given to this process (Slurm sets them for --gpus / --gres=gpu)
+GPU_ENV_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+_NO_GPU_VALUES = ("", "-1", "none", "nodevfiles")  # and a count of 0 in SLURM_GPUS* (a 0 elsewhere is GPU index 0)
+
+#: ``auto`` and its policies: ``auto`` refuses the CPU where GPUs were allocated; ``auto:gpu`` (the workflow's GPU
+#: rules) also refuses it in any Slurm job; ``auto:any`` (config ``allow_cpu_fallback: true``) never refuses it
+AUTO_POLICIES = ("", "gpu", "any")
+
+
+def allocated_gpus(env) -> str | None:
+    """``VAR=value`` of the first variable saying that GPUs were allocated to this process, else None."""
+    names = [*GPU_ENV_VARS, *sorted(k for k in env if k.startswith("SLURM_GPUS"))]
+    for k in names:
+        v = str(env.get(k, "")).strip()
+        if v.lower() not in _NO_GPU_VALUES and not (k.startswith("SLURM_GPUS") and v == "0"):
+            return f"{k}={v}"
+    return None
+
+
+def cpu_fallback_refusal(policy: str, env) -> str | None:
+    """Why ``auto`` (with ``policy``) must not fall back to the CPU in this environment; None when it may."""
+    if policy not in AUTO_POLICIES:
+        raise ValueError(f"device 'auto:{policy}': the policy must be one of {[p for p in AUTO_POLICIES if p]}")
+    if policy == "any":
+        return None
+    gpus = allocated_gpus(env)
+    if gpus:
+        return f"GPUs were allocated to this job ({gpus})"
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if policy == "gpu" and job:
+        return (f"this GPU rule runs in Slurm job {job}, which was given no GPU (no {'/'.join(GPU_ENV_VARS)}, "
+                f"SLURM_GPUS*: does the profile's set-resources request gpu for the rule?)")
+    return None
+
+
+def cuda_unavailable_reason() -> str:
+    """What torch says about CUDA when ``torch.cuda.is_available()`` is False (driver too old, no driver, ...)."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - the message is the point
+        return f"{type(e).__name__}: {e}".strip()
+    return f"torch.cuda.device_count() = {torch.cuda.device_count()}"
+
+
+def _refuse_cpu(name: str, why: str) -> DeviceError:
+    return DeviceError(
+        f"device {name!r}: refusing to fall back to the CPU: {why}, but torch.cuda.is_available() is False "
+        f"({cuda_unavailable_reason()}; torch {torch.__version__}, CUDA build {torch.version.cuda}). A GPU job on the "
+        f"CPU would run for days instead of failing. Fix the node's GPU setup (driver, torch build), or run on the CPU "
+        f"on purpose: config `device: cpu`, or `allow_cpu_fallback: true` (a GPU where one works, else the CPU); "
+        f"on the command line --device cpu or --device auto:any.")
+
+
+def resolve_device(name: str = "auto", env=None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, or ``auto[:policy]`` = CUDA when torch sees a GPU, else the CPU unless
+    :func:`cpu_fallback_refusal` says the job was meant for a GPU (then :class:`DeviceError`, naming why)."""
+    if name.split(":")[0] == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        why = cpu_fallback_refusal(name.partition(":")[2], os.environ if env is None else env)
+        if why:
+            raise _refuse_cpu(name, why)
+        return torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
@@ -137,6 +206,33 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+# ------------------------------------------------------------------------------------------- logs
+class ResumableLog:
+    """A job's ``metrics.jsonl``, kept beside its checkpoint while the job runs and published to the declared
+    output only when the job finishes. Snakemake deletes a failed job's declared outputs, so a log written there
+    would lose everything before the checkpoint the retry resumes from; this one keeps the lines up to it (the
+    lines after it are dropped on resume: the resumed job writes them again)."""
+
+    def __init__(self, live: str | os.PathLike, published: str | os.PathLike):
+        self.live, self.published = Path(live), Path(published)
+
+    def resume_at(self, step: int) -> None:
+        """Keep the lines of steps <= ``step`` (0: a fresh start keeps none)."""
+        self.live.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.live.read_text().splitlines() if self.live.exists() else []
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        self.live.write_text("".join(k + "\n" for k in keep))
+
+    def append(self, record: dict) -> None:
+        with open(self.live, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def publish(self) -> None:
+        """Move the whole log to the declared output (atomically)."""
+        self.published.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.live, self.published)
+
+
 # ---------------------------------------------------------------------------------------- preemption
 class PreemptionGuard:
     """Record SIGTERM / SIGUSR1 / SIGINT instead of dying mid-step; the loop checks :attr:`requested` after each
@@ -145,8 +241,10 @@ class PreemptionGuard:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
-    def __init__(self) -> None:
+    def __init__(self, clock: "SlurmClock | None" = None) -> None:
         self.requested: str | None = None
+        self.time_limit = False  # the stop was asked by the clock (this rank's): requeue the job
+        self.clock = clock
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
@@ -170,13 +268,93 @@ class PreemptionGuard:
             signal.signal(sig, old)
 
     def any_rank_requested(self, d: Dist, device: torch.device) -> bool:
-        """All ranks agree (one of them may have been signalled first)."""
+        """All ranks agree (one of them may have been signalled first, or be the one that reads the clock)."""
+        if self.requested is None and self.clock is not None and self.clock.due():
+            self.requested = f"Slurm time limit in {self.clock.left_s():.0f} s"
+            self.time_limit = True
+            log.warning("%s (train.stop_before_limit_s = %d): will checkpoint after this step and exit",
+                        self.requested, self.clock.margin_s)
         flag = self.requested is not None
         if not d.enabled:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t)
         return bool(t.item() > 0)
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds of a Slurm duration (``[days-]hours:minutes:seconds``, ``minutes:seconds``, ``INVALID`` → None)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def slurm_time_left_s(env: dict | None = None) -> float | None:
+    """Seconds until this Slurm job's time limit (``squeue -o %L``), or None outside Slurm / without a limit. Only
+    the job id is needed: the executor plugin's job step keeps ``SLURM_JOB_ID`` but strips the rest."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job or not shutil.which("squeue"):
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("could not ask Slurm for the time left of job %s (%s): relying on signals", job, e)
+        return None
+    return parse_slurm_duration(out.stdout) if out.returncode == 0 else None
+
+
+class SlurmClock:
+    """A training job stops itself ``margin_s`` before its Slurm time limit, checkpoints, requeues its Slurm job
+    (:func:`requeue_slurm_job`; else it exits with :data:`EXIT_PREEMPTED` for a retry): no signal has to reach it. (``sbatch --signal`` goes to every process of the job step,
+    whose first process is the executor plugin's Snakemake or torchrun: SIGUSR1 kills them.) The time left is asked
+    again every ``requery_s`` (an administrator may extend the limit)."""
+
+    def __init__(self, margin_s: float, query=slurm_time_left_s, now=time.monotonic, requery_s: float = 300.0):
+        self.margin_s, self._query, self._now, self._requery_s = margin_s, query, now, requery_s
+        self._end: float | None = None
+        self._asked = -float("inf")
+
+    @classmethod
+    def for_job(cls, margin_s: float | None) -> "SlurmClock | None":
+        """A clock for this process's Slurm job, or None outside Slurm (or when ``margin_s`` is 0 / None)."""
+        if not margin_s or slurm_time_left_s() is None:
+            return None
+        return cls(margin_s)
+
+    def left_s(self) -> float:
+        t = self._now()
+        if t - self._asked >= self._requery_s:
+            self._asked = t
+            left = self._query()
+            if left is not None:
+                self._end = t + left
+        return float("inf") if self._end is None else self._end - t
+
+    def due(self) -> bool:
+        return self.left_s() <= self.margin_s
+
+
+def requeue_slurm_job(env: dict | None = None) -> bool:
+    """Ask Slurm to requeue this job (``scontrol requeue``): it restarts under the same job id with a fresh time
+    limit, and Snakemake, which sees it pending again, keeps waiting (no retry is used). False where Slurm refuses
+    (``JobRequeue=0``, ``--no-requeue``) or outside Slurm: the caller then exits for a retry."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job or not shutil.which("scontrol"):
+        return False
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("scontrol requeue %s failed (%s): exiting for a retry instead", job, e)
+        return False
+    if r.returncode != 0:
+        log.warning("Slurm did not requeue job %s (%s): exiting for a retry instead", job, (r.stderr or r.stdout).strip())
+        return False
+    log.warning("requeued Slurm job %s: it restarts from this checkpoint with a fresh time limit", job)
+    return True
 
 
 def exit_preempted(reason: str) -> None:

@@ -8,7 +8,8 @@ rule bench:
         json=f"{RES}/bench/bench.json",
         md=f"{RES}/bench/bench.md",
     params:
-        device=DEVICE,
+        code=code_of("varup.bench"),
+        device=GPU_DEVICE,
         args=bench_args(),
     threads: SERIAL_THREADS
     resources:

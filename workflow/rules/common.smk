@@ -5,26 +5,65 @@ import re
 import shlex
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
-import varup.config as vc
+# The library is this workflow's own src/, whether or not (and however) varup is installed: first on sys.path of
+# this process, and for the jobs on PYTHONPATH and VARUP_SRC (Snakemake drops PYTHONPATH in conda jobs; the conda
+# env reads VARUP_SRC instead, see envs/varup.post-deploy.sh). So the rules always run this checkout's code.
+VARUP_SRC = os.path.abspath(os.path.join(workflow.basedir, "src"))
+sys.path.insert(0, VARUP_SRC)
+os.environ["VARUP_SRC"] = VARUP_SRC
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [VARUP_SRC] + [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d and d != VARUP_SRC]
+)
+try:
+    import varup.config as vc
+except ImportError as e:
+    raise WorkflowError(f"{e}: {sys.executable} runs Snakemake but lacks what varup.config needs (pyyaml, "
+                        "jsonschema); run `bash scripts/setup.sh`, or `pip install -c requirements.lock pyyaml jsonschema`")
 
 # Validated (and completed with schema defaults) before any job starts; a bad key stops here, named.
 vc.validate(config)
 
+import varup.ownership as own
+# code_of("<varup subcommand>") is the fingerprint of the code that command runs: the rules that run the library
+# record it as the parameter `code`, so editing that code re-runs them ("params changed") and what depends on them
+# (varup.codehash).
+from varup.codehash import code_of
+
 EXP = config["experiment"]
 RES = f"{config['results_dir']}/{EXP}"
 RSC = config["resources_dir"]
+
+# results/<experiment>/ belongs to one configuration: another one under the same experiment name would overwrite
+# its results, so it is refused here, naming the key to change; a run that starts jobs records itself as the owner
+# (varup.ownership). Editing the owning config file is fine: Snakemake re-runs what changed.
+OWNER = own.owner_record(config, workflow.configfiles, os.getcwd())
+if workflow.is_main_process:
+    own.check_owner(RES, OWNER)
+
+
+onstart:
+    own.claim(RES, OWNER)
+
+
 RUNS = list(vc.runs(config))
 DATASETS = list(config["datasets"])
 THREADS = config["threads"]
 SERIAL_THREADS = config["serial_threads"]
-DEVICE = config["device"]
+# --device of the jobs: GPU rules pass GPU_DEVICE, which (device auto) refuses to fall back to the CPU in a Slurm job
+# or where GPUs were allocated, unless allow_cpu_fallback (varup.config.job_device, varup.runtime.resolve_device)
+DEVICE = vc.job_device(config, gpu_rule=False)
+GPU_DEVICE = vc.job_device(config, gpu_rule=True)
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
-# (put first on PATH here, so the jobs need no activated environment); with --sdm conda, the environment's own.
+# (put first on PATH here, so the jobs need no activated environment); with --sdm conda, the environment's own
+# launcher (`python -m varup`, written by envs/varup.post-deploy.sh).
 envvars:
     "PATH",
+    "PYTHONPATH",
+    "VARUP_SRC",
 
 
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
@@ -47,6 +86,17 @@ def q(obj):
 
 def ds(w):
     return config["datasets"][w.dataset]
+
+
+def required_dirs(*keys):
+    """An input function that checks, when the DAG is built, that the folders a job reads (config keys, formatted
+    with its wildcards) exist: a placeholder path fails here, naming the key, not in a queued job. No input file."""
+
+    def check(w):
+        vc.check_dirs(config, [k.format(**w) for k in keys])
+        return []
+
+    return check
 
 
 def run_of(w):
@@ -119,6 +169,7 @@ def qualitative_params(w):
 GPU = vc.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
 CPU = vc.cluster_resources(config, gpu=False)
 TRAIN_CMD, TRAIN_RES = vc.train_launch(config)
+TRAIN_STOP_S = int(config["train"].get("stop_before_limit_s", 600))  # train.stop_before_limit_s (a resource)
 EXPERIMENTS = config["experiments"]
 TABLES = ["table2", "table7", "codebook_calibration", "overhead", "loss_references"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
     ["figure4"] if "figure4" in EXPERIMENTS else []
@@ -165,7 +216,7 @@ def prefetch_files():
 
 def tables_and_figures():
     return (
-        [f"{RES}/tables/{t}.{e}" for t in TABLES for e in ("csv", "md", "tex")]
+        [f"{RES}/tables/{t}.{e}" for t in TABLES for e in ("csv", "md", "tex", "html")]
         + [f"{RES}/figures/{f}.{e}" for f in FIGURES for e in ("png", "pdf")]
         + downstream_files()
     )

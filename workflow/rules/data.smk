@@ -9,6 +9,7 @@ rule data_toy:
     output:
         directory(f"{RES}/{{dataset}}/data"),
     params:
+        code=code_of("data-toy"),
         gen=lambda w: q(ds(w).get("generator", {})),
         res=lambda w: ds(w)["resolution"],
     wildcard_constraints:
@@ -50,6 +51,7 @@ rule data_afhq:
     output:
         directory(f"{RES}/{{dataset}}/data"),
     params:
+        code=code_of("prepare"),
         res=lambda w: ds(w)["resolution"],
         verify=lambda w: "--verify" if ds(w)["verify"] else "",
     wildcard_constraints:
@@ -67,9 +69,12 @@ rule data_afhq:
 
 
 rule data_imagenet100:
+    input:
+        required_dirs("datasets.{dataset}.root"),
     output:
         directory(f"{RES}/{{dataset}}/data"),
     params:
+        code=code_of("prepare"),
         root=lambda w: ds(w)["root"],
         res=lambda w: ds(w)["resolution"],
         verify=lambda w: "--verify" if ds(w)["verify"] else "",
@@ -90,9 +95,12 @@ rule data_imagenet100:
 
 
 rule data_folder:
+    input:
+        required_dirs("datasets.{dataset}.root"),
     output:
         directory(f"{RES}/{{dataset}}/data"),
     params:
+        code=code_of("prepare"),
         root=lambda w: ds(w)["root"],
         res=lambda w: ds(w)["resolution"],
         frac=lambda w: ds(w)["val_fraction"],

@@ -2,9 +2,12 @@
 
 
 rule data_ood:
+    input:
+        required_dirs("experiments.ood.source.root"),
     output:
         directory(f"{RES}/{{dataset}}/ood_data"),
     params:
+        code=code_of("prepare-ood"),
         src=lambda w: q(EXPERIMENTS["ood"]["source"]),
         res=lambda w: ds(w)["resolution"],
     resources:
@@ -27,7 +30,8 @@ rule encode_ood:
         meta=f"{RES}/{{dataset}}/ood_tokens/meta.json",
         tokens=f"{RES}/{{dataset}}/ood_tokens/ood_tokens.npy",
     params:
-        device=DEVICE,
+        code=code_of("encode"),
+        device=GPU_DEVICE,
         pre=lambda w: q(ds(w).get("preprocess", {})),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
@@ -54,7 +58,8 @@ rule ood_eval:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/ood.json",
     params:
-        device=DEVICE,
+        code=code_of("ood"),
+        device=GPU_DEVICE,
         n=EXPERIMENTS.get("ood", {}).get("max_images", 2000),
         mode=EXPERIMENTS.get("ood", {}).get("class_mode", "null"),
         id_dir=lambda w, input: os.path.dirname(input.id_tokens),
@@ -87,7 +92,8 @@ rule downstream:
          for t in EXPERIMENTS.get("downstream", {}).get("tasks", []) for e in ("png", "pdf")],
         summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
     params:
-        device=DEVICE,
+        code=code_of("downstream"),
+        device=GPU_DEVICE,
         models=lambda w, input: " ".join(f"{m}={p}" for m, p in zip(EXPERIMENTS["downstream"]["methods"], input.models)),
         p=lambda w: q(EXPERIMENTS["downstream"]),
         tokens=lambda w, input: os.path.dirname(input.tokens),

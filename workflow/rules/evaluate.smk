@@ -11,6 +11,7 @@ rule inception_weights:
     output:
         f"{RSC}/inception/inception.json",
     params:
+        code=code_of("inception"),
         out=lambda w, output: os.path.dirname(output[0]),
         url=f"--url {config['metrics']['inception']['url']}" if "url" in config["metrics"]["inception"] else "",
         sha=f"--sha256 {config['metrics']['inception']['sha256']}" if "sha256" in config["metrics"]["inception"] else "",
@@ -33,7 +34,8 @@ rule real_features:
         feats=f"{RES}/{{dataset}}/real_features.npz",
         clean=f"{RES}/{{dataset}}/real_clean_features.npy",
     params:
-        device=DEVICE,
+        code=code_of("real-features"),
+        device=GPU_DEVICE,
         split=lambda w: ds(w).get("metrics_real_split", "val"),
         res=lambda w: ds(w)["resolution"],
         n=config["metrics"]["real_max_images"],
@@ -66,7 +68,8 @@ rule evaluate:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/metrics.json",
     params:
-        device=DEVICE,
+        code=code_of("evaluate"),
+        device=GPU_DEVICE,
         p=lambda w: q(inception_metric_params()),
         tokens=lambda w, input: os.path.dirname(input.tokens),
     threads: THREADS
@@ -111,6 +114,7 @@ rule toy_metrics:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/toy_metrics.json",
     params:
+        code=code_of("toy-metrics"),
         device=DEVICE,
         p=lambda w: q(toy_metric_params(w)),
     threads: THREADS
@@ -137,7 +141,8 @@ rule toy_metrics_floor:
     output:
         f"{RES}/{{dataset}}/toy_metrics_floor.json",
     params:
-        device=DEVICE,
+        code=code_of("toy-metrics-floor"),
+        device=GPU_DEVICE,
         p=lambda w: q(toy_floor_params(w)),
         inception="" if config["metrics"]["toy_features"]["floor_inception"] else "--no-inception",
     threads: THREADS

@@ -8,7 +8,8 @@ rule sample_shard:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples/shard{{shard}}of{{nshards}}.npz",
     params:
-        device=DEVICE,
+        code=code_of("sample"),
+        device=GPU_DEVICE,
         p=lambda w: q(sample_params(w)),
     wildcard_constraints:
         nshards=r"\d+",
@@ -32,6 +33,8 @@ rule merge_samples:
         shards_of,
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
+    params:
+        code=code_of("merge-samples"),
     resources:
         **CPU,
     log:
@@ -51,7 +54,8 @@ rule sample_qualitative:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/qualitative.npz",
     params:
-        device=DEVICE,
+        code=code_of("sample"),
+        device=GPU_DEVICE,
         p=lambda w: q(qualitative_params(w)),
     threads: THREADS
     resources:
@@ -72,7 +76,8 @@ use rule sample_shard as sample_cfg_shard with:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples/shard{{shard}}of{{nshards}}.npz",
     params:
-        device=DEVICE,
+        code=code_of("sample"),
+        device=GPU_DEVICE,
         p=lambda w: q({**sample_params(w), "cfg": float(w.cfgv)}),
     wildcard_constraints:
         nshards=r"\d+",

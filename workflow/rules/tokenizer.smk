@@ -29,7 +29,8 @@ rule tokenizer_train:
         summary=f"{RES}/{{dataset}}/tokenizer/summary.json",
         curve=f"{RES}/{{dataset}}/tokenizer/metrics.jsonl",
     params:
-        device=DEVICE,
+        code=code_of("tokenizer-train"),
+        device=GPU_DEVICE,
         vq=lambda w: q(vc.tokenizer_of(config, w.dataset)[1]["vqvae"]),
         train=lambda w: q(vc.tokenizer_of(config, w.dataset)[1].get("train", {})),
         pre=lambda w: q(ds(w).get("preprocess", {})),
@@ -38,6 +39,7 @@ rule tokenizer_train:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        stop_before_limit_s=TRAIN_STOP_S,
     priority: 50  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/tokenizer/{{dataset}}.log",
@@ -48,7 +50,7 @@ rule tokenizer_train:
     shell:
         "varup tokenizer-train --threads {threads} --device {params.device} --data {input.data} --resolution {params.res}"
         " --preprocess {params.pre} --vqvae {params.vq} --train {params.train} --out {output.model}"
-        " --work {params.work} >> {log} 2>&1"
+        " --work {params.work} --stop-before-limit-s {resources.stop_before_limit_s} >> {log} 2>&1"
 
 
 rule tokenizer_gate:
@@ -59,7 +61,8 @@ rule tokenizer_gate:
     output:
         f"{RES}/{{dataset}}/tokenizer/gate.json",
     params:
-        device=DEVICE,
+        code=code_of("tokenizer-gate"),
+        device=GPU_DEVICE,
         bound=lambda w: ds(w)["tokenizer_gate"]["max_class_error"],
         split=lambda w: ds(w)["tokenizer_gate"].get("split", "val"),
         key=lambda w: f"datasets.{w.dataset}.tokenizer_gate.max_class_error",
@@ -91,7 +94,8 @@ rule encode:
         train=f"{RES}/{{dataset}}/tokens/train_tokens.npy",
         val=f"{RES}/{{dataset}}/tokens/val_tokens.npy",
     params:
-        device=DEVICE,
+        code=code_of("encode"),
+        device=GPU_DEVICE,
         pre=lambda w: q(ds(w).get("preprocess", {})),
         variants=lambda w: q(ds(w).get("token_variants", [{}])),
         res=lambda w: ds(w)["resolution"],
@@ -120,6 +124,7 @@ rule references:
         refs=f"{RES}/{{dataset}}/refs.pt",
         stats=f"{RES}/{{dataset}}/refs.json",
     params:
+        code=code_of("references"),
         k=config["references"]["num_clusters"],
         support_k=config["references"]["support_k"],
         seed=config["references"]["cluster_seed"],

@@ -1,6 +1,7 @@
 # Stage 3: one training job per run (dataset x depth x method x seed). The run specification (model, loss,
 # optimiser, seed) is a parameter: editing e.g. a loss weight re-runs exactly the runs of that method and
-# everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption.
+# everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption, and
+# on Slurm it stops itself train.stop_before_limit_s before the time limit (checkpoint, exit 75, retry resumes).
 
 
 rule train:
@@ -14,15 +15,17 @@ rule train:
         curve=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
         summary=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
     params:
-        device=DEVICE,
+        code=code_of("train"),
+        device=GPU_DEVICE,
         spec=lambda w: q(vc.run_spec(config, run_of(w))),
         tokens=lambda w, input: os.path.dirname(input.tokens),
         work=lambda w, output: os.path.dirname(output.curve),
         warm=lambda w, input: f"--warm-start {input.warm}" if input.warm else "",
-        launch=TRAIN_CMD,
+        launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
     threads: THREADS
     resources:
         **TRAIN_RES,
+        stop_before_limit_s=TRAIN_STOP_S,  # a resource, not a parameter: a new margin re-trains nothing
     priority: 30  # the critical path of the DAG goes first
     log:
         f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
@@ -33,4 +36,5 @@ rule train:
     shell:
         "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
         " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
+        " --stop-before-limit-s {resources.stop_before_limit_s}"
         " >> {log} 2>&1"

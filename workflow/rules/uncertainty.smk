@@ -11,7 +11,8 @@ rule mc_dropout:
         json=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json",
         npz=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.npz",
     params:
-        device=DEVICE,
+        code=code_of("mc-dropout"),
+        device=GPU_DEVICE,
         p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rate": UNC.get("mc_rate", 0.1),
                        "classes": UNC.get("classes", [0]), "seeds": UNC.get("sample_seeds", [0]),
                        "mask_dir": unc_mask_dir(w)}),
@@ -37,7 +38,8 @@ rule uncertainty_sets:
         sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json",
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json",
     params:
-        device=DEVICE,
+        code=code_of("uncertainty-sets"),
+        device=GPU_DEVICE,
         p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rates": UNC.get("sweep_rates"),
                        "n_per_class": UNC.get("sweep_n_per_class", 50), "mixes": UNC.get("entanglement_mixes"),
                        "n_mix": UNC.get("entanglement_n", 100), "batch_size": vc.sample_settings(config, w.dataset)["batch_size"],
@@ -69,7 +71,8 @@ rule score_uncertainty_sets:
         sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep_scored.json",
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json",
     params:
-        device=DEVICE,
+        code=code_of("score-sets"),
+        device=GPU_DEVICE,
         p=lambda w: q(inception_metric_params()),
     threads: THREADS
     resources:
@@ -92,7 +95,8 @@ rule mode_classifier:
     output:
         f"{RES}/{{dataset}}/mode_classifier.pt",
     params:
-        device=DEVICE,
+        code=code_of("mode-classifier"),
+        device=GPU_DEVICE,
         epochs=UNC.get("mode_classifier", {}).get("epochs", 6),
         seed=UNC.get("mode_classifier", {}).get("seed", 0),
     threads: SERIAL_THREADS
@@ -118,6 +122,7 @@ rule mode_coverage:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/mode_coverage.json",
     params:
+        code=code_of("mode-coverage"),
         device=DEVICE,
     threads: THREADS
     resources:
