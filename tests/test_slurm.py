@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,7 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_
     cfg = tiny_config(work / "results")
     cfg["train"]["gpus"] = 2  # every training job: 2 GPUs from Slurm, torchrun --nproc_per_node=2
     cfg["threads"] = 1
+    cfg["device"] = "cpu"  # the test cluster's GPUs are fake (torch sees none): device auto would refuse the CPU
     # the core DAG only (data, tokenizer, tokens, training, sampling, metrics, tables, figures): every Slurm job pays
     # a Snakemake start-up, and the studies' rules are the same kind of job (test_e2e runs them)
     cfg["experiments"] = {}
@@ -50,7 +52,7 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(cfg))
     cmd = ["timeout", "-s", "INT", "-k", "30", "2400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-           "-d", str(work), "--configfile", str(f), "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm-ci")]
+           "-d", str(work), "--configfile", str(f), "--workflow-profile", str(REPO / "profiles" / "slurm-ci")]
     env = {**slurm, "VARUP_NO_PROGRESS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=2700)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
@@ -68,3 +70,124 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_
                           capture_output=True, text=True, timeout=60).stdout
     train_rows = [ln for ln in acct.splitlines() if "COMPLETED" in ln and "gres/gpu=2" in ln]
     assert len(train_rows) >= 4, acct[-3000:]
+
+
+# ------------------------------------------------------------------- time limits, preemption, multi-node launch
+def _one_run_config(tmp_path: Path, runtime_min: int = 30, steps: int = 1600, **train) -> tuple[Path, Path, dict]:
+    """A tiny config with one training run per seed (baseline only) and nothing after training."""
+    work = tmp_path / "work"
+    cfg = tiny_config(work / "results")
+    cfg.update(device="cpu", threads=1, experiments={}, seeds=[0, 1, 2])
+    cfg["methods"] = {"baseline": cfg["methods"]["baseline"]}
+    cfg["uncertainty"]["enabled"] = False
+    cfg["train"].update(steps=steps, log_every=100, ckpt_every=100, nonfinite_check_every=50, **train)
+    # the training job's Slurm resources come from the config (a --set-resources would replace the profile's)
+    cfg["cluster"] = {"train_cpus_per_gpu": 1, "train_mem_mb_per_gpu": 1500, "train_runtime_min": runtime_min}
+    f = work / "run.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    f.write_text(yaml.safe_dump(cfg))
+    return work, f, cfg
+
+
+def _smk_slurm(env, work: Path, cfgfile: Path, *args, timeout=1500) -> subprocess.CompletedProcess:
+    cmd = ["timeout", "-s", "INT", "-k", "30", str(timeout), sys.executable, "-m", "snakemake", "-s",
+           str(REPO / "Snakefile"), "-d", str(work), "--configfile", str(cfgfile), "--workflow-profile",
+           str(REPO / "profiles" / "slurm-ci"), *args]
+    return subprocess.run(cmd, env={**env, "VARUP_NO_PROGRESS": "1"}, capture_output=True, text=True,
+                          timeout=timeout + 120)
+
+
+def _model(work: Path, seed: int) -> Path:
+    return work / "results" / "toy" / "shapes" / "d1" / "baseline" / f"seed{seed}" / "model.pt"
+
+
+def _reference_run(work: Path, cfg: dict, seed: int, out: Path) -> Path:
+    """The same run trained in one go, outside Slurm, from the same token cache, tokenizer and references."""
+    import varup.config as vc
+
+    full = vc.validate(yaml.safe_load(yaml.safe_dump(cfg)))
+    spec = vc.run_spec(full, vc.Run("shapes", 1, "baseline", seed))
+    ds = work / "results" / "toy" / "shapes"
+    subprocess.run([sys.executable, "-m", "varup", "train", "--threads", "1", "--device", "cpu", "--spec",
+                    json.dumps(spec), "--tokens", str(ds / "tokens"), "--tokenizer", str(ds / "tokenizer" / "vqvae.pt"),
+                    "--refs", str(ds / "refs.pt"), "--out", str(out / "model.pt"), "--work", str(out / "train")],
+                   check=True, capture_output=True, env={**os.environ, "VARUP_NO_PROGRESS": "1"}, timeout=900)
+    return out
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("imgs_per_s", "tokens_per_s", "elapsed_s")} for r in rows]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    import torch
+
+    sa, sb = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _train_jobs(env, work: Path) -> list[tuple[str, str]]:
+    """(state, exit code) of every run of the training jobs of ``work`` (their ids from the executor's Slurm logs;
+    -D lists each requeued run of a job as its own row)."""
+    ids = sorted({p.stem for p in (work / ".snakemake" / "slurm_logs" / "rule_train").glob("*/*.log")}, key=int)
+    if not ids:
+        return []
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", ",".join(ids), "--format=JobID,State,ExitCode"],
+                         env=env, capture_output=True, text=True, timeout=60).stdout
+    return [tuple(ln.split("|")[1:3]) for ln in out.splitlines() if ln.strip()]
+
+
+def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identically(slurm, tmp_path):
+    """Slurm gives the job 3 minutes; the trainer asks Slurm for the time left, stops 150 s before the limit
+    (no signal has to reach it), checkpoints and requeues its job, which Slurm restarts under the same id with a
+    fresh limit while Snakemake keeps waiting; the resumed run ends with the weights and the whole loss curve of an
+    uninterrupted one."""
+    work, f, cfg = _one_run_config(tmp_path, runtime_min=3, steps=1200, stop_before_limit_s=150)
+    r = _smk_slurm(slurm, work, f, str(_model(work, 0)))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    jobs = _train_jobs(slurm, work)
+    assert {s for s, _ in jobs} == {"REQUEUED", "COMPLETED"} and jobs[-1][0] == "COMPLETED", jobs
+    log = (work / "results" / "toy" / "logs" / "train" / "shapes_d1_baseline_seed0.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+    ref = _reference_run(work, cfg, 0, tmp_path / "ref")
+    assert _same_weights(ref / "model.pt", _model(work, 0))
+    assert _curve(_model(work, 0).parent) == _curve(ref) and len(_curve(ref)) == 12
+
+
+def test_a_sigterm_through_slurm_checkpoints_and_the_retry_resumes_identically(slurm, tmp_path):
+    """`scancel --signal=TERM` (what a preemption sends to every process of the job step) while a training job
+    runs: the job step's Snakemake waits, the trainer checkpoints and exits 75, the retry resumes."""
+    work, f, cfg = _one_run_config(tmp_path, stop_before_limit_s=0)
+    live = _model(work, 1).parent / "train" / "ckpt" / "metrics.jsonl"
+    proc = subprocess.Popen(
+        ["timeout", "-s", "INT", "-k", "30", "1500", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+         "-d", str(work), "--configfile", str(f), "--workflow-profile", str(REPO / "profiles" / "slurm-ci"),
+         str(_model(work, 1))], env={**slurm, "VARUP_NO_PROGRESS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not live.exists():  # the first training job has logged a line: preempt it
+        assert proc.poll() is None and time.time() - t0 < 1200, "training never started"
+        time.sleep(0.5)
+    jobid = next(p.stem for p in (work / ".snakemake" / "slurm_logs" / "rule_train").glob("*/*.log"))
+    subprocess.run(["scancel", "--signal=TERM", jobid], env=slurm, check=True)
+    out, _ = proc.communicate(timeout=1600)
+    assert proc.returncode == 0, out[-6000:]
+    log = (work / "results" / "toy" / "logs" / "train" / "shapes_d1_baseline_seed1.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+    jobs = _train_jobs(slurm, work)  # the signalled job exited 75 and the profile's retry resubmitted it
+    assert jobs[0] == ("FAILED", "75:0") and jobs[-1][0] == "COMPLETED", jobs
+    ref = _reference_run(work, cfg, 1, tmp_path / "ref")
+    assert _same_weights(ref / "model.pt", _model(work, 1))
+    assert _curve(_model(work, 1).parent) == _curve(ref)
+
+
+def test_a_two_node_training_job_meets_at_the_rendezvous_its_tasks_resolve(slurm, tmp_path):
+    """train.nodes: 2 through the executor plugin (nodes=K, tasks=K, mpi=srun). The test cluster has one node, so
+    the job's two tasks (one torchrun agent each) share it: each task reads the node list srun gave it and they
+    meet at task 0's store, making one world of 2 ranks."""
+    work, f, _ = _one_run_config(tmp_path, steps=200, nodes=2, gpus=1)
+    r = _smk_slurm(slurm, work, f, str(_model(work, 2)), "--set-resources", "train:nodes=1")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    s = json.loads((_model(work, 2).parent / "train" / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["steps"] == 200

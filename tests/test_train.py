@@ -124,6 +124,15 @@ def _cli_train(assets, out: Path, s: RunSpec) -> list[str]:
             str(assets / "refs.pt"), "--out", str(out / "model.pt"), "--work", str(out / "train")]
 
 
+_TIMING = ("imgs_per_s", "tokens_per_s", "elapsed_s")
+
+
+def _curve(run: Path) -> list[dict]:
+    """The published loss curve without its timing fields."""
+    rows = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
     while not path.exists():
@@ -147,8 +156,8 @@ def test_killed_training_resumes_to_the_same_weights(assets, tmp_path):
     resumed = subprocess.run(_cli_train(assets, killed, s), check=True, env=env, capture_output=True, text=True)
     assert "resumed from" in resumed.stderr
     assert same_weights(ref / "model.pt", killed / "model.pt")
-    steps = [json.loads(x)["step"] for x in (killed / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 400  # no duplicated log lines after the resume
+    # the whole loss curve survives the kill (it lived beside the checkpoint), without duplicated lines
+    assert _curve(killed) == _curve(ref) and [r["step"] for r in _curve(killed)] == list(range(50, 401, 50))
 
 
 def test_sigterm_checkpoints_exits_75_and_the_retry_finishes_identically(assets, tmp_path):
@@ -158,16 +167,18 @@ def test_sigterm_checkpoints_exits_75_and_the_retry_finishes_identically(assets,
     subprocess.run(_cli_train(assets, ref, s), check=True, env=env, capture_output=True)
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli_train(assets, run, s), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(run / "train" / "metrics.jsonl", proc)  # training has started
+    _wait_for(run / "train" / "ckpt" / "metrics.jsonl", proc)  # training has started (the live log)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "SIGTERM" in err and (run / "train" / "ckpt" / "last.pt").exists()
     subprocess.run(_cli_train(assets, run, s), check=True, env=env, capture_output=True)
     assert same_weights(ref / "model.pt", run / "model.pt")
+    assert _curve(run) == _curve(ref) and not (run / "train" / "ckpt" / "metrics.jsonl").exists()
 
 
-def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(assets, tmp_path, monkeypatch):
+def _poison_loss(monkeypatch, at_call: int, then=None) -> None:
+    """Make the loss's ``at_call``-th forward see NaN logits (and run ``then`` at that moment)."""
     import varup.train as T
 
     calls = {"n": 0}
@@ -175,11 +186,17 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(asse
 
     def poisoned(self, logits, targets):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == at_call:
             logits = logits * float("nan")
+            if then is not None:
+                then()
         return real_forward(self, logits, targets)
 
     monkeypatch.setattr(T.UncertaintyLoss, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(assets, tmp_path, monkeypatch):
+    _poison_loss(monkeypatch, at_call=7)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at or before step 7.*step 4"):
         run_train(assets, tmp_path, spec())
     ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)
@@ -191,19 +208,7 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(asse
 def test_nan_before_a_sigterm_leaves_the_previous_good_checkpoint(assets, tmp_path, monkeypatch):
     """A NaN at step 6 (checks every 4 steps) and SIGTERM in the same step: the preemption checkpoint checks the
     flag first, so last.pt stays the good step-4 one instead of NaN weights."""
-    import varup.train as T
-
-    calls = {"n": 0}
-    real_forward = T.UncertaintyLoss.forward
-
-    def poisoned(self, logits, targets):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            logits = logits * float("nan")
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_forward(self, logits, targets)
-
-    monkeypatch.setattr(T.UncertaintyLoss, "forward", poisoned)
+    _poison_loss(monkeypatch, at_call=6, then=lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(NonFiniteLossError, match=r"at or before step 6.*step 4"):
         run_train(assets, tmp_path, spec(ckpt_every=4, nonfinite_check_every=4, log_every=100))
     ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)

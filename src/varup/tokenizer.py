@@ -8,7 +8,6 @@ Resumable and preemption-safe like the transformer trainer (same checkpoint mech
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from varup.models.vqvae import VQVAE, VQVAEConfig
-from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, exit_preempted, load_training_state, resolve_device,
-                           save_training_state, set_rng_state)
+from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, exit_preempted,
+                           load_training_state, requeue_slurm_job, resolve_device, save_training_state, set_rng_state)
 from varup.sample import derive_seed
 from varup.train import BatchOrder
 from varup.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
@@ -77,7 +76,8 @@ def reseed_dead_codes(vae: VQVAE, img: torch.Tensor, threshold: float, generator
 
 def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray], torch.Tensor], n_images: int, *,
                     out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
-                    val_images: torch.Tensor | None = None, stop_after: int | None = None) -> dict:
+                    val_images: torch.Tensor | None = None, stop_after: int | None = None,
+                    stop_before_limit_s: float | None = None) -> dict:
     """Train a VQVAE. ``get_batch(indices)`` returns images (B, 3, R, R) in [-1, 1]. Writes ``out_model``
     (``{'model', 'config'}``, loadable with :func:`varup.models.vqvae.load_vqvae`) and ``summary.json``."""
     t0 = time.time()
@@ -87,7 +87,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
     run_hash = config_hash({"vq": cfg.to_dict(), "train": asdict(tc)})
     work = Path(work_dir)
     ckpt = work / "ckpt" / "last.pt"
-    log_path = work / "metrics.jsonl"
+    run_log = ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl")
     work.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(tc.seed)
@@ -110,9 +110,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
         log.info("resumed from %s at step %d", ckpt, start)
     else:
         torch.manual_seed(derive_seed(tc.seed, "tokenizer-train"))
-    if log_path.exists():
-        keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-        log_path.write_text("".join(k + "\n" for k in keep))
+    run_log.resume_at(start)
     order = BatchOrder(n_images, tc.batch_size, tc.seed, Dist())
     gen = torch.Generator().manual_seed(derive_seed(tc.seed, "dead-codes", start))
 
@@ -124,7 +122,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
              sum(p.numel() for p in vae.parameters()) / 1e6, cfg.vocab_size, cfg.patch_nums, tc.steps, tc.batch_size, dev)
     bar = progress(total=tc.steps, initial=start, desc="tokenizer", unit="step")
     steps_done = 0
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(SlurmClock.for_job(stop_before_limit_s)) as guard:
         for step in range(start, tc.steps):
             img = get_batch(order.indices(step)).to(dev)
             for g in opt.param_groups:
@@ -151,14 +149,15 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
                 rec_ = {"step": done, "loss": float(loss_), "l1": float(l1_), "l2": float(l2_), "vq": float(vq_),
                         "psnr": float(10 * torch.log10(4.0 / l2_.clamp_min(1e-10))), "usage_per_scale": usage.tolist(),
                         "reseeded": reseeded, "elapsed_s": round(time.time() - t0, 2)}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec_) + "\n")
+                run_log.append(rec_)
                 bar.set_postfix(l2=f"{rec_['l2']:.4f}", psnr=f"{rec_['psnr']:.1f}")
             bar.update(1)
             if done % tc.ckpt_every == 0 and done < tc.steps:
                 checkpoint(done)
-            if guard.requested:
+            if guard.any_rank_requested(Dist(), dev):
                 checkpoint(done)
+                if guard.time_limit:
+                    requeue_slurm_job()
                 exit_preempted(guard.requested)
             if stop_after is not None and steps_done >= stop_after:
                 checkpoint(done)
@@ -176,6 +175,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
         summary["val_psnr"] = 10 * math.log10(4.0 / max(mse, 1e-10))
         summary["val_active_codes_per_scale"] = [int(t.unique().numel()) for t in idx]
     atomic_torch_save({"model": vae.state_dict(), "config": cfg.to_dict()}, out_model)
+    run_log.publish()
     atomic_write_json(work / "summary.json", summary)
     write_provenance(out_model, config={"vq": cfg.to_dict(), "train": asdict(tc)}, seed=tc.seed, device=str(dev), started=t0)
     if ckpt.exists():

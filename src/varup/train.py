@@ -12,7 +12,10 @@ Reliability:
   ``ckpt_every`` steps; the data order is a pure function of (seed, epoch), so a killed job restarted from its last
   checkpoint reaches the same final weights as an uninterrupted one. A checkpoint written under another config
   (hash mismatch, e.g. after a loss hyper-parameter was edited) is set aside, never resumed.
-* preemption: SIGTERM/SIGUSR1 → checkpoint after the current step → exit status 75 (retry resumes).
+* preemption and time limits: SIGTERM/SIGUSR1/SIGINT, or the Slurm time limit coming within
+  ``stop_before_limit_s`` → checkpoint after the current step → exit status 75 (the retry resumes). The log so far
+  lives beside the checkpoint (``ckpt/metrics.jsonl``) and becomes the declared ``metrics.jsonl`` at the end, so a
+  resumed run keeps its whole loss curve.
 * a non-finite loss stops the job with a message naming the step and the loss components; every checkpoint
   (periodic, preemption, stop) is written only after a finite-loss check, so the last good one stays
   (``ckpt_every`` must be a multiple of ``nonfinite_check_every``).
@@ -23,7 +26,6 @@ Reliability:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,9 +42,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from varup.losses import LossConfig, UncertaintyLoss, load_references
 from varup.models.var import VAR, VARConfig
 from varup.models.vqvae import VQVAE, load_vqvae, split_tokens
-from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, autocast, autocast_dtype, exit_preempted,
-                           init_distributed, load_training_state, rng_state, save_training_state, set_rng_state,
-                           shutdown_distributed)
+from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, autocast,
+                           autocast_dtype, exit_preempted, init_distributed, load_training_state, rng_state,
+                           requeue_slurm_job, save_training_state, set_rng_state, shutdown_distributed)
 from varup.sample import derive_seed
 from varup.tokens import TokenCache
 from varup.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
@@ -195,14 +197,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be produced again)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(k + "\n" for k in keep))
-
-
 @dataclass
 class _Run:
     """What one training job holds between its steps (built by :func:`_setup`)."""
@@ -212,7 +206,7 @@ class _Run:
     oc: OptimConfig
     work: Path
     ckpt_path: Path
-    log_path: Path
+    log: ResumableLog
     run_hash: str
     vae: VQVAE
     quant: torch.nn.Module
@@ -254,7 +248,8 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
                             **({"fused": True} if dev.type == "cuda" else {}))
     amp = autocast_dtype(oc.precision, dev)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**11) if amp == torch.float16 else None
-    return _Run(d=d, dev=dev, oc=oc, work=work, ckpt_path=work / "ckpt" / "last.pt", log_path=work / "metrics.jsonl",
+    return _Run(d=d, dev=dev, oc=oc, work=work, ckpt_path=work / "ckpt" / "last.pt",
+                log=ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl"),
                 run_hash=spec.hash(), vae=vae, quant=vae.quantize.to(dev), cache=cache, model=model,
                 loss_fn=UncertaintyLoss(lc, vae.patch_nums, refs).to(dev), opt=opt, amp=amp, scaler=scaler,
                 bad=torch.zeros((), dtype=torch.bool, device=dev))
@@ -279,7 +274,7 @@ def _resume(r: _Run, spec: RunSpec) -> None:
         r.start = r.last_ckpt = int(state["step"])
         log.info("resumed from %s at step %d", r.ckpt_path, r.start)
     if r.d.is_main:
-        _truncate_log(r.log_path, r.start)
+        r.log.resume_at(r.start)
     torch.manual_seed(derive_seed(spec.seed, "train", r.d.rank))
     if state is not None:
         saved = state["extra"].get("rank_rng") or []
@@ -373,10 +368,13 @@ def _train_step(r: _Run, net, step: int, tok, lab):
 
 def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
           out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
-          warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None) -> dict:
+          warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None,
+          stop_before_limit_s: float | None = None) -> dict:
     """Train one run; writes ``out_model`` (plain state dict + config) and, in ``work_dir``: ``metrics.jsonl``,
-    ``summary.json`` and ``ckpt/last.pt``. ``stop_after`` ends the job early after that many steps *of this
-    process* (used by tests to simulate a kill) without writing the final model."""
+    ``summary.json`` and, while it runs, ``ckpt/last.pt`` with the log so far (``ckpt/metrics.jsonl``).
+    ``stop_after`` ends the job early after that many steps *of this process* (used by tests to simulate a kill)
+    without writing the final model. Inside a Slurm job, ``stop_before_limit_s`` before its time limit the job
+    checkpoints and exits with status 75 (:class:`varup.runtime.SlurmClock`)."""
     t_start = time.time()
     r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path)
     _resume(r, spec)
@@ -391,7 +389,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     t_loop, steps_done, tokens_seen, rec = time.time(), 0, 0, None
     bar = progress(total=oc.steps, initial=r.start, desc=f"train {r.work.name}", unit="step", disable=not d.is_main)
     batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev)
-    with PreemptionGuard() as guard:
+    with PreemptionGuard(SlurmClock.for_job(stop_before_limit_s) if d.is_main else None) as guard:
         for step in range(r.start, oc.steps):
             tok, lab = batches.get(step)
             logits, out, gnorm = _train_step(r, net, step, tok, lab)
@@ -407,8 +405,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
                     "imgs_per_s": steps_done * oc.batch_size / dt, "tokens_per_s": tokens_seen / dt,
                     "elapsed_s": round(time.time() - t_start, 2)})
                 if d.is_main:
-                    with open(r.log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    r.log.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
             bar.update(1)
             if done % oc.ckpt_every == 0 and done < oc.steps:
@@ -421,7 +418,9 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
                 batches.close()
                 shutdown_distributed()
                 if stop == "signal":
-                    exit_preempted(guard.requested or "signal on another rank")
+                    if guard.time_limit and d.is_main:
+                        requeue_slurm_job()
+                    exit_preempted(guard.requested or "stop requested on another rank")
                 return {"stopped_at": done}
     bar.close()
     batches.close()
@@ -432,7 +431,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
 
 def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: int, wall: float, t_start: float,
             rec: dict | None) -> dict:
-    """Write the model, ``summary.json`` and provenance; drop ``last.pt`` (the model file is the result)."""
+    """Write the model, the log, ``summary.json`` and provenance; drop ``last.pt`` (the model file is the result)."""
     n_params, oc = r.model.num_params(), r.oc
     summary = {
         "run_hash": r.run_hash, "params": n_params, "params_m": round(n_params / 1e6, 3), "depth": r.model.depth,
@@ -447,6 +446,7 @@ def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: in
     if r.d.is_main:
         atomic_torch_save({"model": r.model.state_dict(), "config": r.model.cfg.to_dict(), "run": asdict(spec),
                            "run_hash": r.run_hash}, out_model)
+        r.log.publish()
         atomic_write_json(r.work / "summary.json", summary)
         write_provenance(out_model, config=asdict(spec), seed=spec.seed, device=str(r.dev), started=t_start)
         if r.ckpt_path.exists():
