@@ -432,7 +432,7 @@ def cluster_resources(cfg: dict, gpu: bool) -> dict:
     return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c.get("account"))) if v}
 
 
-#: train keys that say how a run is launched (processes, restarts, time-limit margin), not what it computes: they
+#: train keys that say how a run is launched (processes, nodes, time-limit margin), not what it computes: they
 #: are not part of the run specification, so changing them re-trains nothing
 LAUNCH_KEYS = ("gpus", "nodes", "stop_before_limit_s")
 
@@ -443,8 +443,8 @@ def train_launch(cfg: dict) -> tuple[str, dict]:
     1 GPU: ``varup``. G > 1 on one node: ``torchrun --standalone --nproc_per_node=G -m varup`` with ``gpu=G,
     nodes=1``. K > 1 nodes: ``srun`` starts ``python -m varup.launch`` once per node (``nodes=K, tasks=K, mpi=srun``,
     ``--gpus-per-task=G``), which reads the node list from the task's own environment and starts torchrun
-    (:mod:`varup.launch`); ``{cpus}`` in the command is the rule's ``cpus_per_task`` resource. CPUs and memory scale with the GPUs of a node (``cluster.train_cpus_per_gpu``,
-    ``cluster.train_mem_mb_per_gpu``). No ``--signal`` is requested: the trainer stops itself
+    (:mod:`varup.launch`); ``{cpus}`` in the command is the rule's ``cpus_per_task`` resource. CPUs and memory
+    scale with the GPUs of a node (``cluster.train_cpus_per_gpu``, ``cluster.train_mem_mb_per_gpu``). No ``--signal`` is requested: the trainer stops itself
     ``train.stop_before_limit_s`` before the time limit (:class:`varup.runtime.SlurmClock`)."""
     t, c = cfg["train"], cfg.get("cluster", {})
     g, k = int(t.get("gpus", 1)), int(t.get("nodes", 1))

@@ -67,7 +67,7 @@ def cpu_fallback_refusal(policy: str, env) -> str | None:
     gpus = allocated_gpus(env)
     if gpus:
         return f"GPUs were allocated to this job ({gpus})"
-    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    job = slurm_job_id(env)
     if policy == "gpu" and job:
         return (f"this GPU rule runs in Slurm job {job}, which was given no GPU (no {'/'.join(GPU_ENV_VARS)}, "
                 f"SLURM_GPUS*: does the profile's set-resources request gpu for the rule?)")
@@ -291,11 +291,16 @@ def parse_slurm_duration(text: str) -> float | None:
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
 
-def slurm_time_left_s(env: dict | None = None) -> float | None:
-    """Seconds until this Slurm job's time limit (``squeue -o %L``), or None outside Slurm / without a limit. Only
-    the job id is needed: the executor plugin's job step keeps ``SLURM_JOB_ID`` but strips the rest."""
+def slurm_job_id(env=None) -> str | None:
+    """This process's Slurm job id, or None outside Slurm. The executor plugin's job step keeps ``SLURM_JOB_ID``
+    (it strips the other ``SLURM_*`` variables)."""
     env = os.environ if env is None else env
-    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    return env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or None
+
+
+def slurm_time_left_s(env: dict | None = None) -> float | None:
+    """Seconds until this Slurm job's time limit (``squeue -o %L``), or None outside Slurm / without a limit."""
+    job = slurm_job_id(env)
     if not job or not shutil.which("squeue"):
         return None
     try:
@@ -308,9 +313,10 @@ def slurm_time_left_s(env: dict | None = None) -> float | None:
 
 class SlurmClock:
     """A training job stops itself ``margin_s`` before its Slurm time limit, checkpoints, requeues its Slurm job
-    (:func:`requeue_slurm_job`; else it exits with :data:`EXIT_PREEMPTED` for a retry): no signal has to reach it. (``sbatch --signal`` goes to every process of the job step,
-    whose first process is the executor plugin's Snakemake or torchrun: SIGUSR1 kills them.) The time left is asked
-    again every ``requery_s`` (an administrator may extend the limit)."""
+    (:func:`requeue_slurm_job`; else it exits with :data:`EXIT_PREEMPTED` for a retry): no signal has to reach it.
+    (``sbatch --signal`` goes to every process of the job step, whose first process is the executor plugin's
+    Snakemake or torchrun: SIGUSR1 kills them.) The time left is asked again every ``requery_s`` (an administrator
+    may extend the limit)."""
 
     def __init__(self, margin_s: float, query=slurm_time_left_s, now=time.monotonic, requery_s: float = 300.0):
         self.margin_s, self._query, self._now, self._requery_s = margin_s, query, now, requery_s
@@ -320,9 +326,12 @@ class SlurmClock:
     @classmethod
     def for_job(cls, margin_s: float | None) -> "SlurmClock | None":
         """A clock for this process's Slurm job, or None outside Slurm (or when ``margin_s`` is 0 / None)."""
-        if not margin_s or slurm_time_left_s() is None:
+        left = slurm_time_left_s() if margin_s else None
+        if left is None:
             return None
-        return cls(margin_s)
+        clock = cls(margin_s)
+        clock._asked, clock._end = clock._now(), clock._now() + left  # this first answer counts: no second query
+        return clock
 
     def left_s(self) -> float:
         t = self._now()
@@ -341,8 +350,7 @@ def requeue_slurm_job(env: dict | None = None) -> bool:
     """Ask Slurm to requeue this job (``scontrol requeue``): it restarts under the same job id with a fresh time
     limit, and Snakemake, which sees it pending again, keeps waiting (no retry is used). False where Slurm refuses
     (``JobRequeue=0``, ``--no-requeue``) or outside Slurm: the caller then exits for a retry."""
-    env = os.environ if env is None else env
-    job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    job = slurm_job_id(env)
     if not job or not shutil.which("scontrol"):
         return False
     try:
