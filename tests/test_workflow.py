@@ -53,7 +53,7 @@ def test_default_config_is_valid_and_fills_defaults():
     (lambda c: c["datasets"]["shapes"].__setitem__("tokenizer", "nope"), "datasets/shapes/tokenizer: 'nope' is not defined"),
     (lambda c: c.pop("seeds"), "'seeds' is a required property"),
     (lambda c: c["uncertainty"].__setitem__("sweep_n_per_class", 1), "uncertainty/sweep_n_per_class: its image sets hold 4"),
-    (lambda c: c["uncertainty"].__setitem__("entanglement_mixes", [[0, 7]]), "uncertainty/classes: [7] out of range"),
+    (lambda c: c["uncertainty"].__setitem__("entanglement_mixes", [[0, 7]]), "uncertainty/entanglement_mixes/0/1: class 7 is out of range"),
 ])
 def test_schema_errors_name_the_key(mutate, needle):
     cfg = default_cfg()

@@ -34,15 +34,69 @@ def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_def
     import jsonschema
 
     schema = read_schema(schema_path)
+    coerce_text_values(cfg, schema)
     cls = jsonschema.validators.validator_for(schema)
     errors = sorted(cls(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  {_format_path(e.absolute_path)}: {e.message}" for e in errors]
+        lines = [f"  {_format_path(e.absolute_path)}: {e.message}{_text_hint(e)}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
     if set_defaults:
         _fill_defaults(cfg, schema, schema)
     _check_cross_references(cfg)
     return cfg
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def coerce_text_values(cfg: dict, schema: dict) -> dict:
+    """Convert, in place, text where the schema wants an integer, a number, a boolean or null: Snakemake reads the
+    values inside a nested ``--config`` override as text (``--config 'train={steps: 10}'`` gives ``'10'``). Text
+    that does not read as the wanted type stays (validation then names its key)."""
+    _coerce(cfg, schema, schema)
+    return cfg
+
+
+def _coerce(value: Any, node: dict, root: dict) -> Any:
+    node = _resolve(node, root)
+    if isinstance(value, dict):
+        props, extra = node.get("properties", {}), node.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[k] = _coerce(v, sub, root)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [_coerce(v, node["items"], root) for v in value]
+    elif isinstance(value, str):
+        return _from_text(value, node)
+    return value
+
+
+def _from_text(text: str, node: dict) -> Any:
+    types = node.get("type") or []
+    types = [types] if isinstance(types, str) else types
+    t = text.strip()
+    if not types or "string" in types:
+        return text
+    if "null" in types and t.lower() in ("null", "~", "none", ""):
+        return None
+    if "boolean" in types and t.lower() in _BOOLEANS:
+        return _BOOLEANS[t.lower()]
+    for kind, parse in (("integer", int), ("number", int), ("number", float)):
+        if kind in types:
+            try:
+                return parse(t)
+            except ValueError:
+                pass
+    return text
+
+
+def _text_hint(e) -> str:
+    """What to do about text where the schema wants another type (a ``--config`` value it could not convert)."""
+    if e.validator != "type" or not isinstance(e.instance, str):
+        return ""
+    return (" (a `--config` value is read as text and converted to the type the schema wants where it can; this "
+            "one could not be: fix it, or put nested settings in a file given with --configfile)")
 
 
 def read_schema(schema_path=DEFAULT_SCHEMA) -> dict:
@@ -124,6 +178,7 @@ def _check_cross_references(cfg: dict) -> None:
         if missing:
             problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
     problems += _uncertainty_problems(cfg)
+    problems += _folder_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
 
@@ -160,7 +215,7 @@ def _checkpoint_problems(cfg: dict) -> list[str]:
 
 def _uncertainty_problems(cfg: dict) -> list[str]:
     """The uncertainty study's image sets are scored by FID/KID/PR: each must hold enough images for the
-    neighbourhood metrics, and its classes must exist in every dataset the study runs on."""
+    neighbourhood metrics; its classes must exist in every dataset the study runs on, and its runs be trained."""
     from varup.metrics import min_set_size
 
     if not uncertainty_enabled(cfg):
@@ -169,8 +224,7 @@ def _uncertainty_problems(cfg: dict) -> list[str]:
     m = cfg.get("metrics", {})
     need = min_set_size(m.get("prc_neighborhood", 3), m.get("prdc_nearest_k", 5))
     problems = []
-    classes = u.get("classes", [])
-    sizes = {"uncertainty/sweep_n_per_class": u.get("sweep_n_per_class", 0) * len(classes),
+    sizes = {"uncertainty/sweep_n_per_class": u.get("sweep_n_per_class", 0) * len(u.get("classes", [])),
              "uncertainty/entanglement_n": u.get("entanglement_n", 0)}
     for key, n in sizes.items():
         if n < need:
@@ -179,13 +233,60 @@ def _uncertainty_problems(cfg: dict) -> list[str]:
     for name in u.get("mask_dirs", {}):
         if name not in cfg["datasets"]:
             problems.append(f"uncertainty/mask_dirs/{name}: not a dataset defined under datasets")
-    used = {c for mix in u.get("entanglement_mixes", []) for c in mix} | set(classes)
+    untrained = [s for s in u.get("run_seeds") or [] if s not in cfg["seeds"]]
+    if untrained:
+        problems.append(f"uncertainty/run_seeds: {untrained} not in seeds {cfg['seeds']}: the studies run on trained "
+                        f"runs only, so these seeds would have none (choose run_seeds among seeds)")
+    return problems + _uncertainty_class_problems(cfg)
+
+
+def _uncertainty_class_problems(cfg: dict) -> list[str]:
+    """Every class the studies sample (uncertainty/classes/<i>, uncertainty/entanglement_mixes/<i>/<j>) must exist in
+    the datasets they run on; each bad value is named by its own key."""
+    u = cfg["uncertainty"]
+    where = [(f"uncertainty/classes/{i}", c) for i, c in enumerate(u.get("classes", []))]
+    where += [(f"uncertainty/entanglement_mixes/{i}/{j}", c) for i, mix in enumerate(u.get("entanglement_mixes", []))
+              for j, c in enumerate(mix)]
+    problems = []
     for name in sorted({r.dataset for r in main_runs(cfg)}):
         n_cls = cfg["datasets"][name].get("num_classes")
-        bad = sorted(c for c in used if n_cls is not None and c >= n_cls)
-        if bad:
-            problems.append(f"uncertainty/classes: {bad} out of range for datasets/{name} ({n_cls} classes)")
+        problems += [f"{key}: class {c} is out of range for datasets/{name} ({n_cls} classes: 0 to {n_cls - 1})"
+                     for key, c in where if n_cls is not None and c >= n_cls]
     return problems
+
+
+def _folder_problems(cfg: dict) -> list[str]:
+    """``num_classes`` of a folder dataset against its folder, when the folder can be read now (else the prepare job
+    checks it)."""
+    out = []
+    for name, ds in cfg["datasets"].items():
+        root = Path(str(ds.get("root", ""))).expanduser()
+        if ds["kind"] == "folder" and "num_classes" in ds and "root" in ds and root.is_dir():
+            problem = num_classes_problem(f"datasets/{name}/num_classes", ds["num_classes"], root, folder_classes(root))
+            out += [problem] if problem else []
+    return out
+
+
+def class_dir_names(folder: str | os.PathLike) -> list[str]:
+    """The sorted, non-hidden sub-directories of ``folder``: the classes of a ``<folder>/<class>/<image>`` tree."""
+    return sorted(d.name for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """The classes of a folder dataset as ``varup prepare --kind folder`` reads them: those of ``root/train`` when
+    ``root`` has ``train/`` and ``val/`` (a released split), else those of ``root``."""
+    root = Path(root)
+    released = (root / "train").is_dir() and (root / "val").is_dir()
+    return class_dir_names(root / "train" if released else root)
+
+
+def num_classes_problem(key: str, num_classes: int, root: str | os.PathLike, classes: list[str]) -> str | None:
+    """Why ``num_classes`` (config ``key``) does not fit the folder ``root`` with ``classes``; None when it does."""
+    if num_classes == len(classes):
+        return None
+    shown = classes if len(classes) <= 8 else classes[:8] + ["..."]
+    return (f"{key}: {num_classes}, but the folder {root} has {len(classes)} class folders {shown}: set num_classes "
+            f"to {len(classes)} (or leave it out: the classes are the folder's)")
 
 
 def load_config(path: str | os.PathLike, schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
@@ -468,6 +569,25 @@ def report_config(cfg: dict) -> dict:
             "metrics": {"toy_features": {"enabled": toy_metrics_enabled(cfg)}},
             "uncertainty": ({"enabled": True, "run_seeds": cfg["uncertainty"].get("run_seeds")}
                             if uncertainty_enabled(cfg) else {})}
+
+
+def report_requested(argv) -> bool:
+    """Whether a Snakemake command line asks for the report of results already computed (``--report [file]``;
+    ``--report-after-run`` computes them first)."""
+    args = [str(a) for a in argv]
+    return any(a == "--report" or a.startswith("--report=") for a in args) and "--report-after-run" not in args
+
+
+def unfinished_report(files: list[str], exists=os.path.exists) -> str | None:
+    """Why ``snakemake --report`` cannot build the report of ``files`` (the tables and figures) yet; None: it can."""
+    missing = [f for f in files if not exists(f)]
+    if not missing:
+        return None
+    what = ("nothing has been run yet" if len(missing) == len(files) else
+            f"the workflow has not finished: {len(missing)} of the report's {len(files)} tables and figures are "
+            f"missing (the first: {missing[0]})")
+    return (f"snakemake --report: {what}. The report shows the results of a finished run: run `snakemake --cores 2` "
+            f"(or scripts/toy.sh) first, with the same --configfile, then ask for the report again.")
 
 
 def uncertainty_enabled(cfg: dict) -> bool:

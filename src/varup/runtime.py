@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from varup.models.common import read_checkpoint
-from varup.utils import atomic_torch_save
+from varup.models.common import CheckpointError, read_checkpoint
+from varup.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("varup.runtime")
 
@@ -177,10 +177,20 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+#: the checkpoint kept beside ``last.pt``: the one before it, the fallback when ``last.pt`` cannot be read
+PREVIOUS_CHECKPOINT = "prev.pt"
+#: what a training checkpoint holds, at least
+_STATE_KEYS = ("model", "optimizer", "step", "rng")
+
+
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    return Path(path).with_name(PREVIOUS_CHECKPOINT)
+
+
 def save_training_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         step: int, config: dict, extra: dict | None = None, scaler=None) -> None:
-    """One atomic file with everything a resume needs (weights, optimizer, step, RNG); plain tensors and
-    Python scalars only, so it loads with ``weights_only=True``."""
+    """One atomic, fsynced file with everything a resume needs (weights, optimizer, step, RNG); plain tensors and
+    Python scalars only, so it loads with ``weights_only=True``. The checkpoint it replaces becomes ``prev.pt``."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -191,14 +201,103 @@ def save_training_state(path: str | os.PathLike, *, model: torch.nn.Module, opti
     }
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    atomic_torch_save(state, path)
+    path = Path(path)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(state, tmp)
+        if path.exists():
+            _keep_as_previous(path)
 
 
-def load_training_state(path: str | os.PathLike, map_location="cpu") -> dict | None:
-    p = Path(path)
-    if not p.exists():
+def _keep_as_previous(last: Path) -> None:
+    """``prev.pt`` := ``last.pt`` (a hard link, else a copy), atomically; ``last.pt`` stays in place throughout."""
+    prev = previous_checkpoint(last)
+    tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copy2(last, tmp)
+    os.replace(tmp, prev)
+
+
+def load_training_state(path: str | os.PathLike, map_location="cpu", *, run_hash: str | None = None,
+                        d: Dist | None = None) -> dict | None:
+    """The training state to resume from ``path`` (``ckpt/last.pt``), or None: start afresh.
+
+    An unreadable ``last.pt`` (truncated, not a training checkpoint) is set aside as ``corrupt-<time>.pt`` and the
+    previous one (``prev.pt``) takes its place when it can be read; one written under another ``run_hash`` is set
+    aside as ``stale-<hash>.pt``; a ``prev.pt`` without ``last.pt`` (a finished or deliberately restarted run) is
+    removed. A WARNING names the file set aside and says where the run resumes. With several ranks (``d``) rank 0
+    settles the files and the others then read what it left."""
+    path, d = Path(path), d or Dist()
+    state = _settle_checkpoint(path, run_hash, map_location) if d.is_main else None
+    if d.enabled:
+        dist.barrier()
+        if not d.is_main and path.exists():
+            state = _read_state(path, map_location)
+    return state
+
+
+def _settle_checkpoint(last: Path, run_hash: str | None, map_location) -> dict | None:
+    prev = previous_checkpoint(last)
+    if not last.exists():
+        if prev.exists():
+            log.info("removed %s: there is no %s beside it (a finished or restarted run)", prev, last.name)
+            prev.unlink()
         return None
-    return read_checkpoint(p, map_location)
+    try:
+        state = _read_state(last, map_location)
+    except CheckpointError as e:
+        state = _recover_previous(last, e, map_location)
+    if state is not None and run_hash is not None and state.get("extra", {}).get("run_hash") != run_hash:
+        stale = _set_aside(last, f"stale-{state.get('extra', {}).get('run_hash', 'unknown')}")
+        prev.unlink(missing_ok=True)
+        log.warning("checkpoint %s was written under another configuration: moved to %s, starting afresh", last, stale)
+        return None
+    return state
+
+
+def _read_state(path: Path, map_location) -> dict:
+    """A training checkpoint (``weights_only``), or :class:`CheckpointError` naming the file."""
+    state = read_checkpoint(path, map_location)
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def _recover_previous(last: Path, err: CheckpointError, map_location) -> dict | None:
+    """``last`` cannot be read: set it aside and resume from ``prev.pt`` (moved onto ``last``) if that one can be."""
+    aside, prev = _set_aside(last, "corrupt"), previous_checkpoint(last)
+    why = f"{last} cannot be read ({err}): set aside as {aside.name}"
+    if not prev.exists():
+        log.warning("%s; there is no previous checkpoint (%s): starting afresh", why, prev.name)
+        return None
+    try:
+        state = _read_state(prev, map_location)
+    except CheckpointError as e:
+        log.warning("%s; the previous checkpoint cannot be read either (%s): set aside as %s; starting afresh", why, e,
+                    _set_aside(prev, "corrupt").name)
+        return None
+    os.replace(prev, last)
+    log.warning("%s; resuming from the previous checkpoint %s at step %d", why, prev.name, int(state["step"]))
+    return state
+
+
+def _set_aside(path: Path, kind: str) -> Path:
+    """Rename ``path`` to ``<kind>-<time>.pt`` beside it (``corrupt-20250101-120000.pt``); never overwrites."""
+    stem = kind if kind.startswith("stale-") else f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dst, n = path.with_name(f"{stem}.pt"), 1
+    while dst.exists():
+        dst, n = path.with_name(f"{stem}-{n}.pt"), n + 1
+    os.replace(path, dst)
+    return dst
+
+
+def discard_training_state(path: str | os.PathLike) -> None:
+    """Remove a finished run's ``last.pt`` and the ``prev.pt`` kept beside it (the model file is the result)."""
+    for p in (Path(path), previous_checkpoint(path)):
+        p.unlink(missing_ok=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -217,11 +316,13 @@ class ResumableLog:
         self.live, self.published = Path(live), Path(published)
 
     def resume_at(self, step: int) -> None:
-        """Keep the lines of steps <= ``step`` (0: a fresh start keeps none)."""
+        """Keep the lines of steps <= ``step`` (0: a fresh start keeps none); a line cut short by a crash is dropped."""
         self.live.parent.mkdir(parents=True, exist_ok=True)
         lines = self.live.read_text().splitlines() if self.live.exists() else []
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        self.live.write_text("".join(k + "\n" for k in keep))
+        keep = [ln for ln in lines if (s := _logged_step(ln)) is not None and s <= step]
+        if any(ln.strip() and _logged_step(ln) is None for ln in lines):
+            log.warning("%s: dropped line(s) that are not complete JSON records (cut short by a crash)", self.live)
+        atomic_write_text(self.live, "".join(k + "\n" for k in keep))
 
     def append(self, record: dict) -> None:
         with open(self.live, "a") as f:
@@ -231,6 +332,14 @@ class ResumableLog:
         """Move the whole log to the declared output (atomically)."""
         self.published.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.live, self.published)
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one log line, or None for a blank or incomplete one."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------- preemption

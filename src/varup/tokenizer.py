@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from varup.models.vqvae import VQVAE, VQVAEConfig
-from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, exit_preempted,
-                           load_training_state, requeue_slurm_job, resolve_device, save_training_state, set_rng_state)
+from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, discard_training_state,
+                           exit_preempted, load_training_state, requeue_slurm_job, resolve_device, save_training_state,
+                           set_rng_state)
 from varup.sample import derive_seed
 from varup.train import BatchOrder
 from varup.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
@@ -96,11 +97,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
     vae.to(dev).train()
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     start = 0
-    state = load_training_state(ckpt)
-    if state is not None and state["extra"].get("run_hash") != run_hash:
-        log.warning("%s belongs to another configuration: starting afresh", ckpt)
-        os.replace(ckpt, ckpt.with_name("stale.pt"))
-        state = None
+    state = load_training_state(ckpt, run_hash=run_hash)  # an unreadable or stale last.pt is set aside
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -178,8 +175,7 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
     run_log.publish()
     atomic_write_json(work / "summary.json", summary)
     write_provenance(out_model, config={"vq": cfg.to_dict(), "train": asdict(tc)}, seed=tc.seed, device=str(dev), started=t0)
-    if ckpt.exists():
-        ckpt.unlink()
+    discard_training_state(ckpt)
     return summary
 
 

@@ -21,9 +21,10 @@ log = logging.getLogger("varup")
 
 # -------------------------------------------------------------------------------------- atomic files
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX),
-    on error it is removed, so a reader never sees a half-written file."""
+    on error it is removed, so a reader never sees a half-written file. ``durable``: the data reach the disk
+    before the rename (fsync), so a crash of the machine cannot leave an empty or truncated ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp",
@@ -36,10 +37,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)
+            if durable:
+                fsync_file(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,9 +64,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically and durably (checkpoints and models are what a crash must not truncate)."""
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=True) as tmp:
         torch.save(obj, tmp)
 
 
@@ -285,11 +298,34 @@ def provenance(*, config: Any = None, seed: int | None = None, device: str | Non
     return rec
 
 
+def provenance_path(result_path: str | os.PathLike) -> Path:
+    """The provenance sidecar of a result file: ``<result>.prov.json``."""
+    return Path(str(result_path) + ".prov.json")
+
+
 def write_provenance(result_path: str | os.PathLike, **kw) -> Path:
-    """Write ``<result>.prov.json`` beside a result file."""
-    p = Path(str(result_path) + ".prov.json")
+    """Write ``<result>.prov.json`` beside a result file (after the result: a sidecar never precedes its result).
+    Rules declare the sidecars as outputs, so Snakemake removes them with their results; a job whose rule cannot
+    (its shell passes ``{output}`` whole) calls :func:`remove_orphan_provenance` when it starts."""
+    p = provenance_path(result_path)
     atomic_write_json(p, provenance(**kw))
     return p
+
+
+def remove_orphan_provenance(*results: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[Path]:
+    """Remove the sidecars of ``results`` that do not exist: a sidecar must not outlive the result it describes
+    (Snakemake deletes a failed job's declared outputs before a rerun, not undeclared sidecars). For a job to call
+    when it starts, with the results it writes; accepts paths, lists of paths and None (skipped); returns the
+    sidecars removed."""
+    removed = []
+    for r in results:
+        for path in [] if r is None else [r] if isinstance(r, (str, os.PathLike)) else r:
+            side = provenance_path(path)
+            if side.is_file() and not Path(path).exists():
+                side.unlink()
+                log.info("removed %s: its result %s is gone", side, path)
+                removed.append(side)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------ threads

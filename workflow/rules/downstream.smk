@@ -29,6 +29,7 @@ rule encode_ood:
     output:
         meta=f"{RES}/{{dataset}}/ood_tokens/meta.json",
         tokens=f"{RES}/{{dataset}}/ood_tokens/ood_tokens.npy",
+        side=multiext(f"{RES}/{{dataset}}/ood_tokens/", "ood_labels.npy", "ood_source.npy"),
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
@@ -91,6 +92,7 @@ rule downstream:
          else f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
          for t in EXPERIMENTS.get("downstream", {}).get("tasks", []) for e in ("png", "pdf")],
         summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
+        prov=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json.prov.json",
     params:
         code=code_of("downstream"),
         device=GPU_DEVICE,

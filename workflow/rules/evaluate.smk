@@ -33,6 +33,10 @@ rule real_features:
     output:
         feats=f"{RES}/{{dataset}}/real_features.npz",
         clean=f"{RES}/{{dataset}}/real_clean_features.npy",
+        prov=f"{RES}/{{dataset}}/real_features.npz.prov.json",
+        # the clean-FID features have provenance when they are computed (clean_fid enabled)
+        **({"clean_prov": f"{RES}/{{dataset}}/real_clean_features.npy.prov.json"}
+           if config["metrics"]["clean_fid"]["enabled"] else {}),
     params:
         code=code_of("real-features"),
         device=GPU_DEVICE,

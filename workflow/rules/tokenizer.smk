@@ -28,6 +28,7 @@ rule tokenizer_train:
         model=f"{RES}/{{dataset}}/tokenizer/vqvae.pt",
         summary=f"{RES}/{{dataset}}/tokenizer/summary.json",
         curve=f"{RES}/{{dataset}}/tokenizer/metrics.jsonl",
+        prov=f"{RES}/{{dataset}}/tokenizer/vqvae.pt.prov.json",  # a sidecar goes with its result
     params:
         code=code_of("tokenizer-train"),
         device=GPU_DEVICE,
@@ -93,6 +94,9 @@ rule encode:
         meta=f"{RES}/{{dataset}}/tokens/meta.json",
         train=f"{RES}/{{dataset}}/tokens/train_tokens.npy",
         val=f"{RES}/{{dataset}}/tokens/val_tokens.npy",
+        # written beside the tokens: removed with them (never left over from an older cache)
+        side=multiext(f"{RES}/{{dataset}}/tokens/", "train_labels.npy", "train_source.npy", "val_labels.npy",
+                      "val_source.npy"),
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
@@ -123,6 +127,7 @@ rule references:
     output:
         refs=f"{RES}/{{dataset}}/refs.pt",
         stats=f"{RES}/{{dataset}}/refs.json",
+        prov=f"{RES}/{{dataset}}/refs.pt.prov.json",
     params:
         code=code_of("references"),
         k=config["references"]["num_clusters"],

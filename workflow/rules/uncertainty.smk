@@ -10,6 +10,7 @@ rule mc_dropout:
     output:
         json=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json",
         npz=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.npz",
+        prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json.prov.json",
     params:
         code=code_of("mc-dropout"),
         device=GPU_DEVICE,
@@ -37,6 +38,8 @@ rule uncertainty_sets:
     output:
         sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json",
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json",
+        sweep_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json.prov.json",
+        mix_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json.prov.json",
     params:
         code=code_of("uncertainty-sets"),
         device=GPU_DEVICE,
@@ -70,6 +73,8 @@ rule score_uncertainty_sets:
     output:
         sweep=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep_scored.json",
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json",
+        sweep_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep_scored.json.prov.json",
+        mix_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json.prov.json",
     params:
         code=code_of("score-sets"),
         device=GPU_DEVICE,

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from varup.config import ConfigError, class_dir_names, folder_classes, num_classes_problem
 from varup.data.folder import IMG_EXTENSIONS, scan_image_folder, verify_images
 from varup.data.toy import MANIFEST_COLUMNS, SPLITS
 from varup.download import ChecksumError, download, read_hash, record_first_use
@@ -254,7 +255,7 @@ def _verify(items: list[_Item], verify: bool) -> None:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = class_dir_names(root)
     if not names:
         raise ValueError(f"{root} has no class sub-directories (expected {root}/<class>/<image>)")
     return names
@@ -388,11 +389,13 @@ def split_val_indices(n: int, val_fraction: float, rng: np.random.Generator) -> 
 
 def prepare_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *, resolution: int,
                    val_fraction: float = 0.1, seed: int = 0, verify: bool = True, name: str | None = None,
-                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+                   source: dict[str, Any] | None = None, num_classes: int | None = None,
+                   num_classes_key: str = "num_classes") -> dict[str, Any]:
     """A user image folder: ``root/{train,val}/<class>/<image>`` (split as released; both splits must have the
     same class directories) or ``root/<class>/<image>`` (split per class by :func:`split_val_indices` with
     ``default_rng([seed, crc32(class name)])``, so a class's split depends only on the seed, its name and its
-    files). Classes are the sorted sub-directory names. Returns the dict written to ``out_dir/dataset.json``.
+    files). Classes are the sorted sub-directory names; ``num_classes`` (the config's, at ``num_classes_key``) must
+    be their number (ConfigError otherwise). Returns the dict written to ``out_dir/dataset.json``.
     """
     resolution = _check_resolution(resolution)
     root = Path(root)
@@ -405,6 +408,9 @@ def prepare_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *, resol
         present, absent = ("train", "val") if has["train"] else ("val", "train")
         raise ValueError(f"{root} has {present}/ but no {absent}/: use {root}/train/<class>/ + {root}/val/<class>/ "
                          f"(released split) or {root}/<class>/ (seeded split)")
+    problem = num_classes_problem(num_classes_key, num_classes, root, folder_classes(root)) if num_classes else None
+    if problem:
+        raise ConfigError(problem)
     if has["train"]:
         classes = _class_dirs(root / "train")
         val_classes = _class_dirs(root / "val")
