@@ -32,6 +32,34 @@ class SampleOutput:
     raw_logits: list[torch.Tensor] = field(default_factory=list)  # per scale (2B, pn*pn, V), before CFG
 
 
+@dataclass
+class TextCondition:
+    """A caption's text embedding (E,) and the unconditional one (E,; None: the model's learned null vector), for
+    a text-conditioned VAR (:class:`varup.models.textvar.TextVAR`)."""
+    emb: torch.Tensor
+    null: torch.Tensor | None = None
+
+    def cond_BD(self, var, B: int) -> torch.Tensor:
+        dev = var.lvl_1L.device
+        null = None if self.null is None else self.null.to(dev)
+        return var.guided_condition(self.emb.to(dev).reshape(1, -1).expand(B, -1), null)
+
+
+def condition_kwargs(var, condition, B: int) -> dict:
+    """:func:`sample` keyword arguments that condition B images on ``condition``: a class index, a
+    (num_classes+1,) class-weight vector (an equal mix: class entanglement) or a :class:`TextCondition`."""
+    dev = var.lvl_1L.device
+    if isinstance(condition, TextCondition):
+        return {"labels": None, "cond_BD": condition.cond_BD(var, B)}
+    w = torch.as_tensor(condition, dtype=torch.float32)
+    if w.ndim == 0:
+        return {"labels": torch.full((B,), int(w), dtype=torch.long, device=dev)}
+    if w.ndim != 1 or w.shape[0] != var.num_classes + 1:
+        raise ValueError(f"class weights must have shape ({var.num_classes + 1},), got {tuple(w.shape)}")
+    label = torch.full((B,), int(w[:var.num_classes].argmax()), dtype=torch.long, device=dev)
+    return {"labels": label, "class_weights": w.to(dev).view(1, -1).expand(B, -1)}
+
+
 def derive_seed(*parts) -> int:
     """A stable 63-bit seed from any parts, e.g. ``derive_seed(seed, 'sample', shard, batch)``."""
     h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
@@ -106,17 +134,23 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
            cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
            generator: torch.Generator | None = None, class_weights: torch.Tensor | None = None,
            teacher_tokens: Sequence[torch.Tensor] | None = None, force_masks: Sequence[torch.Tensor] | None = None,
-           return_raw_logits: bool = False, decode: bool = True) -> SampleOutput:
+           return_raw_logits: bool = False, decode: bool = True, cond_BD: torch.Tensor | None = None) -> SampleOutput:
     """Generate B images.
 
     labels: LongTensor (B,), an int shared by all (negative = null class), or None (drawn uniformly from the
     generator, as the official code). ``class_weights`` (B, num_classes+1) replaces the class embedding of the
     conditional half by a weighted mix. ``teacher_tokens``/``force_masks``: per-scale (B, pn*pn) tokens and
-    boolean masks; where a mask is True the given token's embedding replaces the sampled one.
+    boolean masks; where a mask is True the given token's embedding replaces the sampled one. ``cond_BD`` (2B, D):
+    the conditional then the unconditional condition embeddings, for a model not conditioned on classes
+    (:meth:`varup.models.textvar.TextVAR.guided_condition`); ``labels`` are then only carried into the output.
     """
     device = var.lvl_1L.device
     patch_nums, SN = var.patch_nums, len(var.patch_nums)
-    if isinstance(labels, int) or labels is None:
+    if cond_BD is not None:
+        B = cond_BD.shape[0] // 2
+        labels = (torch.full((B,), -1, dtype=torch.long) if labels is None or isinstance(labels, int) else labels)
+        labels = labels.to(device)
+    elif isinstance(labels, int) or labels is None:
         if batch_size is None:
             raise ValueError("batch_size is required when labels is an int or None")
         B = batch_size
@@ -125,9 +159,11 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
             labels = torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
         else:
             labels = torch.full((B,), var.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
-    labels = labels.to(device)
+    else:
+        labels = labels.to(device)
     B = labels.shape[0]
-    check_labels(labels, var.num_classes)
+    if cond_BD is None:
+        check_labels(labels, var.num_classes)
     if vae.patch_nums != tuple(patch_nums) or vae.V != var.V or vae.Cvae != var.Cvae:
         raise ValueError(f"tokenizer (patch_nums {vae.patch_nums}, V {vae.V}, Cvae {vae.Cvae}) does not match the "
                          f"transformer (patch_nums {tuple(patch_nums)}, V {var.V}, Cvae {var.Cvae})")
@@ -139,7 +175,10 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
             raise ValueError(f"got {len(force_masks)} force masks for {SN} scales")
 
     null = torch.full_like(labels, var.num_classes)
-    if class_weights is not None:
+    if cond_BD is not None:
+        if cond_BD.ndim != 2 or cond_BD.shape[0] != 2 * B:
+            raise ValueError(f"cond_BD must have shape (2B, D) = ({2 * B}, {var.D}), got {tuple(cond_BD.shape)}")
+    elif class_weights is not None:
         uncond = F.one_hot(null, var.num_classes + 1).to(class_weights)
         cond_BD = var.class_condition(class_weights=torch.cat((class_weights.to(device), uncond), 0))
     else:

@@ -33,18 +33,23 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from varup.data.captions import CaptionTable
 from varup.losses import LossConfig, UncertaintyLoss, load_references
+from varup.models.textenc import build_toy_encoder, vocabulary
+from varup.models.textvar import CaptionedVAR, build_var
 from varup.models.var import VAR, VARConfig
 from varup.models.vqvae import VQVAE, load_vqvae, split_tokens
 from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, autocast,
-                           autocast_dtype, exit_preempted, init_distributed, load_training_state, rng_state,
-                           requeue_slurm_job, save_training_state, set_rng_state, shutdown_distributed)
+                           autocast_dtype, discard_training_state, exit_preempted, init_distributed,
+                           load_training_state, rng_state, requeue_slurm_job, save_training_state, set_rng_state,
+                           shutdown_distributed)
 from varup.sample import derive_seed
 from varup.tokens import TokenCache
 from varup.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
@@ -122,10 +127,12 @@ class Prefetcher:
     """Gathers the token rows of upcoming steps in a background thread (memory-mapped cache -> int64 tensors,
     pinned on CUDA) so the copy to the device overlaps the current step and needs no host sync."""
 
-    def __init__(self, cache: TokenCache, order: "BatchOrder", start: int, stop: int, device: torch.device, depth: int = 2):
+    def __init__(self, cache: TokenCache, order: "BatchOrder", start: int, stop: int, device: torch.device, depth: int = 2,
+                 cond_of: Callable[[int, np.ndarray], np.ndarray] | None = None):
         import concurrent.futures as cf
 
         self.cache, self.order, self.device = cache, order, device
+        self.cond_of = cond_of or (lambda step, idx: cache.labels[idx])  # class labels, or drawn caption ids
         self.pin = device.type == "cuda"
         self.pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="varup-prefetch")
         self.pending = {s: self.pool.submit(self._load, s) for s in range(start, min(stop, start + depth))}
@@ -134,7 +141,7 @@ class Prefetcher:
     def _load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.order.indices(step)
         tok = torch.from_numpy(np.asarray(self.cache.tokens[idx], dtype=np.int64))
-        lab = torch.from_numpy(self.cache.labels[idx].astype(np.int64))
+        lab = torch.from_numpy(np.asarray(self.cond_of(step, idx), dtype=np.int64))
         return (tok.pin_memory(), lab.pin_memory()) if self.pin else (tok, lab)
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,15 +187,40 @@ class RunSpec:
     optim: dict  # OptimConfig fields
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)  # text-conditioned runs: {encoder: {kind, ...}, null_condition}
 
     def hash(self) -> str:
         return config_hash(asdict(self))
 
 
-def build_model(spec: RunSpec, vae: VQVAE, num_classes: int) -> VAR:
+def build_model(spec: RunSpec, vae: VQVAE, num_classes: int, text_dim: int = 0) -> VAR:
     m = dict(spec.model)
-    m.update(vocab_size=vae.V, z_channels=vae.Cvae, patch_nums=tuple(vae.patch_nums), num_classes=num_classes)
-    return VAR(VARConfig(**m))
+    m.update(vocab_size=vae.V, z_channels=vae.Cvae, patch_nums=tuple(vae.patch_nums), num_classes=num_classes,
+             text_dim=text_dim)
+    return build_var(VARConfig(**m))
+
+
+def build_captioned(spec: RunSpec, vae: VQVAE, captions: CaptionTable, encoder_weights=None,
+                    device: torch.device | str = "cpu") -> CaptionedVAR:
+    """A text-conditioned run's module: the toy text encoder (trained with it) or CLIP's frozen embeddings of the
+    caption table (encoded once, here), and a :class:`TextVAR` of the encoder's width."""
+    enc = dict(spec.text.get("encoder") or {"kind": "toy"})
+    kind = enc.pop("kind", "toy")
+    null = spec.text.get("null_condition", "empty_caption")
+    if kind == "toy":
+        encoder = build_toy_encoder({**enc, "vocab": vocabulary(captions.captions)})
+        return CaptionedVAR(build_model(spec, vae, 1, encoder.dim), captions.captions, encoder=encoder,
+                            null_condition=null)
+    if kind != "clip":
+        raise ValueError(f"text.encoder.kind must be toy or clip, got {kind!r}")
+    from varup.models.clip import ClipTextEncoder
+
+    if encoder_weights is None:
+        raise ValueError("text.encoder.kind is clip but no CLIP weights file was given (--text-encoder-weights)")
+    clip = ClipTextEncoder(encoder_weights, arch=enc.get("arch", "ViT-L-14"), device=device)
+    table = torch.cat([clip.encode(captions.captions[i:i + 256]).cpu() for i in range(0, len(captions.captions), 256)])
+    return CaptionedVAR(build_model(spec, vae, 1, clip.dim), captions.captions, table=table,
+                        empty=clip.encode([""])[0].cpu(), null_condition=null)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -211,7 +243,7 @@ class _Run:
     vae: VQVAE
     quant: torch.nn.Module
     cache: TokenCache
-    model: VAR
+    model: torch.nn.Module  # VAR, or CaptionedVAR for a text-conditioned run
     loss_fn: UncertaintyLoss
     opt: torch.optim.Optimizer
     amp: torch.dtype | None
@@ -219,9 +251,11 @@ class _Run:
     start: int = 0
     last_ckpt: int | None = None
     bad: torch.Tensor | None = None
+    cond_of: Callable[[int, np.ndarray], np.ndarray] | None = None  # step, token rows -> conditions (None: labels)
 
 
-def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path) -> _Run:
+def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions=None,
+           text_encoder_weights=None) -> _Run:
     """Model, loss, optimiser and token cache of one run, on its device (not yet resumed)."""
     d, dev = init_distributed(device)
     oc = OptimConfig(**spec.optim)
@@ -235,8 +269,9 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
                          f"made by tokenizer {tokenizer} (patch_nums {vae.patch_nums}, V {vae.V})")
     refs = load_references(references) if references else None
     torch.manual_seed(spec.seed)  # identical initialisation on every rank
-    model = build_model(spec, vae, cache.num_classes)
-    model.init_weights(oc.init_adaln, oc.init_adaln_gamma, oc.init_head, oc.init_std)
+    model, cond_of = _build(spec, vae, cache, tokens_dir, captions, text_encoder_weights, dev)
+    (model.var if isinstance(model, CaptionedVAR) else model).init_weights(oc.init_adaln, oc.init_adaln_gamma,
+                                                                           oc.init_head, oc.init_std)
     if oc.warm_start:
         from varup.warmstart import warm_start
 
@@ -252,20 +287,29 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
                 log=ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl"),
                 run_hash=spec.hash(), vae=vae, quant=vae.quantize.to(dev), cache=cache, model=model,
                 loss_fn=UncertaintyLoss(lc, vae.patch_nums, refs).to(dev), opt=opt, amp=amp, scaler=scaler,
-                bad=torch.zeros((), dtype=torch.bool, device=dev))
+                bad=torch.zeros((), dtype=torch.bool, device=dev), cond_of=cond_of)
+
+
+def _build(spec: RunSpec, vae: VQVAE, cache: TokenCache, tokens_dir, captions, encoder_weights, dev):
+    """The model and the per-step condition source: class labels, or one drawn caption per image."""
+    if not spec.text:
+        return build_model(spec, vae, cache.num_classes), None
+    if captions is None:
+        raise ValueError("a text-conditioned run (spec.text) needs the dataset's caption table (--captions)")
+    table = CaptionTable(captions)
+    source = np.load(Path(tokens_dir) / "train_source.npy")
+    if int(source.max()) >= len(table):
+        raise ValueError(f"token cache {tokens_dir} refers to image {int(source.max())} of the train split; the "
+                         f"caption table {captions} has {len(table)} images")
+    model = build_captioned(spec, vae, table, encoder_weights, dev)
+    return model, lambda step, idx: table.choose(source[idx], spec.seed, step)
 
 
 def _resume(r: _Run, spec: RunSpec) -> None:
-    """Load ``last.pt`` when it was written under this run's configuration (else set it aside), trim the log to
-    its step, and restore this rank's RNG stream (class dropout, DropPath) exactly."""
-    state = load_training_state(r.ckpt_path)
-    if state is not None and state.get("extra", {}).get("run_hash") != r.run_hash:
-        stale = r.ckpt_path.with_name(f"stale-{state.get('extra', {}).get('run_hash', 'unknown')}.pt")
-        if r.d.is_main:
-            log.warning("checkpoint %s was written under another configuration: moved to %s, starting afresh",
-                        r.ckpt_path, stale)
-            os.replace(r.ckpt_path, stale)
-        state = None
+    """Load ``last.pt`` when it was written under this run's configuration and can be read (else it is set aside,
+    for ``prev.pt`` if that one can: :func:`varup.runtime.load_training_state`), trim the log to its step, and
+    restore this rank's RNG stream (class dropout, DropPath) exactly."""
+    state = load_training_state(r.ckpt_path, run_hash=r.run_hash, d=r.d)
     if state is not None:
         r.model.load_state_dict(state["model"])
         r.opt.load_state_dict(state["optimizer"])
@@ -369,14 +413,18 @@ def _train_step(r: _Run, net, step: int, tok, lab):
 def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
           out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
           warm_start_path: str | os.PathLike | None = None, stop_after: int | None = None,
-          stop_before_limit_s: float | None = None) -> dict:
+          stop_before_limit_s: float | None = None, captions: str | os.PathLike | None = None,
+          text_encoder_weights: str | os.PathLike | None = None) -> dict:
     """Train one run; writes ``out_model`` (plain state dict + config) and, in ``work_dir``: ``metrics.jsonl``,
     ``summary.json`` and, while it runs, ``ckpt/last.pt`` with the log so far (``ckpt/metrics.jsonl``).
     ``stop_after`` ends the job early after that many steps *of this process* (used by tests to simulate a kill)
     without writing the final model. Inside a Slurm job, ``stop_before_limit_s`` before its time limit the job
-    checkpoints and exits with status 75 (:class:`varup.runtime.SlurmClock`)."""
+    checkpoints and exits with status 75 (:class:`varup.runtime.SlurmClock`). A text-conditioned run
+    (``spec.text``) takes the dataset's caption table directory ``captions`` (:mod:`varup.data.captions`) and, for
+    a CLIP encoder, its weights file."""
     t_start = time.time()
-    r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path)
+    r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions,
+               text_encoder_weights)
     _resume(r, spec)
     oc, d = r.oc, r.d
     net: torch.nn.Module = torch.compile(r.model) if oc.compile else r.model
@@ -388,7 +436,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
              r.amp or "fp32", r.loss_fn.cfg.to_dict())
     t_loop, steps_done, tokens_seen, rec = time.time(), 0, 0, None
     bar = progress(total=oc.steps, initial=r.start, desc=f"train {r.work.name}", unit="step", disable=not d.is_main)
-    batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev)
+    batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev, cond_of=r.cond_of)
     with PreemptionGuard(SlurmClock.for_job(stop_before_limit_s) if d.is_main else None) as guard:
         for step in range(r.start, oc.steps):
             tok, lab = batches.get(step)
@@ -444,26 +492,65 @@ def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: in
         "final": {k: rec[k] for k in ("loss", "ce", "l2nd", "lse", *_DIAG_KEYS)} if rec else None,
     }
     if r.d.is_main:
-        atomic_torch_save({"model": r.model.state_dict(), "config": r.model.cfg.to_dict(), "run": asdict(spec),
-                           "run_hash": r.run_hash}, out_model)
+        atomic_torch_save({**model_payload(r.model), "run": asdict(spec), "run_hash": r.run_hash}, out_model)
         r.log.publish()
         atomic_write_json(r.work / "summary.json", summary)
         write_provenance(out_model, config=asdict(spec), seed=spec.seed, device=str(r.dev), started=t_start)
-        if r.ckpt_path.exists():
-            r.ckpt_path.unlink()
+        discard_training_state(r.ckpt_path)
     return summary
 
 
-def load_model(path: str | os.PathLike, map_location="cpu") -> VAR:
-    """A trained varup model (``{'model', 'config'}``), strictly."""
-    from varup.models.common import load_strict, read_checkpoint
+def model_payload(model: torch.nn.Module) -> dict:
+    """The model file's content: the generator's state dict and config; a text-conditioned run adds ``text``
+    (the caption list, the null condition and the encoder: the toy encoder's config and weights, or CLIP's arch)."""
+    if not isinstance(model, CaptionedVAR):
+        return {"model": model.state_dict(), "config": model.cfg.to_dict()}
+    text = {"captions": model.captions, "null_condition": model.null_condition}
+    if model.encoder is not None:
+        text["encoder"] = {"kind": "toy", "config": model.encoder.cfg.to_dict(), "state": model.encoder.state_dict()}
+    else:
+        text["encoder"] = {"kind": "clip", "empty": model.caption_emb[-1].cpu()}
+    return {"model": model.var.state_dict(), "config": model.var.cfg.to_dict(), "text": text}
+
+
+def _read_model_file(path, map_location) -> dict:
+    from varup.models.common import read_checkpoint
 
     obj = read_checkpoint(path, map_location)
     if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
         raise ValueError(f"{path}: not a varup model file (expected keys 'model' and 'config')")
-    model = VAR(VARConfig(**obj["config"]))
+    return obj
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> VAR:
+    """A trained varup model (``{'model', 'config'}``), strictly: a :class:`VAR`, or a :class:`TextVAR` for a
+    text-conditioned run (its encoder: :func:`load_text_encoder`)."""
+    from varup.models.common import load_strict
+
+    obj = _read_model_file(path, map_location)
+    model = build_var(VARConfig(**obj["config"]))
     load_strict(model, obj["model"], str(path))
     return model.eval()
 
 
-__all__ = ["train", "RunSpec", "OptimConfig", "lr_at", "param_groups", "BatchOrder", "load_model"]
+def load_text_encoder(path: str | os.PathLike, weights: str | os.PathLike | None = None, map_location="cpu"):
+    """The text encoder a text-conditioned model file was trained with (toy: from the file; CLIP: ``weights``)."""
+    from varup.models.common import load_strict
+
+    obj = _read_model_file(path, map_location)
+    enc = (obj.get("text") or {}).get("encoder")
+    if enc is None:
+        raise ValueError(f"{path}: a class-conditional model has no text encoder")
+    if enc["kind"] == "toy":
+        encoder = build_toy_encoder(enc["config"])
+        load_strict(encoder, enc["state"], f"{path} (text encoder)")
+        return encoder.eval()
+    from varup.models.clip import ClipTextEncoder
+
+    if weights is None:
+        raise ValueError(f"{path} was trained on CLIP text embeddings: give the CLIP weights file")
+    return ClipTextEncoder(weights, arch=obj["run"]["text"]["encoder"].get("arch", "ViT-L-14"), device=map_location)
+
+
+__all__ = ["train", "RunSpec", "OptimConfig", "lr_at", "param_groups", "BatchOrder", "load_model", "load_text_encoder",
+           "model_payload", "build_captioned"]

@@ -62,7 +62,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from varup.sample import class_major_labels, derive_seed, make_generator, mc_dropout, sample
+from varup.sample import class_major_labels, condition_kwargs, derive_seed, make_generator, mc_dropout, sample
 from varup.tablefmt import GROUP_KEYS, add_stat, grouped, key_cols
 
 log = logging.getLogger("varup.uncertainty")
@@ -94,18 +94,6 @@ def _device(var, device) -> torch.device:
     return dev
 
 
-def _condition(var, label_or_weights) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(labels (1,), class_weights (1, K+1) or None) from an int class or a (K+1,) weight vector."""
-    if isinstance(label_or_weights, (int, np.integer)):
-        return torch.tensor([int(label_or_weights)]), None
-    w = torch.as_tensor(label_or_weights, dtype=torch.float32)
-    if w.ndim == 0:
-        return torch.tensor([int(w)]), None
-    if w.ndim != 1 or w.shape[0] != var.num_classes + 1:
-        raise ValueError(f"class weights must have shape ({var.num_classes + 1},), got {tuple(w.shape)}")
-    return w[:var.num_classes].argmax().view(1), w.view(1, -1)
-
-
 # ------------------------------------------------------------------------------------------- MC passes
 @torch.no_grad()
 def mc_passes(var, vae, label_or_weights, *, T: int = 50, rate: float, seed: int, cfg: float = 1.5, top_k: int = 0,
@@ -116,9 +104,7 @@ def mc_passes(var, vae, label_or_weights, *, T: int = 50, rate: float, seed: int
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
     dev = _device(var, device)
-    labels, weights = _condition(var, label_or_weights)
-    labels = labels.to(dev)
-    weights = weights.to(dev) if weights is not None else None
+    cond = condition_kwargs(var, label_or_weights, 1)
     top_k = min(int(top_k), var.V)
     out = []
     it: Iterable[int] = range(T)
@@ -129,8 +115,8 @@ def mc_passes(var, vae, label_or_weights, *, T: int = 50, rate: float, seed: int
     with _eval(var, vae):
         for t in it:
             with mc_dropout(var, rate, 1, make_generator(derive_seed(seed, "mc", t), dev)):
-                o = sample(var, vae, labels, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                           class_weights=weights, generator=make_generator(derive_seed(seed, "sample"), dev))
+                o = sample(var, vae, **cond, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                           generator=make_generator(derive_seed(seed, "sample"), dev))
             out.append(o.images.float().cpu())
     return torch.cat(out, 0)
 

@@ -43,6 +43,7 @@ class VARConfig:
     cond_drop_rate: float = 0.1
     attn_l2_norm: bool = True
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    text_dim: int = 0  # > 0: text-conditioned (VAR-CLIP layout, varup.models.textvar.TextVAR), E of the embedding
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
@@ -320,18 +321,28 @@ class VAR(nn.Module):
         ``x_BLCv_wo_first_l`` is ``vqvae.idxBl_to_var_input(gt)`` (B, L-1, Cvae). Labels are replaced by the null
         class with probability ``cond_drop_rate`` in training mode only (see the module docstring).
         """
-        B = x_BLCv_wo_first_l.shape[0]
-        if x_BLCv_wo_first_l.ndim != 3 or x_BLCv_wo_first_l.shape[1:] != (self.L - self.first_l, self.Cvae):
-            raise ValueError(f"teacher-forcing input must have shape (B, {self.L - self.first_l}, {self.Cvae}), "
-                             f"got {tuple(x_BLCv_wo_first_l.shape)}")
+        B = self.check_teacher_input(x_BLCv_wo_first_l)
         with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
             if class_weights is None:
                 check_labels(label_B, self.num_classes)
                 if self.training and self.cond_drop_rate > 0:
                     drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
                     label_B = torch.where(drop, self.num_classes, label_B)
-            sos = cond_BD = self.class_condition(label_B, class_weights)
-            sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+            cond_BD = self.class_condition(label_B, class_weights)
+        return self.forward_cond(cond_BD, x_BLCv_wo_first_l)
+
+    def check_teacher_input(self, x_BLCv_wo_first_l: torch.Tensor) -> int:
+        """The batch size of a valid teacher-forcing input (B, L-1, Cvae); a clear error otherwise."""
+        if x_BLCv_wo_first_l.ndim != 3 or x_BLCv_wo_first_l.shape[1:] != (self.L - self.first_l, self.Cvae):
+            raise ValueError(f"teacher-forcing input must have shape (B, {self.L - self.first_l}, {self.Cvae}), "
+                             f"got {tuple(x_BLCv_wo_first_l.shape)}")
+        return x_BLCv_wo_first_l.shape[0]
+
+    def forward_cond(self, cond_BD: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits from a condition embedding (B, D): the start token and the AdaLN input."""
+        B = self.check_teacher_input(x_BLCv_wo_first_l)
+        with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
+            sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)  # official addition order
         attn_bias = self.attn_bias_for_masking
