@@ -6,7 +6,9 @@
 #
 # This file only wires: the library (src/varup) computes; each rule calls `python -m varup <stage>`.
 import os
+import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -29,6 +31,13 @@ include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/paper.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/lambda_study.smk"
+include: "workflow/rules/prompts.smk"
+
+
+# `snakemake --report` before the workflow has run: say so (instead of Snakemake's "Missing metadata" warnings and a
+# failure on the first missing table).
+if vc.report_requested(sys.argv) and (why := vc.unfinished_report(all_outputs())):
+    raise WorkflowError(why)
 
 
 rule all:
@@ -41,6 +50,13 @@ rule lambda_study:
     """The λ study of experiments.lambda_study (not part of all: points x seeds training runs)."""
     input:
         [f"{RES}/tables/lambda_study.{e}" for e in ("csv", "md", "tex")] if LAMBDA else [],
+
+
+rule prompt_study:
+    """The text-conditioned VAR and the companion study's prompt experiments (config text; not part of all)."""
+    input:
+        [f"{RES}/tables/{t}.{e}" for t in PROMPT_TABLES for e in ("csv", "md", "tex", "html")] if TEXT_ON else [],
+        [f"{RES}/figures/prompt_sigma.{e}" for e in ("png", "pdf")] if TEXT_ON else [],
 
 
 rule prefetch:

@@ -194,3 +194,42 @@ def test_corrupt_input_image_is_named(finished, tmp_path):
                         "--resolution", "32", "--out", str(tmp_path / "tokens")], capture_output=True, text=True)
     assert r.returncode != 0
     assert str(victim) in r.stderr and "corrupt" in r.stderr
+
+
+def test_prompt_study_builds_the_studys_tables_for_both_families(finished):
+    """`snakemake prompt_study` on top of the finished toy DAG: it reuses the class-conditional runs, trains the
+    text-conditioned ones, and writes the three prompt tables (the study's numbers beside) and the σ figure."""
+    work, cfg, f = finished
+    edited = json.loads(json.dumps(cfg))
+    edited["text"] = {"enabled": True, "prompts": {
+        "n_images": 8, "T": 3, "real_per_group": 1, "droppath": {"prompt": "a circle", "rates": [0.1, 0.3]},
+        "entanglement": ["a circle", "a circle or a square"],
+        "descriptiveness": ["a shape", "a circle", "a large red circle"]}}
+    original = f.read_text()
+    f.write_text(yaml.safe_dump(edited))
+    try:
+        plan = planned_jobs(smk(work, f, "-n", "prompt_study").stdout)
+        r = smk(work, f, "--cores", "2", "prompt_study")
+    finally:
+        f.write_text(original)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    rules = sorted({rule for rule, _ in plan})
+    assert "train" not in rules and {"train_text", "captions", "prompt_sets", "prompt_scores"} <= set(rules)
+    tables = work / "results" / "toy" / "tables"
+    dp = pd.read_csv(tables / "prompt_droppath.csv")
+    assert len(dp) == 2 * 2 * 2 and set(dp["family"]) == {"var", "text"} and set(dp["method"]) == {"baseline", "ours"}
+    assert (dp["sigma_mean"] >= 0).all() and np.isfinite(dp["fid_mean"]).all() and np.isfinite(dp["cmmd_mean"]).all()
+    assert dp.loc[dp["rate"] == 0.1, "study_fid"].eq(18.98).all()  # the study's row for the same rate
+    assert "toy-CMMD" in (tables / "prompt_droppath.md").read_text()  # never mistaken for CLIP-CMMD
+    en = pd.read_csv(tables / "prompt_entanglement.csv")
+    assert sorted(en["concepts"].unique()) == [1, 2] and sorted(en["modes_allowed"].unique()) == [16, 32]
+    assert en["in_prompt_mean"].between(0, 1).all() and en.loc[en["concepts"] == 2, "study_sigma"].eq(0.1955).all()
+    de = pd.read_csv(tables / "prompt_descriptiveness.csv")
+    text, var = de[de["family"] == "text"], de[de["family"] == "var"]
+    assert sorted(text["modes_allowed"].unique()) == [2, 16, 64] and (text["seeds"] == 1).all()
+    assert var.loc[var["prompt"] != "a circle", "seeds"].eq(0).all()  # a class VAR cannot take the other two
+    assert var.loc[var["prompt"] != "a circle", "sigma_mean"].isna().all()
+    complex_ = de[de["prompt_type"] == "complex"]
+    assert set(complex_["prompt"]) == {"a large red circle"} and complex_["study_sigma"].eq(0.1794).all()
+    im = np.asarray(Image.open(work / "results" / "toy" / "figures" / "prompt_sigma.png").convert("L"))
+    assert im.shape[0] > 200 and im.std() > 10

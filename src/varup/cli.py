@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,83 @@ def cmd_train(a) -> None:
 
     spec = RunSpec(**a.spec)
     train(spec, tokens_dir=a.tokens, tokenizer=a.tokenizer, references=a.refs, out_model=a.out, work_dir=a.work,
-          device=a.device, warm_start_path=a.warm_start, stop_before_limit_s=a.stop_before_limit_s)
+          device=a.device, warm_start_path=a.warm_start, stop_before_limit_s=a.stop_before_limit_s,
+          captions=a.captions, text_encoder_weights=a.text_encoder_weights)
+
+
+# --------------------------------------------------------------------------------------- text arm + prompts
+def cmd_captions(a) -> None:
+    from varup.data.captions import build_caption_table
+
+    meta = build_caption_table(a.data, a.out, a.spec, split=a.split)
+    log.info("caption table: %d captions for %d images (%s)", len(meta["captions"]), meta["n_images"], meta["source"])
+
+
+def cmd_clip_weights(a) -> None:
+    from varup.models.clip import fetch_clip_weights
+
+    path = fetch_clip_weights(a.name, a.out_dir, url=a.url, sha256=a.sha256)
+    log.info("CLIP weights %s: %s", a.name, path)
+
+
+def cmd_prompt_sets(a) -> None:
+    from varup.prompts import run_prompt_sets
+    from varup.utils import read_json
+
+    names = read_json(os.path.join(a.data, "dataset.json"))["classes"]
+    run_prompt_sets(a.model, a.tokenizer, os.path.dirname(a.out), family=a.family, params=a.params, class_names=names,
+                    text_encoder_weights=a.text_encoder_weights, device=a.device, meta=_run_of_model(a.model))
+
+
+def cmd_prompt_reference(a) -> None:
+    from varup.prompts import prompt_reference
+
+    prompt_reference(a.data, a.out, a.inception, per_group=a.per_group, cmmd_kind=a.cmmd, classifier=a.classifier,
+                     clip_weights=a.clip_weights, device=a.device)
+
+
+def cmd_prompt_scores(a) -> None:
+    from varup.prompts import score_prompt_sets
+
+    score_prompt_sets(a.sets, a.out, reference=a.reference, data_dir=a.data, inception_json=a.inception,
+                      params=a.params, classifier=a.classifier, clip_weights=a.clip_weights, device=a.device)
+
+
+def add_prompt_commands(cmd) -> None:
+    """The text-conditioned arm and the companion study's prompt experiments (varup.prompts)."""
+    p = cmd("captions", cmd_captions, "write a dataset's caption table (varup.data.captions)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--spec", type=_json, default={"kind": "toy"}, help="captions settings (JSON)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True)
+
+    p = cmd("clip-weights", cmd_clip_weights, "fetch OpenAI CLIP weights (sha256-checked)")
+    p.add_argument("--name", required=True, help="ViT-L-14 (VAR-CLIP's text encoder) | ViT-L-14-336 (CMMD)")
+    p.add_argument("--url", default=None)
+    p.add_argument("--sha256", default=None)
+    p.add_argument("--out-dir", required=True)
+
+    p = cmd("prompt-sets", cmd_prompt_sets, "generate a run's prompt-study image sets and MC-Dropout σ")
+    for k in ("model", "tokenizer", "data", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--family", choices=("var", "text"), required=True)
+    p.add_argument("--params", type=_json, required=True)
+    p.add_argument("--text-encoder-weights", default=None)
+
+    p = cmd("prompt-reference", cmd_prompt_reference, "Inception and CMMD features of the prompt study's real pool")
+    for k in ("data", "inception", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--per-group", type=int, required=True, help="images per mode (toy) or class")
+    p.add_argument("--cmmd", choices=("toy", "clip"), required=True)
+    p.add_argument("--classifier", default=None)
+    p.add_argument("--clip-weights", default=None)
+
+    p = cmd("prompt-scores", cmd_prompt_scores, "score a run's prompt sets: FID/KID, CMMD, modes")
+    for k in ("sets", "reference", "data", "inception", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True)
+    p.add_argument("--classifier", default=None)
+    p.add_argument("--clip-weights", default=None)
 
 
 # --------------------------------------------------------------------------------------- sample
@@ -251,8 +328,8 @@ def _run_meta(run: str) -> dict:
 def _run_of_model(path: str) -> dict:
     """dataset/depth/method/seed from results/<exp>/<dataset>/d<depth>/<method>/seed<seed>/model.pt."""
     p = Path(path).parent
-    return {"dataset": p.parents[2].name, "depth": int(p.parents[1].name[1:]), "method": p.parent.name,
-            "seed": int(p.name[4:])}
+    return {"dataset": p.parents[2].name, "depth": int(p.parents[1].name.rsplit("d", 1)[1]), "method": p.parent.name,
+            "seed": int(p.name[4:])}  # d<depth>, or text_d<depth> for a text-conditioned run
 
 
 def cmd_mc_dropout(a) -> None:
@@ -335,6 +412,11 @@ def cmd_lambda_study(a) -> None:
 def cmd_figures(a) -> None:
     from varup.figures import make_figures
 
+    if a.only == "prompts":
+        from varup.figures import prompt_figures
+
+        prompt_figures(a.config, a.results, a.out)
+        return
     make_figures(a.config, a.results, a.out, device=a.device)
 
 
@@ -438,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     p.add_argument("--warm-start", default=None, help="official var_d{depth}.pth (when train.warm_start is set)")
+    p.add_argument("--captions", default=None, help="the dataset's caption table directory (text-conditioned runs)")
+    p.add_argument("--text-encoder-weights", default=None, help="CLIP weights (text.encoder.kind clip)")
     p.add_argument("--stop-before-limit-s", type=float, default=600.0,
                    help="inside a Slurm job: checkpoint and exit (status 75) this long before its time limit; 0: never")
 
@@ -549,16 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("figures", cmd_figures, "regenerate every figure")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
     p.add_argument("--results", required=True)
+    p.add_argument("--only", default=None, choices=("prompts",), help="only the prompt study's figure")
     p.add_argument("--out", required=True)
+    add_prompt_commands(cmd)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from varup.utils import set_threads, setup_logging
+    from varup.utils import remove_orphan_provenance, set_threads, setup_logging
 
     setup_logging(a.log)
     set_threads(a.threads)
+    remove_orphan_provenance(getattr(a, "out", None))  # a sidecar left by a failed run of this output
     t0 = time.time()
     log.info("varup %s: %s", a.command, " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
     a.func(a)

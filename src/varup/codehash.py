@@ -110,11 +110,22 @@ def _reached(funcs: dict[str, ast.FunctionDef], start: list[ast.AST]) -> list[as
     return [funcs[n] for n in sorted(names)]
 
 
+def _command_section(funcs: dict[str, ast.FunctionDef], command: str) -> tuple[list[ast.stmt], str]:
+    """``command``'s block in ``build_parser`` or in one of the parser's sections (``add_*_commands(cmd)``)."""
+    sections = [funcs["build_parser"]] + [f for n, f in funcs.items() if n.startswith("add_") and n.endswith("_commands")]
+    for section in sections:
+        try:
+            return _cmd_block(section, command)
+        except KeyError:
+            continue
+    raise KeyError(f"varup has no subcommand {command!r} (cli.build_parser and its add_*_commands sections)")
+
+
 def cli_pieces(command: str, root: Path = PACKAGE, tree: ast.Module | None = None) -> list[ast.AST]:
     """The parts of cli.py (or of its syntax tree ``tree``) that subcommand ``command`` runs."""
     tree = tree or _parse(root / "cli.py")
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    block, handler = _cmd_block(funcs["build_parser"], command)
+    block, handler = _command_section(funcs, command)
     top = [n for n in tree.body if not isinstance(n, ast.FunctionDef)]
     return [*top, funcs["main"], *block, *_reached(funcs, [funcs[handler], *block])]
 

@@ -88,6 +88,25 @@ def _curves(path: Path) -> dict[int, dict]:
     return {int(r["step"]): r for r in recs}
 
 
+def log_gaps(steps) -> list[tuple[int, int]]:
+    """The step ranges ``(first, last)`` a log has no lines for: a stretch between two lines (or before the first,
+    from step 0) longer than 1.5x the log's usual interval (the median spacing), e.g. the part a resumed job lost."""
+    steps = sorted(steps)
+    if len(steps) < 2:
+        return []
+    every = float(np.median(np.diff(steps)))
+    edges = zip([0, *steps[:-1]], steps)
+    return [(int(a + every), int(b - every)) for a, b in edges if b - a > 1.5 * every]
+
+
+def _gap_notes(path: Path, logs: dict[int, dict], label: str) -> list[str]:
+    """A warning per gap of one run's log (naming the file and the missing steps) and the figure's note for it."""
+    gaps = log_gaps(logs)
+    for a, b in gaps:
+        log.warning("%s has no lines for steps %d-%d: the training curves show a gap there", path, a, b)
+    return [f"{label}: steps {a}-{b}" for a, b in gaps]
+
+
 def aligned(logs: list[dict[int, dict]], get) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values (seeds, steps)) of one logged quantity, seeds aligned by step over the union of their
     steps (no truncation to the shortest log); NaN where a seed has no value. A step missing from every log
@@ -169,8 +188,11 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
     ncol = 3
     nrow = -(-len(CURVES) // ncol)
     fig, axes = plt.subplots(nrow * len(groups), ncol, figsize=(5.2 * ncol, 3.4 * nrow * len(groups)), squeeze=False)
+    notes = []
     for g, ((dataset, depth), methods) in enumerate(groups.items()):
         logs = {m: [_curves(results / r.path / "train" / "metrics.jsonl") for r in rs] for m, rs in methods.items()}
+        notes += [n for m, rs in methods.items() for r, lg in zip(rs, logs[m])
+                  for n in _gap_notes(results / r.path / "train" / "metrics.jsonl", lg, r.path)]
         for k, spec in enumerate(CURVES):
             ax = axes[g * nrow + k // ncol][k % ncol]
             _curve_panel(ax, logs, colours, spec)
@@ -180,6 +202,9 @@ def training_curves_figure(cfg: dict, results: Path, out: Path, name: str = "tra
     fig.suptitle("Training curves: thick lines the mean over the n training seeds logged at a step, thin lines each "
                  "seed; a gap is a stretch of steps no log has", fontsize=10)
     fig.tight_layout()
+    if notes:
+        fig.text(0.5, 0, "Logs with gaps (no lines for these steps): " + "; ".join(notes), ha="center", va="top",
+                 fontsize=8, color="firebrick", wrap=True)
     save_figure(fig, out, name)
 
 
@@ -239,3 +264,21 @@ def uncertainty_figures(cfg: dict, results: Path, out: Path) -> None:
                    name="mc_dropout_sigma", class_names=class_names(results, first.dataset))
     U.sweep_figure([read_json(results / r.path / "uncertainty" / "sweep_scored.json") for r in runs_], out,
                    name="droppath_sweep")
+
+
+def prompt_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
+    """The prompt study's σ figure (:func:`varup.prompts.prompt_sigma_figure`): every study run of the first seed."""
+    from varup.prompts import FAMILY_NAMES, prompt_sigma_figure
+    from varup.textruns import study_runs
+    from varup.utils import read_json
+
+    results = Path(results)
+    runs_ = [r for r in study_runs(cfg) if r.run.seed == study_runs(cfg)[0].run.seed]
+    panels = []
+    for r in runs_:
+        d = results / r.path / "prompts"
+        with np.load(d / "sigma.npz") as z:
+            panels.append((f"{FAMILY_NAMES[r.family]} {r.run.method}", read_json(d / "sets.json"),
+                           {k: z[k] for k in z.files}))
+    vmax = prompt_sigma_figure(panels, out, name="prompt_sigma")
+    log.info("prompt σ figure: %d runs, σ scale 0..%.3f", len(panels), vmax)

@@ -363,6 +363,15 @@ def _region_study_cells(r: dict) -> tuple[dict, dict]:
     return csv, disp
 
 
+def _same(a, b) -> bool:
+    """Equal study keys: numbers within float tolerance, anything else by equality (None matches nothing)."""
+    if a is None or b is None or (isinstance(b, float) and math.isnan(b)):
+        return False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float, np.integer, np.floating)):
+        return math.isclose(float(a), float(b))
+    return a == b
+
+
 def with_study(df: pd.DataFrame, disp: pd.DataFrame, study_key: str, match: str | None):
     """The companion study's numbers beside each row of an uncertainty table: by DropPath rate or number of mixed
     classes (``match``), or, for the region table, the study's one object / background pair on every row."""
@@ -372,7 +381,7 @@ def with_study(df: pd.DataFrame, disp: pd.DataFrame, study_key: str, match: str 
         if match is None:
             cells.append(_region_study_cells(study))
         else:
-            e = next((e for e in study if math.isclose(float(e[match]), float(row[match]))), None)
+            e = next((e for e in study if _same(e.get(match), row[match])), None)
             cells.append(_study_cells(e))
     if not cells:
         return df, disp
@@ -545,7 +554,46 @@ def lambda_study_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
-TABLE_FUNCTIONS = {"lambda_study": lambda_study_table}
+PROMPT_TABLES = {  # name: (study, caption, the companion study's rows, the column they match)
+    "prompt_droppath": ("droppath", "Prompt study, DropPath sweep: one prompt sampled with DropPath kept active at "
+                        "inference, for the class-conditional VAR (the prompt's class) and the text-conditioned "
+                        "VAR-CLIP (its embedding), baseline vs ours", "mc_dropout_droppath_sweep", "rate"),
+    "prompt_entanglement": ("entanglement", "Prompt study, semantic entanglement: 'A', 'A or B', 'A or B or C' "
+                            "prompts (VAR: the equal mix of the named classes' embeddings)", "mc_dropout_entanglement",
+                            "concepts"),
+    "prompt_descriptiveness": ("descriptiveness", "Prompt study, descriptiveness: captions that fix ever more of the "
+                               "image (toy: each fixes a known set of modes; the class-conditional VAR takes only "
+                               "the class prompt); the study's Simple row is printed beside the least, its Complex "
+                               "row beside the most descriptive prompt", "mc_dropout_descriptiveness", "prompt_type"),
+}
+PROMPT_NOTE = ("FID/KID (Inception) against the real train images the prompt describes (toy: the images of the modes "
+               "it allows; n_real per set in the CSV); {cmmd}; σ: mean pixel-wise std over T MC-Dropout passes; "
+               "in-prompt: share of samples the toy mode classifier puts in a mode the prompt allows, modes covered: "
+               "how many of those modes the samples hit. ")
+
+
+def prompt_tables(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
+    """The prompt study's three tables (:func:`varup.prompts.prompt_table`), the companion study's rows beside."""
+    from varup.prompts import cmmd_title, prompt_table
+    from varup.textruns import study_runs
+
+    records = [read_json(results / r.path / "prompts" / "scores.json") for r in study_runs(cfg)]
+    toy = cmmd_title(records).startswith("toy")
+    cmmd = ("toy-CMMD: the CMMD estimator (Gaussian kernel, σ = 10, ×1000) on the toy mode classifier's features, "
+            "NOT CLIP-CMMD" if toy else "CMMD: Gaussian-kernel MMD (σ = 10, ×1000) of CLIP ViT-L/14@336 embeddings")
+    frames = []
+    for name, (study, caption, study_key, match) in PROMPT_TABLES.items():
+        df, disp = prompt_table(records, study)
+        if study == "descriptiveness" and len(df):
+            last = df["level"].max()
+            df["prompt_type"] = [("simple" if lv == 0 else "complex" if lv == last else None) for lv in df["level"]]
+        df, disp = with_study(df, disp, study_key, match)
+        write_table(df, out, name, f"{caption}. {PROMPT_NOTE.format(cmmd=cmmd)}{spread_note()}. {STUDY_NOTE}", disp)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+TABLE_FUNCTIONS = {"lambda_study": lambda_study_table, "prompts": prompt_tables}
 
 
 def make_tables(cfg: dict, results: str | Path, out: str | Path, only: str | None = None) -> None:

@@ -276,3 +276,40 @@ LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metri
 def lambda_entries():
     return [{"point": p, "seed": r.seed, "run": r.path, "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
              **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
+
+
+# The text arm and the prompt study (prompts.smk; varup.textruns): runs, CLIP weight files, CMMD inputs.
+import varup.textruns as vt
+
+TEXT_ON = vt.text_enabled(config)
+if TEXT_ON:
+    vt.check_text(config)
+TEXT = config.get("text", {})
+PROMPTS = TEXT.get("prompts", {})
+TEXT_RUNS = list(vt.text_runs(config)) if TEXT_ON else []
+STUDY_RUNS = vt.study_runs(config) if TEXT_ON else []
+PROMPT_TABLES = ["prompt_droppath", "prompt_entanglement", "prompt_descriptiveness"]
+CLIP_FILES = {"ViT-L-14": "ViT-L-14.pt", "ViT-L-14-336": "ViT-L-14-336px.pt"}  # varup.models.clip.CLIP_WEIGHTS
+
+
+def clip_file(name):
+    return f"{RSC}/clip/{CLIP_FILES[name]}"
+
+
+def text_encoder_weights(w):
+    return [clip_file(TEXT["encoder"]["arch"])] if TEXT.get("encoder", {}).get("kind") == "clip" else []
+
+
+def cmmd_inputs(w):
+    """The CMMD feature network: CLIP ViT-L/14@336 (standard CMMD) or the toy mode classifier (toy-CMMD)."""
+    if PROMPTS.get("cmmd", {}).get("features") == "clip":
+        return {"clip": clip_file("ViT-L-14-336")}
+    return {"classifier": f"{RES}/{w.dataset}/mode_classifier.pt"}
+
+
+def cmmd_flags(input):
+    return f"--clip-weights {input.clip}" if "clip" in input.keys() else f"--classifier {input.classifier}"
+
+
+def study_model(w):
+    return f"{RES}/{w.dataset}/{w.fam}d{w.depth}/{w.method}/seed{w.seed}/model.pt"

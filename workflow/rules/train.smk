@@ -3,6 +3,15 @@
 # everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption, and
 # on Slurm it stops itself train.stop_before_limit_s before the time limit (checkpoint, exit 75, retry resumes).
 
+# One command line for the class-conditional and the text-conditioned runs (rule train_text, prompts.smk):
+# params.warm and params.text add the flags only one of them takes.
+TRAIN_SHELL = (
+    "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
+    " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
+    " {params.text} --stop-before-limit-s {resources.stop_before_limit_s}"
+    " >> {log} 2>&1"
+)
+
 
 rule train:
     input:
@@ -14,6 +23,7 @@ rule train:
         model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
         curve=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
         summary=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
+        prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt.prov.json",  # removed with model.pt
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
@@ -21,6 +31,7 @@ rule train:
         tokens=lambda w, input: os.path.dirname(input.tokens),
         work=lambda w, output: os.path.dirname(output.curve),
         warm=lambda w, input: f"--warm-start {input.warm}" if input.warm else "",
+        text="",
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
     threads: THREADS
     resources:
@@ -34,7 +45,4 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
-        " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
-        " --stop-before-limit-s {resources.stop_before_limit_s}"
-        " >> {log} 2>&1"
+        TRAIN_SHELL

@@ -1,0 +1,201 @@
+# The text-conditioned VAR (VAR-CLIP layout) and the companion study's prompt experiments (varup.prompts): its own
+# target `snakemake prompt_study` (config `text`; not part of all). Captions -> text runs (the toy text encoder is
+# trained with the generator; on a cluster CLIP's frozen text embeddings) -> per run (both families): prompt sets +
+# MC-Dropout σ -> scores (FID/KID, CMMD, modes) against a real reference pool -> tables and the σ figure.
+localrules:
+    clip_weights,
+
+
+rule captions:
+    """A dataset's caption table (varup.data.captions): graded toy captions, a captions file, or class templates."""
+    input:
+        f"{RES}/{{dataset}}/data",
+    output:
+        json=f"{RES}/{{dataset}}/captions/captions.json",
+        npz=f"{RES}/{{dataset}}/captions/captions.npz",
+    params:
+        code=code_of("captions"),
+        spec=lambda w: q(TEXT.get("captions", {"kind": "toy"})),
+        out=lambda w, output: os.path.dirname(output.json),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/captions/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/captions/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup captions --data {input} --spec {params.spec} --out {params.out} > {log} 2>&1"
+
+
+rule clip_weights:
+    """OpenAI CLIP weights (sha256-checked): ViT-L-14 (VAR-CLIP's text encoder), ViT-L-14-336 (CMMD)."""
+    output:
+        f"{RSC}/clip/{{file}}",
+    params:
+        name=lambda w: next(n for n, f in CLIP_FILES.items() if f == w.file),
+        url=lambda w: vt.clip_source(config, w.file, "url"),
+        sha=lambda w: vt.clip_source(config, w.file, "sha256"),
+        out=lambda w, output: os.path.dirname(output[0]),
+    wildcard_constraints:
+        file="|".join(re.escape(f) for f in CLIP_FILES.values()),
+    log:
+        f"{RES}/logs/clip_weights/{{file}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup clip-weights --name {params.name} {params.url} {params.sha} --out-dir {params.out} > {log} 2>&1"
+
+
+use rule train as train_text with:
+    input:
+        tokens=f"{RES}/{{dataset}}/tokens/meta.json",
+        tokenizer=tokenizer_file,
+        refs=f"{RES}/{{dataset}}/refs.pt",
+        warm=lambda w: [],
+        captions=f"{RES}/{{dataset}}/captions/captions.json",
+        encoder=text_encoder_weights,
+    output:
+        model=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/model.pt",
+        curve=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
+        summary=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
+        prov=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/model.pt.prov.json",
+    params:
+        code=code_of("train"),
+        device=GPU_DEVICE,
+        spec=lambda w: q(vt.text_run_spec(config, run_of(w))),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
+        work=lambda w, output: os.path.dirname(output.curve),
+        warm="",
+        text=lambda w, input: f"--captions {os.path.dirname(input.captions)}"
+        + (f" --text-encoder-weights {input.encoder}" if input.encoder else ""),
+        launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
+    log:
+        f"{RES}/logs/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+
+
+rule prompt_reference:
+    """Inception and CMMD features of a balanced pool of real train images (per mode on toy data, else per class)."""
+    input:
+        unpack(cmmd_inputs),
+        data=f"{RES}/{{dataset}}/data",
+        inception=f"{RSC}/inception/inception.json",
+    output:
+        f"{RES}/{{dataset}}/prompt_reference.npz",
+    params:
+        code=code_of("prompt-reference"),
+        device=GPU_DEVICE,
+        per=PROMPTS.get("real_per_group", 8),
+        kind=PROMPTS.get("cmmd", {}).get("features", "toy"),
+        net=lambda w, input: cmmd_flags(input),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/prompts/{{dataset}}_reference.log",
+    benchmark:
+        f"{RES}/benchmarks/prompts/{{dataset}}_reference.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prompt-reference --threads {threads} --device {params.device} --data {input.data}"
+        " --inception {input.inception} --per-group {params.per} --cmmd {params.kind} {params.net} --out {output}"
+        " > {log} 2>&1"
+
+
+rule prompt_sets:
+    """One run's prompt sets (DropPath sweep, entanglement, descriptiveness) and their MC-Dropout σ; fam is "" for
+    the class-conditional VAR and "text_" for the text-conditioned one."""
+    input:
+        model=study_model,
+        tokenizer=tokenizer_file,
+        data=f"{RES}/{{dataset}}/data",
+        encoder=lambda w: text_encoder_weights(w) if w.fam else [],
+    output:
+        f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/sets.json",
+    wildcard_constraints:
+        fam="(text_)?",
+    params:
+        code=code_of("prompt-sets"),
+        device=GPU_DEVICE,
+        family=lambda w: "text" if w.fam else "var",
+        params=q({k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd")}),
+        weights=lambda w, input: f"--text-encoder-weights {input.encoder}" if input.encoder else "",
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.log",
+    benchmark:
+        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prompt-sets --threads {threads} --device {params.device} --model {input.model}"
+        " --tokenizer {input.tokenizer} --data {input.data} --family {params.family} --params {params.params}"
+        " {params.weights} --out {output} > {log} 2>&1"
+
+
+rule prompt_scores:
+    """FID/KID (Inception), CMMD and (toy) the modes of every prompt set of a run, against the reference pool."""
+    input:
+        unpack(cmmd_inputs),
+        sets=f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/sets.json",
+        reference=f"{RES}/{{dataset}}/prompt_reference.npz",
+        data=f"{RES}/{{dataset}}/data",
+        inception=f"{RSC}/inception/inception.json",
+        modes=lambda w: [f"{RES}/{w.dataset}/mode_classifier.pt"] if ds(w)["kind"] == "toy" else [],
+    output:
+        f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/scores.json",
+    wildcard_constraints:
+        fam="(text_)?",
+    params:
+        code=code_of("prompt-scores"),
+        device=GPU_DEVICE,
+        params=lambda w: q(inception_metric_params()),
+        net=lambda w, input: (f"--classifier {input.modes[0]}" if input.modes else "")
+        + (f" --clip-weights {input.clip}" if "clip" in input.keys() else ""),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.log",
+    benchmark:
+        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup prompt-scores --threads {threads} --device {params.device} --sets {input.sets}"
+        " --reference {input.reference} --data {input.data} --inception {input.inception} --params {params.params}"
+        " {params.net} --out {output} > {log} 2>&1"
+
+
+rule prompt_tables:
+    """The prompt study's tables (laid out like the companion study's, its numbers beside) and σ figure."""
+    input:
+        scores=[f"{RES}/{r.path}/prompts/scores.json" for r in STUDY_RUNS],
+        sets=[f"{RES}/{r.path}/prompts/sets.json" for r in STUDY_RUNS],
+    output:
+        **{f"{t}_{e}": f"{RES}/tables/{t}.{e}" for t in PROMPT_TABLES for e in ("csv", "md", "tex", "html")},
+        **{f"sigma_{e}": f"{RES}/figures/prompt_sigma.{e}" for e in ("png", "pdf")},
+    params:
+        code=code_of("tables") + code_of("figures"),
+        cfg=lambda w: q({**vc.report_config(config), "text": TEXT}),
+        results=lambda w: RES,
+        tables=lambda w, output: os.path.dirname(output[0]),
+        figures=lambda w, output: os.path.dirname(output.sigma_png),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/prompt_tables.log",
+    benchmark:
+        f"{RES}/benchmarks/prompt_tables.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "(varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only prompts"
+        " && varup figures --config {params.cfg} --results {params.results} --out {params.figures} --only prompts)"
+        " > {log} 2>&1"
