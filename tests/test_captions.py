@@ -82,6 +82,9 @@ def test_captions_file_and_templates(toy, tmp_path):
                  + f"{rows[0]['path']},another caption\n")
     per = read_caption_file(f, [r["path"] for r in rows])
     assert per[0] == [(f"a {rows[0]['colour']} thing", "file", 0.5), ("another caption", "file", 0.5)]
+    txt = tmp_path / "image_captions.txt"  # VAR-CLIP's format
+    txt.write_text("".join(f"{r['path']}: a {r['class_name']}\n" for r in rows))
+    assert read_caption_file(txt, [rows[3]["path"]]) == [[(f"a {rows[3]['class_name']}", "file", 1.0)]]
     f.write_text("path,caption\n" + f"{rows[0]['path']},x\n")
     with pytest.raises(ValueError, match="have no caption"):
         read_caption_file(f, [r["path"] for r in rows])

@@ -98,7 +98,8 @@ def test_paper_dag_resolves_completely(paper_cfg, tmp_path):
 def test_prefetch_target_lists_every_download(paper_cfg, tmp_path):
     r = smk(tmp_path / "work", paper_cfg, "-n", "prefetch", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert job_counts(r.stdout) == {"fetch_archive": 1, "fetch_weights": 1, "inception_weights": 1, "prefetch": 1}
+    assert job_counts(r.stdout) == {"fetch_archive": 1, "fetch_weights": 1, "inception_weights": 1, "clip_weights": 2,
+                                    "prefetch": 1}  # CLIP: VAR-CLIP's text encoder and CMMD's image encoder
 
 
 def test_the_required_paths_are_checked_when_the_dag_is_built(paper_cfg, tmp_path):
@@ -145,6 +146,7 @@ def test_256px_code_path_end_to_end(tmp_path):
         "tokenizer": "official", "train": {"batch_size": 3},
         "sample": {"cfg": 1.5, "n_per_class": 3, "batch_size": 6, "shards": 2}, "metrics_real_split": "train"}}
     cfg["tokenizers"]["official"].update(url=weights.as_uri(), sha256=sha256_file(weights))
+    cfg["text"]["enabled"] = False  # the text arm's dataset (afhq) is not in this config
     cfg["model"]["depths"] = [1]
     cfg["model"]["width_per_depth"] = 64
     cfg["train"].update(steps=3, warmup_steps=1, log_every=1, ckpt_every=2, nonfinite_check_every=1, gpus=1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -345,7 +346,7 @@ def prompt_table(records: Sequence[Mapping[str, Any]], study: str):
     listed with "—" (the class-conditional VAR and a prompt naming more than classes)."""
     import pandas as pd
 
-    from varup.tablefmt import add_stat
+    from varup.tablefmt import MISSING, add_stat
 
     groups: dict[tuple, list] = {}
     for r in records:
@@ -366,8 +367,9 @@ def prompt_table(records: Sequence[Mapping[str, Any]], study: str):
             elif study == "entanglement":
                 d["concepts"] = ref["concepts"]
             d.update({"prompt": ref["prompt"], "n": len(ok)})
-            if row["modes_allowed"] is not None:
-                d["modes allowed"] = row["modes_allowed"]
+            if any("modes" in (e.get("scores") or {}) or _score(e, "modes_allowed") is not None
+                   for r in records for e in r["sets"]):  # toy: how many modes the prompt allows
+                d["modes allowed"] = MISSING if row["modes_allowed"] is None else str(row["modes_allowed"])
             for key, title, name, digits in STAT_COLS:
                 vals = [e["mean_sigma"] if name is None else _score(e, name) for e in ok]
                 add_stat(row, d, key, title or ctitle, vals, digits)
@@ -380,8 +382,7 @@ def prompt_table(records: Sequence[Mapping[str, Any]], study: str):
 def short_label(e: Mapping[str, Any]) -> str:
     if e["study"] == "droppath":
         return f"DropPath {e['rate']:g}"
-    words = e["prompt"].replace(" or ", " | ").replace(" background", "").replace(" on a ", ", ")
-    return words if len(words) <= 22 else words[:21] + "…"
+    return e["prompt"].replace(" or ", " | ").replace(" background", "").replace(" on a ", ", ")
 
 
 def prompt_sigma_figure(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, np.ndarray]]], out_dir,
@@ -408,11 +409,15 @@ def prompt_sigma_figure(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str
             if f"{k}_sigma" in z:
                 top.imshow(np.clip(np.transpose(z[f"{k}_mean"], (1, 2, 0)), 0, 1))
                 im = bottom.imshow(z[f"{k}_sigma"], cmap="magma", vmin=0, vmax=vmax)
+            else:  # the class-conditional VAR cannot take this prompt
+                for ax in (top, bottom):
+                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=7, color="0.5",
+                            transform=ax.transAxes)
             for ax in (top, bottom):
                 ax.set_xticks([])
                 ax.set_yticks([])
             if r == 0:
-                top.set_title(short_label(e), fontsize=6)
+                top.set_title(textwrap.fill(short_label(e), 14), fontsize=6)
         axes[2 * r][0].set_ylabel(f"{label}\nmean", fontsize=7)
         axes[2 * r + 1][0].set_ylabel("σ", fontsize=7)
     if im is not None:

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from varup.batches import BatchOrder
 from varup.models.vqvae import VQVAE, VQVAEConfig
 from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, discard_training_state,
                            exit_preempted, load_training_state, requeue_slurm_job, resolve_device, save_training_state,
                            set_rng_state)
 from varup.sample import derive_seed
-from varup.train import BatchOrder
 from varup.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
 
 log = logging.getLogger("varup.tokenizer")

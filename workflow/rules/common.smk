@@ -211,6 +211,10 @@ def prefetch_files():
     out += sorted({tokenizer_file(type("W", (), {"dataset": d})) for d in DATASETS
                    if vc.tokenizer_of(config, d)[1]["kind"] == "official"})
     out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if vc.train_settings(config, r.dataset).get("warm_start")})
+    if TEXT_ON:  # CLIP weights: VAR-CLIP's text encoder and CMMD's image encoder, where configured
+        out += text_encoder_weights(None)
+        if PROMPTS.get("cmmd", {}).get("features") == "clip":
+            out.append(clip_file("ViT-L-14-336"))
     return out
 
 

@@ -34,6 +34,7 @@ rule clip_weights:
     output:
         f"{RSC}/clip/{{file}}",
     params:
+        code=code_of("clip-weights"),
         name=lambda w: next(n for n, f in CLIP_FILES.items() if f == w.file),
         url=lambda w: vt.clip_source(config, w.file, "url"),
         sha=lambda w: vt.clip_source(config, w.file, "sha256"),
@@ -178,9 +179,16 @@ rule prompt_tables:
     input:
         scores=[f"{RES}/{r.path}/prompts/scores.json" for r in STUDY_RUNS],
         sets=[f"{RES}/{r.path}/prompts/sets.json" for r in STUDY_RUNS],
-    output:
-        **{f"{t}_{e}": f"{RES}/tables/{t}.{e}" for t in PROMPT_TABLES for e in ("csv", "md", "tex", "html")},
-        **{f"sigma_{e}": f"{RES}/figures/prompt_sigma.{e}" for e in ("png", "pdf")},
+    output:  # in the report of `snakemake --report <file> all prompt_study`
+        **{
+            f"{t}_{e}": report(f"{RES}/tables/{t}.{e}", caption=f"../report/{t}.rst", category="Prompt study",
+                               labels={"table": t}) if e == "html" else f"{RES}/tables/{t}.{e}"
+            for t in PROMPT_TABLES
+            for e in ("csv", "md", "tex", "html")
+        },
+        sigma_png=report(f"{RES}/figures/prompt_sigma.png", caption="../report/prompt_sigma.rst",
+                         category="Prompt study", labels={"figure": "prompt_sigma"}),
+        sigma_pdf=f"{RES}/figures/prompt_sigma.pdf",
     params:
         code=code_of("tables") + code_of("figures"),
         cfg=lambda w: q({**vc.report_config(config), "text": TEXT}),

@@ -3,16 +3,6 @@
 # everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption, and
 # on Slurm it stops itself train.stop_before_limit_s before the time limit (checkpoint, exit 75, retry resumes).
 
-# One command line for the class-conditional and the text-conditioned runs (rule train_text, prompts.smk):
-# params.warm and params.text add the flags only one of them takes.
-TRAIN_SHELL = (
-    "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
-    " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
-    " {params.text} --stop-before-limit-s {resources.stop_before_limit_s}"
-    " >> {log} 2>&1"
-)
-
-
 rule train:
     input:
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
@@ -44,5 +34,8 @@ rule train:
         f"{RES}/benchmarks/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
     conda:
         CONDA_ENV
-    shell:
-        TRAIN_SHELL
+    shell:  # train_text (prompts.smk) runs the same command: params.warm and params.text add the flags of each
+        "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
+        " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"
+        " {params.text} --stop-before-limit-s {resources.stop_before_limit_s}"
+        " >> {log} 2>&1"

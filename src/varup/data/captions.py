@@ -18,7 +18,7 @@ modes it allows, by the attribute words it names (a factor it does not name is f
 
 **Real datasets** take ``captions: {kind: file, path: <csv>}`` — a CSV with header ``path,caption``, ``path`` as in
 the dataset's ``manifest.csv`` (relative to the dataset folder, POSIX separators), one or more rows per image,
-every train image captioned — or ``{kind: templates, templates: ["a photo of a {}", ...]}`` over the class names
+every train image captioned (or VAR-CLIP's ``path: caption`` lines in a ``.txt``) — or ``{kind: templates, templates: ["a photo of a {}", ...]}`` over the class names
 (underscores read as spaces).
 
 Files (stable; the trainer and the prompt study read them)::
@@ -109,20 +109,34 @@ def _table(per_image: Sequence[Sequence[tuple[str, str, float]]]) -> tuple[list[
     return list(index), kinds, arrays
 
 
+def _caption_rows(path: Path) -> Iterable[tuple[int, str, str]]:
+    """(line, image path, caption) of a ``path,caption`` CSV, or of VAR-CLIP's ``path: caption`` lines (.txt)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix == ".txt":
+            for i, line in enumerate(f, start=1):
+                if line.strip():
+                    p, sep, c = line.partition(":")
+                    if not sep:
+                        raise ValueError(f"{path}:{i}: expected 'path: caption', got {line.strip()!r}")
+                    yield i, p.strip(), c.strip()
+            return
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected a CSV header with columns 'path' and 'caption', got {reader.fieldnames}")
+        for i, r in enumerate(reader, start=2):
+            yield i, r["path"], (r["caption"] or "").strip()
+
+
 def read_caption_file(path: str | Path, image_paths: Sequence[str]) -> list[list[tuple[str, str, float]]]:
     """Candidates per image from a ``path,caption`` CSV; every image must have at least one caption."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions file not found: {path} (datasets.<name>.captions.path)")
     by_path: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a CSV header with columns 'path' and 'caption', got {reader.fieldnames}")
-        for i, r in enumerate(reader, start=2):
-            if not (r["caption"] or "").strip():
-                raise ValueError(f"{path}:{i}: empty caption for {r['path']!r}")
-            by_path.setdefault(r["path"], []).append(r["caption"].strip())
+    for i, p, c in _caption_rows(path):
+        if not c:
+            raise ValueError(f"{path}:{i}: empty caption for {p!r}")
+        by_path.setdefault(p, []).append(c)
     missing = [p for p in image_paths if p not in by_path]
     if missing:
         raise ValueError(f"{path}: {len(missing)} of {len(image_paths)} images have no caption, e.g. {missing[:3]}")
