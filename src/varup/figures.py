@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -266,10 +267,50 @@ def uncertainty_figures(cfg: dict, results: Path, out: Path) -> None:
                    name="droppath_sweep")
 
 
+def short_label(e: Mapping[str, Any]) -> str:
+    if e["study"] == "droppath":
+        return f"DropPath {e['rate']:g}"
+    return e["prompt"].replace(" or ", " | ").replace(" background", "").replace(" on a ", ", ")
+
+
+def prompt_sigma_figure(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, np.ndarray]]], out_dir,
+                        name: str = "prompt_sigma") -> float:
+    """PNG + PDF: per run (a label, its sets.json record, its sigma.npz) two rows over the prompt sets: the mean
+    image of the MC-Dropout passes and the σ map, all σ maps on one colour scale (with a colourbar); a set the
+    family cannot take is left blank. Returns the colour scale's maximum."""
+    sets = runs[0][1]["sets"]
+    stem = [e["set"][:-4] for e in sets]
+    vmax = max([float(z[f"{k}_sigma"].max()) for _, _, z in runs for k in stem if f"{k}_sigma" in z] or [1e-6])
+    fig, axes = plt.subplots(2 * len(runs), len(sets), figsize=(1.15 * len(sets) + 0.9, 2.3 * len(runs) + 0.6),
+                             squeeze=False)
+    im = None
+    for r, (label, _, z) in enumerate(runs):
+        for c, (k, e) in enumerate(zip(stem, sets)):
+            top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
+            if f"{k}_sigma" in z:
+                top.imshow(np.clip(np.transpose(z[f"{k}_mean"], (1, 2, 0)), 0, 1))
+                im = bottom.imshow(z[f"{k}_sigma"], cmap="magma", vmin=0, vmax=vmax)
+            else:  # the class-conditional VAR cannot take this prompt
+                for ax in (top, bottom):
+                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=7, color="0.5",
+                            transform=ax.transAxes)
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if r == 0:
+                top.set_title(textwrap.fill(short_label(e), 14), fontsize=6)
+        axes[2 * r][0].set_ylabel(f"{label}\nmean", fontsize=7)
+        axes[2 * r + 1][0].set_ylabel("σ", fontsize=7)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.5, label="σ (pixel std over passes)")
+    save_figure(fig, out_dir, name)
+    plt.close(fig)
+    return vmax
+
+
 def prompt_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
     """The prompt study's σ figure (:func:`varup.prompts.prompt_sigma_figure`): every study run of the first seed."""
-    from varup.prompts import FAMILY_NAMES, prompt_sigma_figure
-    from varup.textruns import study_runs
+    from varup.textruns import FAMILY_NAMES, study_runs
     from varup.utils import read_json
 
     results = Path(results)

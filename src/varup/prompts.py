@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,7 +41,6 @@ log = logging.getLogger("varup.prompts")
 
 STUDIES = ("droppath", "entanglement", "descriptiveness")
 FAMILIES = ("var", "text")
-FAMILY_NAMES = {"var": "VAR", "text": "VAR-CLIP"}
 STOPWORDS = {"a", "an", "the", "or", "photo", "of", "picture"}
 
 
@@ -320,113 +318,6 @@ def score_prompt_sets(sets_json, out_json, *, reference, data_dir, inception_jso
     return rec
 
 
-# ------------------------------------------------------------------------------------------- tables
-def _score(e: Mapping[str, Any], key: str):
-    return (e.get("scores") or {}).get(key)
-
-
-def cmmd_title(records: Sequence[Mapping[str, Any]]) -> str:
-    """"CMMD ↓" for CLIP features, "toy-CMMD ↓" for the toy mode classifier's (never to be mistaken for CLIP's)."""
-    kinds = {_score(e, "cmmd_kind") for r in records for e in r["sets"] if e.get("scores")}
-    return "toy-CMMD ↓" if "toy" in kinds else "CMMD ↓"
-
-
-STAT_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid", 4), ("cmmd", None, "cmmd", 3),
-             ("sigma", "σ", None, 4), ("in_prompt", "in-prompt ↑", "in_prompt", 3),
-             ("modes_covered", "modes covered", "modes_covered", 1))
-
-
-def _row_key(study: str, e: Mapping[str, Any]):
-    return e["rate"] if study == "droppath" else e["prompt"]
-
-
-def prompt_table(records: Sequence[Mapping[str, Any]], study: str):
-    """(table, display) of one prompt study: a row per (generator family, dataset, depth, method, rate or prompt),
-    each cell the mean ± std over the runs' training seeds (:mod:`varup.tablefmt`); rows a family cannot take are
-    listed with "—" (the class-conditional VAR and a prompt naming more than classes)."""
-    import pandas as pd
-
-    from varup.tablefmt import MISSING, add_stat
-
-    groups: dict[tuple, list] = {}
-    for r in records:
-        groups.setdefault((r["family"], r["dataset"], r["depth"], r["method"]), []).append(r)
-    ctitle = cmmd_title(records)
-    rows, disp = [], []
-    for (family, dataset, depth, method), rs in groups.items():
-        sets = [e for e in rs[0]["sets"] if e["study"] == study]
-        for ref in sets:
-            es = [e for r in rs for e in r["sets"] if e["study"] == study and _row_key(study, e) == _row_key(study, ref)]
-            ok = [e for e in es if e["applicable"]]
-            row = {"family": family, "dataset": dataset, "depth": depth, "method": method, "prompt": ref["prompt"],
-                   "rate": ref.get("rate"), "concepts": ref.get("concepts"), "level": ref.get("level"),
-                   "seeds": len(ok), "modes_allowed": _score(ok[0], "modes_allowed") if ok else None}
-            d = {"generator": FAMILY_NAMES[family], "dataset": dataset, "depth": f"d{depth}", "method": method}
-            if study == "droppath":
-                d["DropPath rate"] = f"{ref['rate']:g}"
-            elif study == "entanglement":
-                d["concepts"] = ref["concepts"]
-            d.update({"prompt": ref["prompt"], "n": len(ok)})
-            if any("modes" in (e.get("scores") or {}) or _score(e, "modes_allowed") is not None
-                   for r in records for e in r["sets"]):  # toy: how many modes the prompt allows
-                d["modes allowed"] = MISSING if row["modes_allowed"] is None else str(row["modes_allowed"])
-            for key, title, name, digits in STAT_COLS:
-                vals = [e["mean_sigma"] if name is None else _score(e, name) for e in ok]
-                add_stat(row, d, key, title or ctitle, vals, digits)
-            rows.append(row)
-            disp.append(d)
-    return pd.DataFrame(rows), pd.DataFrame(disp)
-
-
-# ------------------------------------------------------------------------------------------- figure
-def short_label(e: Mapping[str, Any]) -> str:
-    if e["study"] == "droppath":
-        return f"DropPath {e['rate']:g}"
-    return e["prompt"].replace(" or ", " | ").replace(" background", "").replace(" on a ", ", ")
-
-
-def prompt_sigma_figure(runs: Sequence[tuple[str, Mapping[str, Any], Mapping[str, np.ndarray]]], out_dir,
-                        name: str = "prompt_sigma") -> float:
-    """PNG + PDF: per run (a label, its sets.json record, its sigma.npz) two rows over the prompt sets: the mean
-    image of the MC-Dropout passes and the σ map, all σ maps on one colour scale (with a colourbar); a set the
-    family cannot take is left blank. Returns the colour scale's maximum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from varup.figures import save_figure
-
-    sets = runs[0][1]["sets"]
-    stem = [e["set"][:-4] for e in sets]
-    vmax = max([float(z[f"{k}_sigma"].max()) for _, _, z in runs for k in stem if f"{k}_sigma" in z] or [1e-6])
-    fig, axes = plt.subplots(2 * len(runs), len(sets), figsize=(1.15 * len(sets) + 0.9, 2.3 * len(runs) + 0.6),
-                             squeeze=False)
-    im = None
-    for r, (label, _, z) in enumerate(runs):
-        for c, (k, e) in enumerate(zip(stem, sets)):
-            top, bottom = axes[2 * r][c], axes[2 * r + 1][c]
-            if f"{k}_sigma" in z:
-                top.imshow(np.clip(np.transpose(z[f"{k}_mean"], (1, 2, 0)), 0, 1))
-                im = bottom.imshow(z[f"{k}_sigma"], cmap="magma", vmin=0, vmax=vmax)
-            else:  # the class-conditional VAR cannot take this prompt
-                for ax in (top, bottom):
-                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=7, color="0.5",
-                            transform=ax.transAxes)
-            for ax in (top, bottom):
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if r == 0:
-                top.set_title(textwrap.fill(short_label(e), 14), fontsize=6)
-        axes[2 * r][0].set_ylabel(f"{label}\nmean", fontsize=7)
-        axes[2 * r + 1][0].set_ylabel("σ", fontsize=7)
-    if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.5, label="σ (pixel std over passes)")
-    save_figure(fig, out_dir, name)
-    plt.close(fig)
-    return vmax
-
-
 __all__ = ["STUDIES", "FAMILIES", "class_mix_of", "n_concepts", "prompt_sets", "condition_of", "generate", "sigma_of",
            "run_prompt_sets", "prompt_reference", "reference_rows", "reference_mask", "score_prompt_sets",
-           "score_set", "mode_scores", "cmmd_features", "prompt_table", "cmmd_title", "prompt_sigma_figure"]
+           "score_set", "mode_scores", "cmmd_features"]

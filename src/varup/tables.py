@@ -28,14 +28,15 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from varup.config import (Run, cfg_sweep, grid_points, main_runs, mode_runs, ood_runs, toy_runs,
                           uncertainty_enabled, uncertainty_runs)
-from varup.tablefmt import add_stat, fmt, html_table, latex_table, mean_std, spread_note
+from varup.tablefmt import MISSING, add_stat, fmt, html_table, latex_table, mean_std, spread_note
+from varup.textruns import FAMILY_NAMES
 from varup.utils import atomic_write_text, read_json
 
 log = logging.getLogger("varup.tables")
@@ -554,6 +555,64 @@ def lambda_study_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
+def _prompt_score(e: Mapping[str, Any], key: str):
+    return (e.get("scores") or {}).get(key)
+
+
+def cmmd_title(records: Sequence[Mapping[str, Any]]) -> str:
+    """"CMMD ↓" for CLIP features, "toy-CMMD ↓" for the toy mode classifier's (never to be mistaken for CLIP's)."""
+    kinds = {_prompt_score(e, "cmmd_kind") for r in records for e in r["sets"] if e.get("scores")}
+    return "toy-CMMD ↓" if "toy" in kinds else "CMMD ↓"
+
+
+PROMPT_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid", 4), ("is", "IS ↑", "isc", 2),
+               ("cmmd", None, "cmmd", 3), ("sigma", "σ", None, 4), ("in_prompt", "in-prompt ↑", "in_prompt", 3),
+               ("modes_covered", "modes covered", "modes_covered", 1))
+
+
+def _prompt_row_key(study: str, e: Mapping[str, Any]):
+    return e["rate"] if study == "droppath" else e["prompt"]
+
+
+def _prompt_row(key: tuple, study: str, ref: Mapping[str, Any], ok: list, toy: bool, ctitle: str) -> tuple[dict, dict]:
+    """(CSV row, display row) of one prompt set over the seeds ``ok`` that could take it."""
+    family, dataset, depth, method = key
+    allowed = _prompt_score(ok[0], "modes_allowed") if ok else None
+    row = {"family": family, "dataset": dataset, "depth": depth, "method": method, "prompt": ref["prompt"],
+           "rate": ref.get("rate"), "concepts": ref.get("concepts"), "level": ref.get("level"), "seeds": len(ok),
+           "modes_allowed": allowed}
+    d = {"generator": FAMILY_NAMES[family], "dataset": dataset, "depth": f"d{depth}", "method": method}
+    if study == "droppath":
+        d["DropPath rate"] = f"{ref['rate']:g}"
+    elif study == "entanglement":
+        d["concepts"] = ref["concepts"]
+    d.update({"prompt": ref["prompt"], "n": len(ok)})
+    if toy:
+        d["modes allowed"] = MISSING if allowed is None else str(allowed)
+    for col, title, name, digits in PROMPT_COLS:
+        add_stat(row, d, col, title or ctitle, [e["mean_sigma"] if name is None else _prompt_score(e, name)
+                                                for e in ok], digits)
+    return row, d
+
+
+def prompt_table(records: Sequence[Mapping[str, Any]], study: str):
+    """(table, display) of one prompt study: a row per (generator family, dataset, depth, method, rate or prompt),
+    each cell the mean ± std over the runs' training seeds (:mod:`varup.tablefmt`); a set a family cannot take
+    (the class-conditional VAR and a prompt naming more than classes) is a row of "—"."""
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((r["family"], r["dataset"], r["depth"], r["method"]), []).append(r)
+    toy = any(_prompt_score(e, "modes_allowed") is not None for r in records for e in r["sets"])
+    ctitle = cmmd_title(records)
+    rows = []
+    for key, rs in groups.items():
+        for ref in (e for e in rs[0]["sets"] if e["study"] == study):
+            same = [e for r in rs for e in r["sets"]
+                    if e["study"] == study and _prompt_row_key(study, e) == _prompt_row_key(study, ref)]
+            rows.append(_prompt_row(key, study, ref, [e for e in same if e["applicable"]], toy, ctitle))
+    return pd.DataFrame([r for r, _ in rows]), pd.DataFrame([d for _, d in rows])
+
+
 PROMPT_TABLES = {  # name: (study, caption, the companion study's rows, the column they match)
     "prompt_droppath": ("droppath", "Prompt study, DropPath sweep: one prompt sampled with DropPath kept active at "
                         "inference, for the class-conditional VAR (the prompt's class) and the text-conditioned "
@@ -567,14 +626,14 @@ PROMPT_TABLES = {  # name: (study, caption, the companion study's rows, the colu
                                "row beside the most descriptive prompt", "mc_dropout_descriptiveness", "prompt_type"),
 }
 PROMPT_NOTE = ("FID/KID (Inception) against the real train images the prompt describes (toy: the images of the modes "
-               "it allows; n_real per set in the CSV); {cmmd}; σ: mean pixel-wise std over T MC-Dropout passes; "
+               "it allows; n_real per set in the CSV); IS only with the genuine Inception weights (— with the "
+               "FID-only fallback); {cmmd}; σ: mean pixel-wise std over T MC-Dropout passes; "
                "in-prompt: share of samples the toy mode classifier puts in a mode the prompt allows, modes covered: "
                "how many of those modes the samples hit. ")
 
 
 def prompt_tables(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     """The prompt study's three tables (:func:`varup.prompts.prompt_table`), the companion study's rows beside."""
-    from varup.prompts import cmmd_title, prompt_table
     from varup.textruns import study_runs
 
     records = [read_json(results / r.path / "prompts" / "scores.json") for r in study_runs(cfg)]

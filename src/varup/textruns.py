@@ -12,6 +12,7 @@ from typing import Iterator
 
 from varup.config import ConfigError, Run, deep_merge, run_spec
 
+FAMILY_NAMES = {"var": "VAR", "text": "VAR-CLIP"}  # the generator families of the prompt study, as tables name them
 TOY_ENCODER_KEYS = ("dim", "width", "depth", "heads", "max_len")
 TOY_FUNCTION_WORDS = {"a", "or", "on", "background", "shape"}
 
@@ -113,5 +114,5 @@ def check_text(cfg: dict) -> None:
         raise ConfigError("the text arm's configuration is invalid:\n  " + "\n  ".join(problems))
 
 
-__all__ = ["TextRun", "text_enabled", "text_dataset", "text_runs", "study_runs", "encoder_spec", "text_run_spec",
+__all__ = ["FAMILY_NAMES", "TextRun", "text_enabled", "text_dataset", "text_runs", "study_runs", "encoder_spec", "text_run_spec",
            "prompt_problems", "check_text", "clip_source"]
