@@ -323,7 +323,9 @@ def test_ctrl_c_through_snakemake_keeps_the_whole_loss_curve(workflow_run):
     work, ref = workflow_run
     run, env = work / TARGET, {**os.environ, "VARUP_NO_PROGRESS": "1"}
     live = run / "train" / "ckpt" / "metrics.jsonl"
-    proc = subprocess.Popen(_snakemake_train(work), cwd=work, env=env, start_new_session=True,
+    # --retries 0: the trainer also gets the SIGINT and exits 75; when Snakemake sees that exit before its own
+    # SIGINT, the default profile's retry would resume the job (seen in CI) instead of stopping
+    proc = subprocess.Popen(_snakemake_train(work, "--retries", "0"), cwd=work, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while _lines(live) < 6:  # 300 steps logged, checkpoints at 100, 200 and 300

@@ -37,10 +37,14 @@ def text_dataset(cfg: dict) -> str:
     return cfg["text"].get("dataset") or next(iter(cfg["datasets"]))
 
 
+def text_methods(cfg: dict) -> list[str]:
+    return list(cfg["text"].get("methods") or cfg["methods"])
+
+
 def text_runs(cfg: dict, family: str = "text") -> Iterator[TextRun]:
     t = cfg["text"]
     depth = t.get("depth") or cfg["model"]["depths"][0]
-    for method in t["methods"]:
+    for method in text_methods(cfg):
         for seed in t.get("seeds") or cfg["seeds"][:1]:
             yield TextRun(family, Run(text_dataset(cfg), int(depth), method, int(seed)))
 
@@ -85,7 +89,7 @@ def prompt_problems(cfg: dict) -> list[str]:
     ds = text_dataset(cfg)
     if ds not in cfg["datasets"]:
         problems.append(f"text/dataset: {ds!r} is not a key of datasets")
-    problems += [f"text/methods/{i}: {m!r} is not a key of methods" for i, m in enumerate(t["methods"])
+    problems += [f"text/methods/{i}: {m!r} is not a key of methods" for i, m in enumerate(t.get("methods") or [])
                  if m not in cfg["methods"]]
     if problems or t["captions"]["kind"] != "toy" or t["encoder"]["kind"] != "toy":
         return problems
@@ -114,5 +118,5 @@ def check_text(cfg: dict) -> None:
         raise ConfigError("the text arm's configuration is invalid:\n  " + "\n  ".join(problems))
 
 
-__all__ = ["FAMILY_NAMES", "TextRun", "text_enabled", "text_dataset", "text_runs", "study_runs", "encoder_spec", "text_run_spec",
-           "prompt_problems", "check_text", "clip_source"]
+__all__ = ["FAMILY_NAMES", "TextRun", "text_enabled", "text_dataset", "text_methods", "text_runs", "study_runs",
+           "encoder_spec", "text_run_spec", "prompt_problems", "check_text", "clip_source"]
