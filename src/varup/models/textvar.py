@@ -27,8 +27,8 @@ import os
 import torch
 import torch.nn as nn
 
-from varup.models.common import CheckpointError, extract_state_dict, load_strict, read_checkpoint
-from varup.models.var import VAR, VARConfig, infer_var_config
+from varup.models.common import CheckpointError
+from varup.models.var import VAR, VARConfig, infer_var_config, load_checkpoint_file
 
 #: official VAR key -> VAR-CLIP keys (every other key is shared unchanged)
 VARCLIP_KEY_MAP = {"class_emb.weight": ("cond_proj.weight", "cond_proj.bias", "noise.weight")}
@@ -152,12 +152,8 @@ def load_varclip(path: str | os.PathLike, model: TextVAR | None = None, map_loca
                  **overrides) -> TextVAR:
     """Load VAR-CLIP's released checkpoint (``['trainer']['var_wo_ddp']``) or a plain VAR-CLIP state dict strictly,
     with ``torch.load(weights_only=True)``. Without ``model`` the architecture is inferred from the state dict."""
-    path = os.fspath(path)
-    sd = extract_state_dict(read_checkpoint(path, map_location), path)
-    if model is None:
-        model = TextVAR(infer_varclip_config(sd, **overrides))
-    load_strict(model, sd, path)
-    return model
+    return load_checkpoint_file(path, model, lambda sd: TextVAR(infer_varclip_config(sd, **overrides)), map_location)
 
 
-__all__ = ["TextVAR", "CaptionedVAR", "build_var", "load_varclip", "infer_varclip_config", "VARCLIP_KEY_MAP", "NULL_CONDITIONS"]
+__all__ = ["TextVAR", "CaptionedVAR", "build_var", "load_varclip", "infer_varclip_config", "VARCLIP_KEY_MAP",
+           "NULL_CONDITIONS"]

@@ -401,13 +401,18 @@ def load_official(path: str | os.PathLike, model: VAR | None = None, map_locatio
     Without ``model`` the architecture is inferred from the state dict (depth, width, classes, patch_nums).
     Loading uses ``torch.load(weights_only=True)``.
     """
+    return load_checkpoint_file(path, model, lambda sd: VAR(infer_var_config(sd, **overrides)), map_location)
+
+
+def load_checkpoint_file(path: str | os.PathLike, model: nn.Module | None, build, map_location="cpu") -> nn.Module:
+    """Read a checkpoint (``weights_only=True``), take its state dict and load it strictly into ``model``, or into
+    ``build(state_dict)`` when ``model`` is None (the architecture inferred from the state dict)."""
     path = os.fspath(path)
     sd = extract_state_dict(read_checkpoint(path, map_location), path)
-    if model is None:
-        model = VAR(infer_var_config(sd, **overrides))
+    model = build(sd) if model is None else model
     load_strict(model, sd, path)
     return model
 
 
-__all__ = ["VAR", "VARConfig", "DropPath", "load_official", "load_strict", "extract_state_dict", "infer_var_config",
+__all__ = ["VAR", "VARConfig", "DropPath", "load_official", "load_checkpoint_file", "load_strict", "extract_state_dict", "infer_var_config",
            "CheckpointError", "scale_index", "block_causal_bias"]
