@@ -75,6 +75,30 @@ def reseed_dead_codes(vae: VQVAE, img: torch.Tensor, threshold: float, generator
     return n
 
 
+@dataclass
+class _TokRun:
+    """What the loop and the checkpoints share."""
+    cfg: VQVAEConfig
+    tc: TokenizerTrainConfig
+    run_hash: str
+    work: Path
+    ckpt: Path
+    log: ResumableLog
+    vae: VQVAE
+    opt: torch.optim.Optimizer
+    dev: torch.device
+    gen: torch.Generator  # draws the re-seeded codes; its state is checkpointed, so a resume is bit-identical
+    start: int = 0
+
+    def config(self) -> dict:
+        return {"vq": self.cfg.to_dict(), "train": asdict(self.tc)}
+
+    def checkpoint(self, step: int) -> None:
+        save_training_state(self.ckpt, model=self.vae, optimizer=self.opt, step=step, config=self.config(),
+                            extra={"run_hash": self.run_hash, "record_hit": self.vae.quantize.record_hit,
+                                   "dead_code_rng": self.gen.get_state()})
+
+
 def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray], torch.Tensor], n_images: int, *,
                     out_model: str | os.PathLike, work_dir: str | os.PathLike, device: str = "auto",
                     val_images: torch.Tensor | None = None, stop_after: int | None = None,
@@ -82,100 +106,122 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
     """Train a VQVAE. ``get_batch(indices)`` returns images (B, 3, R, R) in [-1, 1]. Writes ``out_model``
     (``{'model', 'config'}``, loadable with :func:`varup.models.vqvae.load_vqvae`) and ``summary.json``."""
     t0 = time.time()
+    with PreemptionGuard() as guard:  # up before the live log exists, like the transformer trainer's
+        r = _tok_setup(vq_cfg, tc_dict, work_dir, device)
+        guard.clock = SlurmClock.for_job(stop_before_limit_s)
+        stopped = _tok_loop(r, guard, get_batch, n_images, stop_after, t0)
+    return stopped if stopped is not None else _tok_finish(r, out_model, val_images, t0)
+
+
+def _tok_setup(vq_cfg: dict, tc_dict: dict, work_dir, device: str) -> _TokRun:
+    """A fresh VQVAE and optimiser, or the state of ``ckpt/last.pt`` (an unreadable or stale one is set aside)."""
     dev = resolve_device(device)
     tc = TokenizerTrainConfig(**tc_dict)
     cfg = VQVAEConfig(**vq_cfg)
-    run_hash = config_hash({"vq": cfg.to_dict(), "train": asdict(tc)})
     work = Path(work_dir)
-    ckpt = work / "ckpt" / "last.pt"
-    run_log = ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl")
     work.mkdir(parents=True, exist_ok=True)
-
     torch.manual_seed(tc.seed)
     vae = VQVAE(cfg)
     vae.quantize.init_codebook()
     vae.to(dev).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    start = 0
-    state = load_training_state(ckpt, run_hash=run_hash)  # an unreadable or stale last.pt is set aside
+    r = _TokRun(cfg=cfg, tc=tc, run_hash=config_hash({"vq": cfg.to_dict(), "train": asdict(tc)}), work=work,
+                ckpt=work / "ckpt" / "last.pt", log=ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl"),
+                vae=vae, opt=torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay),
+                dev=dev, gen=torch.Generator().manual_seed(derive_seed(tc.seed, "dead-codes", 0)))
+    state = load_training_state(r.ckpt, run_hash=r.run_hash)
     if state is not None:
         vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        r.opt.load_state_dict(state["optimizer"])
         vae.quantize.record_hit = int(state["extra"].get("record_hit", 1))
         set_rng_state(state["rng"])
-        start = int(state["step"])
-        log.info("resumed from %s at step %d", ckpt, start)
+        r.start = int(state["step"])
+        if "dead_code_rng" in state["extra"]:
+            r.gen.set_state(state["extra"]["dead_code_rng"])
+        else:  # a checkpoint from before the generator was kept: a fresh stream (the run is no longer bit-identical)
+            r.gen.manual_seed(derive_seed(tc.seed, "dead-codes", r.start))
+        log.info("resumed from %s at step %d", r.ckpt, r.start)
     else:
         torch.manual_seed(derive_seed(tc.seed, "tokenizer-train"))
-    run_log.resume_at(start)
+    r.log.resume_at(r.start)
+    return r
+
+
+def _tok_step(r: _TokRun, step: int, img: torch.Tensor):
+    for g in r.opt.param_groups:
+        g["lr"] = _lr(step, r.tc)
+    rec, vq_loss, hits = r.vae(img)
+    l1, l2 = F.l1_loss(rec, img), F.mse_loss(rec, img)
+    loss = r.tc.recon_l1 * l1 + r.tc.recon_l2 * l2 + vq_loss
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"tokenizer: non-finite loss at step {step + 1} (l1 {float(l1):.4g}, "
+                                 f"l2 {float(l2):.4g}, vq {float(vq_loss):.4g}); last checkpoint {r.ckpt} kept")
+    r.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if r.tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.vae.parameters(), r.tc.grad_clip)
+    r.opt.step()
+    return loss, l1, l2, vq_loss, hits
+
+
+def _tok_loop(r: _TokRun, guard: PreemptionGuard, get_batch, n_images: int, stop_after: int | None,
+              t0: float) -> dict | None:
+    """The steps from ``r.start``; returns ``{'stopped_at': step}`` on ``stop_after``, None at the end."""
+    tc = r.tc
     order = BatchOrder(n_images, tc.batch_size, tc.seed, Dist())
-    gen = torch.Generator().manual_seed(derive_seed(tc.seed, "dead-codes", start))
-
-    def checkpoint(step: int) -> None:
-        save_training_state(ckpt, model=vae, optimizer=opt, step=step, config={"vq": cfg.to_dict(), "train": asdict(tc)},
-                            extra={"run_hash": run_hash, "record_hit": vae.quantize.record_hit})
-
-    log.info("tokenizer %s: %.2fM params, V=%d, patch_nums=%s, %d steps of batch %d on %s", run_hash,
-             sum(p.numel() for p in vae.parameters()) / 1e6, cfg.vocab_size, cfg.patch_nums, tc.steps, tc.batch_size, dev)
-    bar = progress(total=tc.steps, initial=start, desc="tokenizer", unit="step")
+    log.info("tokenizer %s: %.2fM params, V=%d, patch_nums=%s, %d steps of batch %d on %s", r.run_hash,
+             sum(p.numel() for p in r.vae.parameters()) / 1e6, r.cfg.vocab_size, r.cfg.patch_nums, tc.steps,
+             tc.batch_size, r.dev)
+    bar = progress(total=tc.steps, initial=r.start, desc="tokenizer", unit="step")
     steps_done = 0
-    with PreemptionGuard(SlurmClock.for_job(stop_before_limit_s)) as guard:
-        for step in range(start, tc.steps):
-            img = get_batch(order.indices(step)).to(dev)
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, tc)
-            rec, vq_loss, hits = vae(img)
-            l1, l2 = F.l1_loss(rec, img), F.mse_loss(rec, img)
-            loss = tc.recon_l1 * l1 + tc.recon_l2 * l2 + vq_loss
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"tokenizer: non-finite loss at step {step + 1} (l1 {float(l1):.4g}, "
-                                         f"l2 {float(l2):.4g}, vq {float(vq_loss):.4g}); last checkpoint {ckpt} kept")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
-            opt.step()
-            done = step + 1
-            steps_done += 1
-            reseeded = 0
-            if tc.dead_code_every and done % tc.dead_code_every == 0 and done < tc.dead_code_until * tc.steps:
-                reseeded = reseed_dead_codes(vae, img, tc.dead_code_threshold, gen)
-            if done % tc.log_every == 0 or done == tc.steps:
-                usage = (hits > 0).float().mean(1)
-                loss_, l1_, l2_, vq_ = (t.detach() for t in (loss, l1, l2, vq_loss))
-                rec_ = {"step": done, "loss": float(loss_), "l1": float(l1_), "l2": float(l2_), "vq": float(vq_),
-                        "psnr": float(10 * torch.log10(4.0 / l2_.clamp_min(1e-10))), "usage_per_scale": usage.tolist(),
-                        "reseeded": reseeded, "elapsed_s": round(time.time() - t0, 2)}
-                run_log.append(rec_)
-                bar.set_postfix(l2=f"{rec_['l2']:.4f}", psnr=f"{rec_['psnr']:.1f}")
-            bar.update(1)
-            if done % tc.ckpt_every == 0 and done < tc.steps:
-                checkpoint(done)
-            if guard.any_rank_requested(Dist(), dev):
-                checkpoint(done)
-                if guard.time_limit:
-                    requeue_slurm_job()
-                exit_preempted(guard.requested)
-            if stop_after is not None and steps_done >= stop_after:
-                checkpoint(done)
-                return {"stopped_at": done}
+    for step in range(r.start, tc.steps):
+        img = get_batch(order.indices(step)).to(r.dev)
+        loss, l1, l2, vq_loss, hits = _tok_step(r, step, img)
+        done = step + 1
+        steps_done += 1
+        reseeded = 0
+        if tc.dead_code_every and done % tc.dead_code_every == 0 and done < tc.dead_code_until * tc.steps:
+            reseeded = reseed_dead_codes(r.vae, img, tc.dead_code_threshold, r.gen)
+        if done % tc.log_every == 0 or done == tc.steps:
+            usage = (hits > 0).float().mean(1)
+            loss_, l1_, l2_, vq_ = (t.detach() for t in (loss, l1, l2, vq_loss))
+            rec_ = {"step": done, "loss": float(loss_), "l1": float(l1_), "l2": float(l2_), "vq": float(vq_),
+                    "psnr": float(10 * torch.log10(4.0 / l2_.clamp_min(1e-10))), "usage_per_scale": usage.tolist(),
+                    "reseeded": reseeded, "elapsed_s": round(time.time() - t0, 2)}
+            r.log.append(rec_)
+            bar.set_postfix(l2=f"{rec_['l2']:.4f}", psnr=f"{rec_['psnr']:.1f}")
+        bar.update(1)
+        if done % tc.ckpt_every == 0 and done < tc.steps:
+            r.checkpoint(done)
+        if guard.any_rank_requested(Dist(), r.dev):
+            r.checkpoint(done)
+            if guard.time_limit:
+                requeue_slurm_job()
+            exit_preempted(guard.requested)
+        if stop_after is not None and steps_done >= stop_after:
+            r.checkpoint(done)
+            return {"stopped_at": done}
     bar.close()
-    vae.eval()
-    summary = {"run_hash": run_hash, "steps": tc.steps, "params": sum(p.numel() for p in vae.parameters()),
-               "wall_s_this_job": round(time.time() - t0, 2), "config": cfg.to_dict()}
+    return None
+
+
+def _tok_finish(r: _TokRun, out_model, val_images: torch.Tensor | None, t0: float) -> dict:
+    """The model, the published log, ``summary.json`` (with held-out PSNR and code use) and provenance."""
+    vae = r.vae.eval()
+    summary = {"run_hash": r.run_hash, "steps": r.tc.steps, "params": sum(p.numel() for p in vae.parameters()),
+               "wall_s_this_job": round(time.time() - t0, 2), "config": r.cfg.to_dict()}
     if val_images is not None and len(val_images):
         with torch.no_grad():
-            v = val_images.to(dev)
+            v = val_images.to(r.dev)
             recon = torch.cat([vae.img_to_reconstructed_img(v[a:a + 64]) for a in range(0, len(v), 64)])
             mse = F.mse_loss(recon, v).item()
             idx = [torch.cat(t) for t in zip(*[vae.img_to_idxBl(v[a:a + 64]) for a in range(0, len(v), 64)])]
         summary["val_psnr"] = 10 * math.log10(4.0 / max(mse, 1e-10))
         summary["val_active_codes_per_scale"] = [int(t.unique().numel()) for t in idx]
-    atomic_torch_save({"model": vae.state_dict(), "config": cfg.to_dict()}, out_model)
-    run_log.publish()
-    atomic_write_json(work / "summary.json", summary)
-    write_provenance(out_model, config={"vq": cfg.to_dict(), "train": asdict(tc)}, seed=tc.seed, device=str(dev), started=t0)
-    discard_training_state(ckpt)
+    atomic_torch_save({"model": vae.state_dict(), "config": r.cfg.to_dict()}, out_model)
+    r.log.publish()
+    atomic_write_json(r.work / "summary.json", summary)
+    write_provenance(out_model, config=r.config(), seed=r.tc.seed, device=str(r.dev), started=t0)
+    discard_training_state(r.ckpt)
     return summary
 
 

@@ -401,9 +401,18 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     (``spec.text``) takes the dataset's caption table directory ``captions`` (:mod:`varup.data.captions`) and, for
     a CLIP encoder, its weights file."""
     t_start = time.time()
-    r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions,
-               text_encoder_weights)
-    _resume(r, spec)
+    # the guard is up before the live log and the checkpoint directory exist: a signal while the run is set up is
+    # honoured after its first step (checkpoint, exit 75), never by dying before the handler is installed
+    with PreemptionGuard() as guard:
+        r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions,
+                   text_encoder_weights)
+        _resume(r, spec)
+        guard.clock = SlurmClock.for_job(stop_before_limit_s) if r.d.is_main else None
+        return _loop(r, spec, guard, out_model, stop_after, t_start)
+
+
+def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after: int | None, t_start: float) -> dict:
+    """The steps from ``r.start``: log, checkpoint, and stop on a signal, the Slurm clock or ``stop_after``."""
     oc, d = r.oc, r.d
     net: torch.nn.Module = torch.compile(r.model) if oc.compile else r.model
     if d.enabled:
@@ -415,39 +424,38 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     t_loop, steps_done, tokens_seen, rec = time.time(), 0, 0, None
     bar = progress(total=oc.steps, initial=r.start, desc=f"train {r.work.name}", unit="step", disable=not d.is_main)
     batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev, cond_of=r.cond_of)
-    with PreemptionGuard(SlurmClock.for_job(stop_before_limit_s) if d.is_main else None) as guard:
-        for step in range(r.start, oc.steps):
-            tok, lab = batches.get(step)
-            logits, out, gnorm = _train_step(r, net, step, tok, lab)
-            steps_done += 1
-            tokens_seen += tok.numel() * d.world
-            done = step + 1
-            log_now = done % oc.log_every == 0 or done == oc.steps
-            if done % oc.nonfinite_check_every == 0 or log_now:
-                _check_finite(r, done, out)
-            if log_now:
-                dt = max(time.time() - t_loop, 1e-9)
-                rec = _log_record(r, done, logits, tok, out, gnorm, {
-                    "imgs_per_s": steps_done * oc.batch_size / dt, "tokens_per_s": tokens_seen / dt,
-                    "elapsed_s": round(time.time() - t_start, 2)})
-                if d.is_main:
-                    r.log.append(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
-            bar.update(1)
-            if done % oc.ckpt_every == 0 and done < oc.steps:
-                _checkpoint(r, spec, done, out)
-            stop = "signal" if guard.any_rank_requested(d, r.dev) else (
-                "stop_after" if stop_after is not None and steps_done >= stop_after else None)
-            if stop:
-                _checkpoint(r, spec, done, out)
-                bar.close()
-                batches.close()
-                shutdown_distributed()
-                if stop == "signal":
-                    if guard.time_limit and d.is_main:
-                        requeue_slurm_job()
-                    exit_preempted(guard.requested or "stop requested on another rank")
-                return {"stopped_at": done}
+    for step in range(r.start, oc.steps):
+        tok, lab = batches.get(step)
+        logits, out, gnorm = _train_step(r, net, step, tok, lab)
+        steps_done += 1
+        tokens_seen += tok.numel() * d.world
+        done = step + 1
+        log_now = done % oc.log_every == 0 or done == oc.steps
+        if done % oc.nonfinite_check_every == 0 or log_now:
+            _check_finite(r, done, out)
+        if log_now:
+            dt = max(time.time() - t_loop, 1e-9)
+            rec = _log_record(r, done, logits, tok, out, gnorm, {
+                "imgs_per_s": steps_done * oc.batch_size / dt, "tokens_per_s": tokens_seen / dt,
+                "elapsed_s": round(time.time() - t_start, 2)})
+            if d.is_main:
+                r.log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
+        bar.update(1)
+        if done % oc.ckpt_every == 0 and done < oc.steps:
+            _checkpoint(r, spec, done, out)
+        stop = "signal" if guard.any_rank_requested(d, r.dev) else (
+            "stop_after" if stop_after is not None and steps_done >= stop_after else None)
+        if stop:
+            _checkpoint(r, spec, done, out)
+            bar.close()
+            batches.close()
+            shutdown_distributed()
+            if stop == "signal":
+                if guard.time_limit and d.is_main:
+                    requeue_slurm_job()
+                exit_preempted(guard.requested or "stop requested on another rank")
+            return {"stopped_at": done}
     bar.close()
     batches.close()
     summary = _finish(r, spec, out_model, order, steps_done, time.time() - t_loop, t_start, rec)
