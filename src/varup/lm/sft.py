@@ -1,0 +1,286 @@
+"""Training a causal LM: the toy base model's pre-training and supervised fine-tuning with cross-entropy or with the
+uncertainty-preserving objective.
+
+* **The objective on tokens.** The loss is the image objective, unchanged: :class:`varup.losses.UncertaintyLoss`
+  with one "scale" (``patch_nums = (1,)``) applied to the supervised tokens as a (N, 1, V) batch, so every term is a
+  mean over the supervised tokens, as L_CE is. Its references come from the LM's input-embedding matrix by
+  :func:`varup.losses.build_references`, the function that builds them from a VQVAE codebook: ``semantic`` s* per
+  target token from a Gaussian kernel in embedding space (τ = median nearest-neighbour distance), k-means clusters
+  of the embeddings for L_SE, and ``dataset`` s* from the unigram histogram of the supervised target tokens
+  (:func:`lm_references`). Which tokens are supervised is ``lm.loss_tokens``: ``response`` (the prompt is masked,
+  the usual SFT) or ``all``.
+* **Data.** Records in the LM arm's common format (``prompt``, ``response``; :mod:`varup.lm.dolly`) are tokenised
+  once as ``prompt + response + eos``, cut to ``lm.max_length`` tokens, right-padded; the pre-training text is one
+  line per sequence. The batch of a step is a pure function of (seed, step) (:class:`varup.batches.BatchOrder`).
+* **Runs** resume from ``ckpt/last.pt`` like the image trainer's (weights, optimiser, RNG, step; the loss log lives
+  beside the checkpoint), stop on SIGTERM/SIGUSR1/SIGINT or before a Slurm time limit with exit 75, and use DDP when
+  started by torchrun. The result is a ``save_pretrained`` folder (model and tokenizer), written whole or not at all.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from varup.batches import BatchOrder
+from varup.losses import LossConfig, UncertaintyLoss, build_references
+from varup.runtime import (Dist, PreemptionGuard, ResumableLog, SlurmClock, autocast, autocast_dtype,
+                           discard_training_state, exit_preempted, init_distributed, load_training_state,
+                           requeue_slurm_job, save_training_state, set_rng_state, shutdown_distributed, unwrap)
+from varup.utils import atomic_write_json, config_hash, progress, write_provenance
+
+log = logging.getLogger("varup.lm.sft")
+IGNORE = -100  # label of an unsupervised position (prompt or padding)
+LOSS_TOKENS = ("response", "all")
+
+
+@dataclass
+class LMTrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    max_length: int = 64
+    loss_tokens: str = "response"
+    log_every: int = 25
+    ckpt_every: int = 250
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; CPU runs in fp32)
+    seed: int = 0
+    loss: dict = field(default_factory=dict)  # LossConfig keys; empty = cross-entropy
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.loss_tokens not in LOSS_TOKENS:
+            raise ValueError(f"lm.loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
+        LossConfig(**self.loss)  # fails here, naming the key, not mid-run
+
+
+# ------------------------------------------------------------------------------------------- data
+def encode_records(tokenizer, records: list[dict], max_length: int, loss_tokens: str = "response") -> dict:
+    """``prompt + response + eos`` per record -> input_ids, labels (IGNORE on the prompt with ``response``, and on
+    padding), attention_mask; (N, T) int64 tensors, T = the longest sequence (at most ``max_length``)."""
+    rows = []
+    for r in records:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + a)[:max_length]
+        lab = ([IGNORE] * len(p) + a)[:max_length] if loss_tokens == "response" else list(ids)
+        rows.append((ids, lab))
+    return _pad(rows, tokenizer.pad_token_id)
+
+
+def encode_lines(tokenizer, lines: list[str], max_length: int) -> dict:
+    """Plain text, one sequence per line (+ eos), every token supervised."""
+    rows = []
+    for line in lines:
+        ids = (tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
+        rows.append((ids, list(ids)))
+    return _pad(rows, tokenizer.pad_token_id)
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (a, b) in enumerate(rows):
+        ids[i, :len(a)], lab[i, :len(b)], att[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": att}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------- the objective
+def lm_references(embedding: torch.Tensor, targets: torch.Tensor, *, num_clusters: int = 64, cluster_seed: int = 0,
+                  support_k: float | None = None) -> dict:
+    """The objective's references from an LM's (V, E) input-embedding matrix, as from a codebook; ``targets``: the
+    supervised target tokens (any shape), whose unigram histogram is the ``dataset`` reference (one "scale")."""
+    t = targets[targets != IGNORE].reshape(-1, 1)
+    return build_references(embedding.detach().float().cpu(), t, (1,), num_clusters=num_clusters,
+                            cluster_seed=cluster_seed, support_k=support_k)
+
+
+def token_objective(loss_cfg: dict, refs: dict | None) -> UncertaintyLoss:
+    """The image objective with one scale: applied to (N, 1, V) logits of the supervised tokens (:func:`lm_loss`)."""
+    return UncertaintyLoss(LossConfig(**loss_cfg), (1,), refs)
+
+
+def lm_loss(loss_fn: UncertaintyLoss, logits_BTV: torch.Tensor, labels_BT: torch.Tensor):
+    """Next-token objective: position t predicts label t+1; only supervised positions (label != IGNORE) count."""
+    z, y = logits_BTV[:, :-1], labels_BT[:, 1:]
+    keep = y != IGNORE
+    return loss_fn(z[keep].unsqueeze(1), y[keep].unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------- training
+@dataclass
+class _LMRun:
+    d: Dist
+    dev: torch.device
+    oc: LMTrainConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: UncertaintyLoss
+    data: dict
+    work: Path
+    ckpt: Path
+    log: ResumableLog
+    run_hash: str
+    amp: torch.dtype | None
+    start: int = 0
+
+
+def _lr(step: int, c: LMTrainConfig) -> float:
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    p = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+    return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def fit(model, tokenizer, data: dict, oc: LMTrainConfig, *, refs: dict | None, out_dir, work_dir, device: str = "auto",
+        run_config: dict | None = None, stop_after: int | None = None, stop_before_limit_s: float | None = None) -> dict:
+    """Train ``model`` on ``data`` (:func:`encode_records` / :func:`encode_lines`) and write it with ``tokenizer`` to
+    ``out_dir`` (``save_pretrained``); ``work_dir`` holds the checkpoint while it runs and then ``metrics.jsonl``
+    and ``summary.json``. Resumes from ``work_dir/ckpt/last.pt`` (of the same run config only)."""
+    t0 = time.time()
+    with PreemptionGuard() as guard:
+        r = _setup(model, data, oc, refs, work_dir, device, run_config)
+        guard.clock = SlurmClock.for_job(stop_before_limit_s) if r.d.is_main else None
+        stopped = _loop(r, guard, stop_after, t0)
+        if stopped is not None:
+            return stopped
+        return _finish(r, tokenizer, out_dir, run_config, t0)
+
+
+def _setup(model, data, oc: LMTrainConfig, refs, work_dir, device, run_config) -> _LMRun:
+    d, dev = init_distributed(device)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model.to(dev).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=oc.lr, betas=oc.betas)
+    r = _LMRun(d=d, dev=dev, oc=oc, model=model, opt=opt, loss_fn=token_objective(oc.loss, refs).to(dev), data=data,
+               work=work, ckpt=work / "ckpt" / "last.pt", log=ResumableLog(work / "ckpt" / "metrics.jsonl",
+                                                                             work / "metrics.jsonl"),
+               run_hash=config_hash(run_config or asdict(oc)), amp=autocast_dtype(oc.precision, dev))
+    state = load_training_state(r.ckpt, run_hash=r.run_hash)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        r.start = int(state["step"])
+        log.info("resumed from %s at step %d", r.ckpt, r.start)
+    else:
+        torch.manual_seed(oc.seed)
+    if d.is_main:
+        r.log.resume_at(r.start)
+    return r
+
+
+def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.Tensor]:
+    for g in r.opt.param_groups:
+        g["lr"] = _lr(step, r.oc)
+    b = {k: v[torch.as_tensor(idx)].to(r.dev) for k, v in r.data.items()}
+    T = int(b["attention_mask"].sum(1).max())  # drop the columns that are padding in the whole batch
+    b = {k: v[:, :T] for k, v in b.items()}
+    with autocast(r.dev, r.amp):
+        logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    out = lm_loss(r.loss_fn, logits.float(), b["labels"])
+    r.opt.zero_grad(set_to_none=True)
+    out.total.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0 else torch.zeros(())
+    r.opt.step()
+    return logits, out, gnorm
+
+
+def _record(done: int, logits, out, gnorm, t0: float) -> dict:
+    p = torch.softmax(logits.detach().float(), -1)
+    return {"step": done, **out.scalars(), "grad_norm": float(gnorm),
+            "pred_entropy": float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()), "elapsed_s": round(time.time() - t0, 2)}
+
+
+def _checkpoint(r: _LMRun, done: int) -> None:
+    if r.d.is_main:
+        save_training_state(r.ckpt, model=r.model, optimizer=r.opt, step=done, config=asdict(r.oc),
+                            extra={"run_hash": r.run_hash})
+
+
+def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) -> dict | None:
+    oc, d = r.oc, r.d
+    net = DDP(r.model, device_ids=[r.dev.index] if r.dev.type == "cuda" else None) if d.enabled else r.model
+    order = BatchOrder(len(r.data["input_ids"]), oc.batch_size, oc.seed, d)
+    bar = progress(total=oc.steps, initial=r.start, desc=f"lm {r.work.name}", unit="step", disable=not d.is_main)
+    steps_done = 0
+    for step in range(r.start, oc.steps):
+        logits, out, gnorm = _step(r, net, step, order.indices(step))
+        done, steps_done = step + 1, steps_done + 1
+        if not torch.isfinite(out.total.detach()):
+            raise FloatingPointError(f"lm: non-finite loss at step {done}; last checkpoint {r.ckpt} kept")
+        if (done % oc.log_every == 0 or done == oc.steps) and d.is_main:
+            rec = _record(done, logits, out, gnorm, t0)
+            r.log.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
+        bar.update(1)
+        if done % oc.ckpt_every == 0 and done < oc.steps:
+            _checkpoint(r, done)
+        signalled = guard.any_rank_requested(d, r.dev)
+        if signalled or (stop_after is not None and steps_done >= stop_after):
+            _checkpoint(r, done)
+            bar.close()
+            if signalled:
+                shutdown_distributed()
+                if guard.time_limit and d.is_main:
+                    requeue_slurm_job()
+                exit_preempted(guard.requested or "stop requested on another rank")
+            return {"stopped_at": done}
+    bar.close()
+    return None
+
+
+def save_folder(model, tokenizer, out_dir) -> None:
+    """``save_pretrained`` of model and tokenizer into a sibling temp folder, then renamed: whole or not at all."""
+    from varup.lm.hub import quiet_transformers
+
+    quiet_transformers()
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _finish(r: _LMRun, tokenizer, out_dir, run_config, t0: float) -> dict:
+    summary = {"run_hash": r.run_hash, "steps": r.oc.steps, "wall_s_this_job": round(time.time() - t0, 2),
+               "params": sum(p.numel() for p in r.model.parameters()), "n_sequences": len(r.data["input_ids"]),
+               "supervised_tokens": int((r.data["labels"] != IGNORE).sum()), "config": asdict(r.oc)}
+    if r.d.is_main:
+        save_folder(r.model.eval(), tokenizer, out_dir)
+        r.log.publish()
+        atomic_write_json(r.work / "summary.json", summary)
+        write_provenance(out_dir, config=run_config or asdict(r.oc), seed=r.oc.seed, device=str(r.dev), started=t0)
+        discard_training_state(r.ckpt)
+    shutdown_distributed()
+    return summary
+
+
+__all__ = ["LMTrainConfig", "encode_records", "encode_lines", "read_jsonl", "lm_references", "token_objective",
+           "lm_loss", "fit", "save_folder", "IGNORE", "LOSS_TOKENS"]
