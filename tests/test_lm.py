@@ -205,3 +205,39 @@ def test_generation_is_a_function_of_the_seed(tmp_path):
     assert a == b and a != c and len(a) == 10 * 3
     assert sorted({(r["prompt_id"], r["sample"]) for r in a}) == [(i, k) for i in range(10) for k in range(3)]
     assert all(EOS not in r["generation"] for r in a)
+
+
+def test_two_gloo_processes_follow_the_single_process_sft(tmp_path):
+    """`torchrun --nproc_per_node=2 -m varup lm-sft` (gloo on CPU), the same global batch: the same logged losses
+    (global token means, though the ranks hold different numbers of response tokens) and the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from varup.lm.stages import write_lm_references
+
+    corpus, base = _toy(tmp_path)
+    write_lm_references(base, corpus, tmp_path / "refs.pt", max_length=24, loss_tokens="response", num_clusters=4,
+                        cluster_seed=0, support_k=None)
+    spec = {"steps": 8, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "max_length": 24, "log_every": 1,
+            "ckpt_every": 4, "seed": 2, "loss": OURS}
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def args(name):
+        return ["lm-sft", "--device", "cpu", "--base", str(base), "--corpus", str(corpus), "--refs",
+                str(tmp_path / "refs.pt"), "--train", json.dumps(spec), "--out", str(tmp_path / name),
+                "--work", str(tmp_path / f"{name}_work")]
+
+    subprocess.run([sys.executable, "-m", "varup", *args("single")], check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "varup", *args("ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = ([json.loads(x) for x in (tmp_path / f"{n}_work" / "metrics.jsonl").read_text().splitlines()]
+            for n in ("single", "ddp"))
+    assert [x["step"] for x in a] == [x["step"] for x in b] == list(range(1, 9))
+    for x, y in zip(a, b):
+        for k in ("loss", "ce", "l2nd", "lse"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    wa, wb = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from varup.batches import BatchOrder
 from varup.losses import LossConfig, UncertaintyLoss, build_references
-from varup.runtime import (Dist, PreemptionGuard, ResumableLog, SlurmClock, autocast, autocast_dtype,
+from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, autocast, autocast_dtype,
                            discard_training_state, exit_preempted, init_distributed, load_training_state,
                            requeue_slurm_job, save_training_state, set_rng_state, shutdown_distributed, unwrap)
 from varup.utils import atomic_write_json, config_hash, progress, write_provenance
@@ -193,7 +193,9 @@ def _setup(model, data, oc: LMTrainConfig, refs, work_dir, device, run_config) -
     return r
 
 
-def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.Tensor]:
+def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+    """One optimiser step; returns the logits, the loss terms (this rank's token means), the gradient norm and this
+    rank's share of the global batch's supervised tokens (1 on one process)."""
     for g in r.opt.param_groups:
         g["lr"] = _lr(step, r.oc)
     b = {k: v[torch.as_tensor(idx)].to(r.dev) for k, v in r.data.items()}
@@ -202,17 +204,36 @@ def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.T
     with autocast(r.dev, r.amp):
         logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     out = lm_loss(r.loss_fn, logits.float(), b["labels"])
+    share = _token_share(r.d, (b["labels"][:, 1:] != IGNORE).sum())
     r.opt.zero_grad(set_to_none=True)
-    out.total.backward()
+    # DDP averages the ranks' gradients: weighting each rank's token mean by world x its share of the tokens makes
+    # that the gradient of the global batch's token mean, as on one process, however the tokens fall on the ranks
+    (out.total * share * r.d.world).backward()
     gnorm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0 else torch.zeros(())
     r.opt.step()
-    return logits, out, gnorm
+    return logits, out, gnorm, share
 
 
-def _record(done: int, logits, out, gnorm, t0: float) -> dict:
+def _token_share(d: Dist, n: torch.Tensor) -> torch.Tensor:
+    """This rank's supervised tokens over the global batch's (one all-reduce; 1 without DDP)."""
+    if not d.enabled:
+        return torch.ones((), device=n.device)
+    total = n.detach().float().clone()
+    torch.distributed.all_reduce(total)
+    return n.float() / total
+
+
+def _record(r: _LMRun, done: int, logits, out, gnorm, share, t0: float) -> dict:
+    """A log line: the loss terms as global-batch token means (share-weighted sums over the ranks)."""
     p = torch.softmax(logits.detach().float(), -1)
-    return {"step": done, **out.scalars(), "grad_norm": float(gnorm),
-            "pred_entropy": float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()), "elapsed_s": round(time.time() - t0, 2)}
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+    v = torch.stack([out.total.detach(), out.ce, out.l2nd, out.lse]).float() * share
+    if r.d.enabled:
+        torch.distributed.all_reduce(v)
+        torch.distributed.all_reduce(ent)
+        ent = ent / r.d.world
+    return {"step": done, **dict(zip(("loss", "ce", "l2nd", "lse"), v.tolist())), "grad_norm": float(gnorm),
+            "pred_entropy": float(ent), "elapsed_s": round(time.time() - t0, 2)}
 
 
 def _checkpoint(r: _LMRun, done: int) -> None:
@@ -228,14 +249,15 @@ def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) 
     bar = progress(total=oc.steps, initial=r.start, desc=f"lm {r.work.name}", unit="step", disable=not d.is_main)
     steps_done = 0
     for step in range(r.start, oc.steps):
-        logits, out, gnorm = _step(r, net, step, order.indices(step))
+        logits, out, gnorm, share = _step(r, net, step, order.indices(step))
         done, steps_done = step + 1, steps_done + 1
         if not torch.isfinite(out.total.detach()):
-            raise FloatingPointError(f"lm: non-finite loss at step {done}; last checkpoint {r.ckpt} kept")
-        if (done % oc.log_every == 0 or done == oc.steps) and d.is_main:
-            rec = _record(done, logits, out, gnorm, t0)
-            r.log.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
+            raise NonFiniteLossError(f"lm: non-finite loss at step {done}; last checkpoint {r.ckpt} kept")
+        if done % oc.log_every == 0 or done == oc.steps:
+            rec = _record(r, done, logits, out, gnorm, share, t0)  # every rank joins the all-reduce
+            if d.is_main:
+                r.log.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
         bar.update(1)
         if done % oc.ckpt_every == 0 and done < oc.steps:
             _checkpoint(r, done)
