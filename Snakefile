@@ -32,6 +32,7 @@ include: "workflow/rules/paper.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/lambda_study.smk"
 include: "workflow/rules/prompts.smk"
+include: "workflow/rules/lm.smk"
 
 
 # `snakemake --report` before the workflow has run: say so (instead of Snakemake's "Missing metadata" warnings and a
@@ -57,6 +58,12 @@ rule prompt_study:
     input:
         [f"{RES}/tables/{t}.{e}" for t in PROMPT_TABLES for e in ("csv", "md", "tex", "html")] if TEXT_ON else [],
         [f"{RES}/figures/prompt_sigma.{e}" for e in ("png", "pdf")] if TEXT_ON else [],
+
+
+rule lm_study:
+    """The paper's language-model experiment, Table 6 (config lm; not part of all)."""
+    input:
+        [f"{RES}/tables/table6.{e}" for e in ("csv", "md", "tex", "html")] if LM_ON else [],
 
 
 rule prefetch:

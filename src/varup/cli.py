@@ -203,6 +203,117 @@ def cmd_prompt_scores(a) -> None:
                       params=a.params, classifier=a.classifier, clip_weights=a.clip_weights, device=a.device)
 
 
+# ------------------------------------------------------------------------------------ language-model arm
+def cmd_lm_corpus(a) -> None:
+    if a.kind == "toy":
+        from varup.lm.grammar import make_corpus
+
+        p = {k: a.params[k] for k in ("seed", "n_train", "eval_per_prompt", "n_pretrain") if k in a.params}
+        s = make_corpus(a.out, template=a.template, **{"seed": 0, "n_train": 2000, "eval_per_prompt": 32,
+                                                       "n_pretrain": 4000, **p})
+    else:
+        from varup.lm.dolly import prepare_dolly
+
+        s = prepare_dolly(a.source, a.out, n_eval=a.params.get("n_eval", 500), seed=a.params.get("seed", 0),
+                          template=a.template, categories=a.params.get("categories"))
+    log.info("lm corpus (%s): %d train, %d held-out records in %s", a.kind, s["n_train"], s["n_eval"], a.out)
+
+
+def cmd_lm_fetch(a) -> None:
+    from varup.lm.hub import fetch_hub_model
+
+    rec = fetch_hub_model(a.repo, a.out_dir, files=a.files, revision=a.revision, endpoint=a.endpoint,
+                          sha256=a.sha256, config_key=a.key)
+    log.info("fetched %d files of %s@%s into %s", len(rec["files"]), a.repo, a.revision, a.out_dir)
+
+
+def cmd_lm_pretrain(a) -> None:
+    from varup.lm.stages import pretrain_toy
+
+    pretrain_toy(a.corpus, a.out, a.work, model_cfg=a.model, train_cfg=a.train, template=a.template, device=a.device,
+                 stop_before_limit_s=a.stop_before_limit_s)
+
+
+def cmd_lm_refs(a) -> None:
+    from varup.lm.stages import write_lm_references
+
+    write_lm_references(a.base, a.corpus, a.out, max_length=a.train.get("max_length", 64),
+                        loss_tokens=a.train.get("loss_tokens", "response"), **a.params)
+
+
+def cmd_lm_sft(a) -> None:
+    from varup.lm.stages import sft
+
+    sft(a.base, a.corpus, a.refs, a.out, a.work, train_cfg=a.train, device=a.device, dtype=a.dtype,
+        stop_before_limit_s=a.stop_before_limit_s)
+
+
+def cmd_lm_generate(a) -> None:
+    from varup.lm.generate import generate
+
+    generate(a.model, a.eval, a.out, decode=a.decode, seed=a.seed, device=a.device, dtype=a.dtype)
+
+
+def cmd_lm_score(a) -> None:
+    from varup.lm.score import score_generations
+
+    score_generations(a.generations, a.eval, a.featurizer, a.out, score=a.score, toy=a.toy,
+                      featurizer_label=a.label, device=a.device)
+
+
+def add_lm_commands(cmd) -> None:
+    """The paper's language-model experiment (varup.lm): Table 6."""
+    p = cmd("lm-corpus", cmd_lm_corpus, "write the text arm's corpus: the toy grammar or dolly-15k's split")
+    p.add_argument("--kind", choices=("toy", "dolly"), required=True)
+    p.add_argument("--source", default=None, help="dolly: the fetched databricks-dolly-15k.jsonl")
+    p.add_argument("--params", type=_json, default={}, help="lm.corpus settings (JSON)")
+    p.add_argument("--template", required=True, help="prompt template (a name of varup.lm.dolly.TEMPLATES or a format)")
+    p.add_argument("--out", required=True)
+
+    p = cmd("lm-fetch", cmd_lm_fetch, "fetch a hub model's files (sha256-checked, or pinned on first use)")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--files", type=_json, required=True, help="JSON list of file names")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--endpoint", default="https://huggingface.co")
+    p.add_argument("--sha256", type=_json, default={}, help="JSON {file: sha256}")
+    p.add_argument("--key", default=None, help="the config key that pins the hashes (named in messages)")
+    p.add_argument("--out-dir", required=True)
+
+    p = cmd("lm-pretrain", cmd_lm_pretrain, "pre-train the toy base LM (or featurizer) on the grammar's text")
+    for k in ("corpus", "out", "work", "template"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--model", type=_json, default={}, help="Qwen2Config keys (JSON)")
+    p.add_argument("--train", type=_json, default={}, help="LMTrainConfig keys (JSON)")
+    p.add_argument("--stop-before-limit-s", type=float, default=None)
+
+    p = cmd("lm-refs", cmd_lm_refs, "the objective's references from a base LM's embedding matrix")
+    for k in ("base", "corpus", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, default={}, help="lm.references (JSON)")
+    p.add_argument("--train", type=_json, default={}, help="lm.train (max_length, loss_tokens) (JSON)")
+
+    p = cmd("lm-sft", cmd_lm_sft, "fine-tune a base LM with CE or the objective (resumable)")
+    for k in ("base", "corpus", "out", "work"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--refs", default=None, help="the references file (needed when a λ is > 0)")
+    p.add_argument("--train", type=_json, required=True, help="LMTrainConfig keys with the method's loss (JSON)")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype as loaded")
+    p.add_argument("--stop-before-limit-s", type=float, default=None)
+
+    p = cmd("lm-generate", cmd_lm_generate, "sample responses for the held-out prompts")
+    for k in ("model", "eval", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--decode", type=_json, default={}, help="lm.generate (JSON)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--dtype", default="float32")
+
+    p = cmd("lm-score", cmd_lm_score, "MAUVE, Self-BLEU and (toy) mode coverage of one generation set")
+    for k in ("generations", "eval", "featurizer", "out", "label"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--score", type=_json, default={}, help="lm.score (JSON)")
+    p.add_argument("--toy", action="store_true", help="score the toy grammar's modes")
+
+
 def add_prompt_commands(cmd) -> None:
     """The text-conditioned arm and the companion study's prompt experiments (varup.prompts)."""
     p = cmd("captions", cmd_captions, "write a dataset's caption table (varup.data.captions)")
@@ -636,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, choices=("prompts",), help="only the prompt study's figure")
     p.add_argument("--out", required=True)
     add_prompt_commands(cmd)
+    add_lm_commands(cmd)
     return ap
 
 

@@ -215,6 +215,9 @@ def prefetch_files():
         out += text_encoder_weights(None)
         if PROMPTS.get("cmmd", {}).get("features") == "clip":
             out.append(clip_file("ViT-L-14-336"))
+    if LM_ON:  # the LM arm: dolly-15k and the hub models (base, MAUVE featurizer)
+        out += [] if lmr.is_toy(config) else [f"{RSC}/dolly/databricks-dolly-15k.jsonl"]
+        out += [f"{lmr.hub_dir(config, p)}/varup_fetch.json" for p in ("base", "featurizer") if LM[p]["kind"] == "hub"]
     return out
 
 
@@ -317,3 +320,14 @@ def cmmd_flags(input):
 
 def study_model(w):
     return f"{RES}/{w.dataset}/{w.fam}d{w.depth}/{w.method}/seed{w.seed}/model.pt"
+
+
+# The language-model arm (lm.smk; varup.lm.runs): Table 6's runs.
+import varup.lm.runs as lmr
+
+LM_ON = lmr.lm_enabled(config)
+LM = config.get("lm", {})
+if LM_ON:
+    lmr.check_lm(config)
+LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]
+LM_RUNS = lmr.lm_runs(config) if LM_ON else []

@@ -1,0 +1,285 @@
+# The paper's language-model experiment (Table 6; varup.lm): its own target `snakemake lm_study` (config `lm`; not
+# part of all). Corpus (the toy grammar, or dolly-15k fetched) -> base model (toy: pre-trained here; hub: Qwen1.5
+# fetched) -> references from its embedding matrix -> SFT per method x seed (same torchrun/Slurm launch as the image
+# trainer) -> generations for the held-out prompts (and the zero-shot base's) -> MAUVE / Self-BLEU / toy modes ->
+# Table 6 beside the paper's numbers.
+localrules:
+    lm_dolly,
+    lm_weights,
+
+
+def lm_base_input(w=None):
+    """The base model: the toy's pre-trained folder, or the fetched hub folder's record."""
+    if LM["base"]["kind"] == "toy":
+        return f"{RES}/lm/base"
+    return f"{lmr.hub_dir(config, 'base')}/varup_fetch.json"
+
+
+def lm_featurizer_input(w=None):
+    if LM["featurizer"]["kind"] == "toy":
+        return f"{RES}/lm/featurizer"
+    return f"{lmr.hub_dir(config, 'featurizer')}/varup_fetch.json"
+
+
+def lm_folder(path):
+    """A model folder from its input: the folder itself, or the folder of a hub record."""
+    return os.path.dirname(path) if path.endswith("varup_fetch.json") else path
+
+
+def lm_hub_part(w):
+    """Which of lm.base / lm.featurizer a fetched folder is."""
+    return next(p for p in ("base", "featurizer") if lmr.hub_dir(config, p).endswith("/" + w.repo))
+
+
+def lm_model_input(w):
+    return lm_base_input() if w.method == lmr.ZERO_SHOT else f"{RES}/lm/{w.method}/seed{w.seed}/model"
+
+
+rule lm_dolly:
+    """databricks-dolly-15k (sha256 pinned, or recorded on first download: lm.corpus.sha256)."""
+    output:
+        f"{RSC}/dolly/databricks-dolly-15k.jsonl",
+    params:
+        code=code_of("fetch"),
+        url=LM.get("corpus", {}).get("url", lmr.DOLLY_URL),
+        sha=LM.get("corpus", {}).get("sha256") or "",
+    log:
+        f"{RES}/logs/lm/dolly_fetch.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup fetch --url {params.url} --sha256 '{params.sha}' --key lm.corpus.sha256 --out {output} > {log} 2>&1"
+
+
+rule lm_weights:
+    """A hub model's files (lm.base / lm.featurizer: repo, revision, files; sha256 pinned or recorded on first use)."""
+    output:
+        f"{RSC}/hf/{{repo}}/varup_fetch.json",
+    params:
+        code=code_of("lm-fetch"),
+        part=lm_hub_part,
+        spec=lambda w: LM[lm_hub_part(w)],
+        files=lambda w: q(lmr.hub_files(config, lm_hub_part(w))),
+        sha=lambda w: q(LM[lm_hub_part(w)].get("sha256", {})),
+        out=lambda w, output: os.path.dirname(output[0]),
+    log:
+        f"{RES}/logs/lm/weights_{{repo}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-fetch --repo {params.spec[repo]} --revision {params.spec[revision]} --endpoint {params.spec[endpoint]}"
+        " --files {params.files} --sha256 {params.sha} --key lm/{params.part} --out-dir {params.out}"
+        " > {log} 2>&1"
+
+
+rule lm_corpus:
+    """The SFT pairs and held-out prompts (with their human responses): the toy grammar, or dolly's seeded split."""
+    input:
+        [] if lmr.is_toy(config) else f"{RSC}/dolly/databricks-dolly-15k.jsonl",
+    output:
+        train=f"{RES}/lm/corpus/train.jsonl",
+        eval=f"{RES}/lm/corpus/eval.jsonl",
+        summary=f"{RES}/lm/corpus/summary.json",
+    params:
+        code=code_of("lm-corpus"),
+        kind=LM["corpus"]["kind"],
+        params=q(LM["corpus"]),
+        template=lambda w: shlex.quote(lmr.template(config)),
+        source=lambda w, input: f"--source {input[0]}" if input else "",
+        out=lambda w, output: os.path.dirname(output.train),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/lm/corpus.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-corpus --kind {params.kind} {params.source} --params {params.params} --template {params.template}"
+        " --out {params.out} > {log} 2>&1"
+
+
+rule lm_pretrain:
+    """The toy base model (which=base) or the toy MAUVE featurizer (which=featurizer, another seed): a Qwen2 config
+    with a few layers pre-trained with cross-entropy on the grammar's plain text."""
+    input:
+        f"{RES}/lm/corpus/summary.json",
+    output:
+        model=directory(f"{RES}/lm/{{which}}"),
+        curve=f"{RES}/lm/{{which}}_train/metrics.jsonl",
+        prov=f"{RES}/lm/{{which}}.prov.json",
+    wildcard_constraints:
+        which="base|featurizer",
+    params:
+        code=code_of("lm-pretrain"),
+        device=GPU_DEVICE,
+        corpus=lambda w, input: os.path.dirname(input[0]),
+        model=q(LM["base"].get("model", {})),
+        train=lambda w: q(lmr.pretrain_spec(config, featurizer=w.which == "featurizer")),
+        template=lambda w: shlex.quote(lmr.template(config)),
+        work=lambda w, output: os.path.dirname(output.curve),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/lm/pretrain_{{which}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/pretrain_{{which}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-pretrain --threads {threads} --device {params.device} --corpus {params.corpus} --model {params.model}"
+        " --train {params.train} --template {params.template} --out {output.model} --work {params.work} >> {log} 2>&1"
+
+
+rule lm_refs:
+    """The objective's references from the base model's input-embedding matrix (as from a VQVAE codebook)."""
+    input:
+        base=lm_base_input(),
+        corpus=f"{RES}/lm/corpus/train.jsonl",
+    output:
+        refs=f"{RES}/lm/refs.pt",
+        stats=f"{RES}/lm/refs.pt.json",
+        prov=f"{RES}/lm/refs.pt.prov.json",
+    params:
+        code=code_of("lm-refs"),
+        base=lambda w, input: lm_folder(input.base),
+        corpus=lambda w, input: os.path.dirname(input.corpus),
+        params=q(LM["references"]),
+        train=q(LM.get("train", {})),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/lm/refs.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-refs --threads {threads} --base {params.base} --corpus {params.corpus} --params {params.params}"
+        " --train {params.train} --out {output.refs} > {log} 2>&1"
+
+
+rule lm_sft:
+    """One SFT run (method x seed): CE for the baseline, the objective for ours; resumable, DDP under torchrun."""
+    input:
+        base=lm_base_input(),
+        corpus=f"{RES}/lm/corpus/train.jsonl",
+        refs=f"{RES}/lm/refs.pt",
+    output:
+        model=directory(f"{RES}/lm/{{method}}/seed{{seed}}/model"),
+        curve=f"{RES}/lm/{{method}}/seed{{seed}}/train/metrics.jsonl",
+        summary=f"{RES}/lm/{{method}}/seed{{seed}}/train/summary.json",
+        prov=f"{RES}/lm/{{method}}/seed{{seed}}/model.prov.json",
+    wildcard_constraints:
+        method="|".join(re.escape(m) for m in LM_METHODS),
+        seed=r"\d+",
+    params:
+        code=code_of("lm-sft"),
+        device=GPU_DEVICE,
+        base=lambda w, input: lm_folder(input.base),
+        corpus=lambda w, input: os.path.dirname(input.corpus),
+        train=lambda w: q(lmr.sft_spec(config, lmr.LMRun(w.method, int(w.seed)))),
+        dtype=LM["base"].get("dtype", "float32"),
+        work=lambda w, output: os.path.dirname(output.curve),
+        launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
+    threads: THREADS
+    resources:
+        **TRAIN_RES,
+        stop_before_limit_s=TRAIN_STOP_S,
+    log:
+        f"{RES}/logs/lm/sft_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/sft_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.launch} lm-sft --threads {threads} --device {params.device} --base {params.base}"
+        " --corpus {params.corpus} --refs {input.refs} --train {params.train} --dtype {params.dtype}"
+        " --out {output.model} --work {params.work} --stop-before-limit-s {resources.stop_before_limit_s} >> {log} 2>&1"
+
+
+rule lm_generate:
+    """Responses of one model for every held-out prompt (method zero_shot: the base model itself)."""
+    input:
+        model=lm_model_input,
+        eval=f"{RES}/lm/corpus/eval.jsonl",
+    output:
+        gens=f"{RES}/lm/{{method}}/seed{{seed}}/generations.jsonl",
+        prov=f"{RES}/lm/{{method}}/seed{{seed}}/generations.jsonl.prov.json",
+    wildcard_constraints:
+        method="|".join(re.escape(m) for m in [lmr.ZERO_SHOT, *LM_METHODS]),
+        seed=r"\d+",
+    params:
+        code=code_of("lm-generate"),
+        device=GPU_DEVICE,
+        model=lambda w, input: lm_folder(input.model),
+        decode=q(LM.get("generate", {})),
+        dtype=LM["base"].get("dtype", "float32"),
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/lm/generate_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/generate_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-generate --threads {threads} --device {params.device} --model {params.model} --eval {input.eval}"
+        " --decode {params.decode} --seed {wildcards.seed} --dtype {params.dtype} --out {output.gens} > {log} 2>&1"
+
+
+rule lm_score:
+    """MAUVE (against the human responses), Self-BLEU and, on the toy grammar, the modes of one generation set."""
+    input:
+        gens=f"{RES}/lm/{{method}}/seed{{seed}}/generations.jsonl",
+        eval=f"{RES}/lm/corpus/eval.jsonl",
+        featurizer=lm_featurizer_input(),
+    output:
+        f"{RES}/lm/{{method}}/seed{{seed}}/scores.json",
+    wildcard_constraints:
+        method="|".join(re.escape(m) for m in [lmr.ZERO_SHOT, *LM_METHODS]),
+    params:
+        code=code_of("lm-score"),
+        device=GPU_DEVICE,
+        featurizer=lambda w, input: lm_folder(input.featurizer),
+        score=q(LM.get("score", {})),
+        label=shlex.quote(lmr.featurizer_label(config)),
+        toy="--toy" if lmr.is_toy(config) else "",
+    threads: THREADS
+    resources:
+        **GPU,
+    log:
+        f"{RES}/logs/lm/score_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/score_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "varup lm-score --threads {threads} --device {params.device} --generations {input.gens} --eval {input.eval}"
+        " --featurizer {params.featurizer} --score {params.score} --label {params.label} {params.toy}"
+        " --out {output} > {log} 2>&1"
+
+
+rule lm_tables:
+    """Table 6: zero-shot, SFT (CE) and the objective, mean ± std over seeds, the paper's numbers beside."""
+    input:
+        [f"{RES}/{r.path}/scores.json" for r in LM_RUNS],
+    output:
+        **{
+            f"table6_{e}": report(f"{RES}/tables/table6.{e}", caption="../report/table6.rst", category="Tables",
+                                  labels={"table": "table6"}) if e == "html" else f"{RES}/tables/table6.{e}"
+            for e in ("csv", "md", "tex", "html")
+        },
+    params:
+        code=code_of("tables"),
+        cfg=lambda w: q({"lm": LM, "methods": config["methods"]}),
+        results=lambda w: RES,
+        tables=lambda w, output: os.path.dirname(output[0]),
+    resources:
+        **CPU,
+    log:
+        f"{RES}/logs/lm/tables.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only lm > {log} 2>&1"
