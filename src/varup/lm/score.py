@@ -103,8 +103,10 @@ def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score
     out = {"mauve": mv["mauve"], "mauve_features": featurizer_label, "self_bleu": _self_bleu(by_prompt, sc),
            "human_self_bleu": _self_bleu(dict(enumerate(h_by_prompt.values())), sc), "n": len(gens),
            "n_human": len(human), "config": asdict(sc)}
-    if toy:
+    if toy:  # the human responses are draws from the true modes: their TV is the sampling floor of the set size
         out["modes"] = toy_mode_scores(gens)
+        out["human_modes"] = toy_mode_scores([{"instruction": h["instruction"], "generation": h["response"]}
+                                              for h in human])
     atomic_write_json(out_json, out)
     write_provenance(out_json, config=asdict(sc), device=str(dev))
     log.info("%s: MAUVE %.4f (%s), Self-BLEU %.4f%s", gens_jsonl, out["mauve"], featurizer_label, out["self_bleu"],
