@@ -138,6 +138,10 @@ def test_prepare_dolly(src, tmp_path):
     assert {x["id"] for x in rows["train.jsonl"]}.isdisjoint(x["id"] for x in rows["eval.jsonl"])
     tr, ev = split_dolly(read_dolly(src), n_eval=4, seed=3, categories=["closed_qa", "open_qa"])
     assert [x["id"] for x in rows["eval.jsonl"]] == [r["id"] for r in ev]
+    # the line-by-line reader writes the same split as datasets.load_dataset (the default)
+    same = tmp_path / "prep_json"
+    prepare_dolly(src, same, n_eval=4, seed=3, template="dolly", categories=["closed_qa", "open_qa"], reader="json")
+    assert all((same / f).read_text() == (out / f).read_text() for f in ("train.jsonl", "eval.jsonl"))
     for x in rows["train.jsonl"] + rows["eval.jsonl"]:
         r = src_recs[x["id"]]
         assert x["prompt"] == format_prompt(r, "dolly") and x["response"] == r["response"]

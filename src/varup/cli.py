@@ -215,8 +215,20 @@ def cmd_lm_corpus(a) -> None:
         from varup.lm.dolly import prepare_dolly
 
         s = prepare_dolly(a.source, a.out, n_eval=a.params.get("n_eval", 500), seed=a.params.get("seed", 0),
-                          template=a.template, categories=a.params.get("categories"))
+                          template=a.template, categories=a.params.get("categories"),
+                          reader=a.params.get("reader", "datasets"))
     log.info("lm corpus (%s): %d train, %d held-out records in %s", a.kind, s["n_train"], s["n_eval"], a.out)
+
+
+def cmd_lm_dolly(a) -> None:
+    from varup.download import fetch_file
+    from varup.lm.dolly import read_dolly
+
+    def validate(path):  # every line a dolly record: an HTML error page or a cut file is not trusted on first use
+        log.info("%s: %d records", path, len(read_dolly(path)))
+
+    r = fetch_file(a.url, a.out, a.sha256 or None, config_key=a.key, validate=validate)
+    log.info("fetched %s (sha256 %s, %s)", r["path"], r["sha256"], "pinned" if r["pinned"] else "trusted on first use")
 
 
 def cmd_lm_fetch(a) -> None:
@@ -268,6 +280,12 @@ def add_lm_commands(cmd) -> None:
     p.add_argument("--source", default=None, help="dolly: the fetched databricks-dolly-15k.jsonl")
     p.add_argument("--params", type=_json, default={}, help="lm.corpus settings (JSON)")
     p.add_argument("--template", required=True, help="prompt template (a name of varup.lm.dolly.TEMPLATES or a format)")
+    p.add_argument("--out", required=True)
+
+    p = cmd("lm-dolly", cmd_lm_dolly, "fetch databricks-dolly-15k (sha256-checked, or pinned on first use)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--key", default=None, help="the config key that pins the sha256 (named in messages)")
     p.add_argument("--out", required=True)
 
     p = cmd("lm-fetch", cmd_lm_fetch, "fetch a hub model's files (sha256-checked, or pinned on first use)")

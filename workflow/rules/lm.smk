@@ -40,7 +40,7 @@ rule lm_dolly:
     output:
         f"{RSC}/dolly/databricks-dolly-15k.jsonl",
     params:
-        code=code_of("fetch"),
+        code=code_of("lm-dolly"),
         url=LM.get("corpus", {}).get("url", lmr.DOLLY_URL),
         sha=LM.get("corpus", {}).get("sha256") or "",
     log:
@@ -48,7 +48,7 @@ rule lm_dolly:
     conda:
         CONDA_ENV
     shell:
-        "varup fetch --url {params.url} --sha256 '{params.sha}' --key lm.corpus.sha256 --out {output} > {log} 2>&1"
+        "varup lm-dolly --url {params.url} --sha256 '{params.sha}' --key lm/corpus/sha256 --out {output} > {log} 2>&1"
 
 
 rule lm_weights:

@@ -148,11 +148,21 @@ def write_split(records: list[dict], out_jsonl: str | os.PathLike, template: str
 
 
 def prepare_dolly(src_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, n_eval: int, seed: int, template: str,
-                  categories: list[str] | None = None) -> dict:
-    """Read ``src_jsonl``, split it (:func:`split_dolly`) and write ``out_dir/train.jsonl``, ``out_dir/eval.jsonl``
-    and ``out_dir/summary.json``; returns the summary {n_train, n_eval, by_category: {cat: {train, eval}}}."""
+                  categories: list[str] | None = None, reader: str = "datasets") -> dict:
+    """Read ``src_jsonl`` (``reader``: ``datasets`` through ``datasets.load_dataset`` with a throwaway cache, or
+    ``json`` line by line: the same records), split it (:func:`split_dolly`) and write ``out_dir/train.jsonl``,
+    ``out_dir/eval.jsonl`` and ``out_dir/summary.json``; returns the summary {n_train, n_eval, by_category}."""
     out = Path(out_dir)
-    train, ev = split_dolly(read_dolly(src_jsonl), n_eval=n_eval, seed=seed, categories=categories)
+    if reader == "datasets":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="varup-datasets-") as cache:
+            records = read_dolly_datasets(src_jsonl, cache_dir=cache)
+    elif reader == "json":
+        records = read_dolly(src_jsonl)
+    else:
+        raise ValueError(f"lm.corpus.reader must be 'datasets' or 'json', got {reader!r}")
+    train, ev = split_dolly(records, n_eval=n_eval, seed=seed, categories=categories)
     format_prompt({"instruction": "", "context": "x"}, template)  # a bad template fails before anything is written
     write_split(train, out / "train.jsonl", template)
     write_split(ev, out / "eval.jsonl", template)
