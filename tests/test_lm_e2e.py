@@ -55,6 +55,11 @@ def test_lm_study_builds_table_6_with_every_row(tmp_path):
     assert "toy-MAUVE" in md and "Zero-shot" in md and "Our Method" in md and "human responses" in md
     lm = tmp_path / "results" / "toy" / "lm"
     assert (lm / "ours" / "seed1" / "model" / "model.safetensors").exists()
+    import numpy as np
+    from PIL import Image
+
+    im = np.asarray(Image.open(tmp_path / "results" / "toy" / "figures" / "lm_modes.png").convert("L"))
+    assert im.shape[0] > 600 and im.std() > 10  # curves and 7 mode panels, not a blank page
     curve = (lm / "ours" / "seed0" / "train" / "metrics.jsonl").read_text().splitlines()
     assert len(curve) == 3 and '"l2nd": 0.0' not in curve[-1]  # the objective's terms were on
 

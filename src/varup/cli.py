@@ -541,6 +541,11 @@ def cmd_lambda_study(a) -> None:
 def cmd_figures(a) -> None:
     from varup.figures import make_figures
 
+    if a.only == "lm":
+        from varup.figures import lm_figures
+
+        lm_figures(a.config, a.results, a.out)
+        return
     if a.only == "prompts":
         from varup.figures import prompt_figures
 
@@ -762,7 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("figures", cmd_figures, "regenerate every figure")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
     p.add_argument("--results", required=True)
-    p.add_argument("--only", default=None, choices=("prompts",), help="only the prompt study's figure")
+    p.add_argument("--only", default=None, choices=("prompts", "lm"), help="only the prompt study's / the LM arm's figure")
     p.add_argument("--out", required=True)
     add_prompt_commands(cmd)
     add_lm_commands(cmd)

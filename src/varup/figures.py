@@ -323,3 +323,65 @@ def prompt_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
                            {k: z[k] for k in z.files}))
     vmax = prompt_sigma_figure(panels, out, name="prompt_sigma")
     log.info("prompt σ figure: %d runs, σ scale 0..%.3f", len(panels), vmax)
+
+
+# --------------------------------------------------------------------------------------- language-model arm
+LM_CURVES = [("SFT cross-entropy $L_{CE}$ (response tokens)", "nats / token", "linear", [("", lambda r: r["ce"], "-")]),
+             ("predictive entropy", "nats / token", "linear", [("", lambda r: r["pred_entropy"], "-")])]
+
+
+def _mode_panel(ax, text: str, by_method: dict[str, list[dict]], colours: dict, train_freq: list | None) -> None:
+    """One instruction: the true mode probabilities (the training sample's shares as ticks) and each method's
+    generated frequencies (mean over seeds)."""
+    first = next(iter(by_method.values()))[0]["modes"]["per_instruction"][text]
+    k = len(first["true"])
+    width = 0.8 / (len(by_method) + 1)
+    x = np.arange(k)
+    ax.bar(x, first["true"], width, color="0.6", label="true")
+    if train_freq is not None:
+        ax.plot(x, train_freq, "k_", ms=9, mew=1.5, label="SFT training sample")
+    for i, (method, recs) in enumerate(by_method.items(), 1):
+        f = np.mean([r["modes"]["per_instruction"][text]["freq"] for r in recs], axis=0)
+        ax.bar(x + i * width, f, width, color=colours[method], label=f"{method} (n = {len(recs)})")
+    ax.set_title(text, fontsize=8)
+    ax.set_xticks(x + 0.4 - width / 2, [str(j) for j in range(k)], fontsize=7)
+    ax.set_xlabel("mode (most to least likely)", fontsize=7)
+    ax.set_ylabel("share of responses", fontsize=7)
+
+
+def lm_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
+    """``lm_modes``: per multi-mode toy instruction, the true mode distribution beside each method's generated one
+    (invalid responses are the missing mass), and the SFT curves of every method (thin: seeds, thick: mean)."""
+    from varup.lm.runs import ZERO_SHOT, is_toy, lm_runs
+
+    results = Path(results)
+    runs = lm_runs(cfg)
+    scores: dict[str, list[dict]] = {}
+    for r in runs:
+        scores.setdefault(r.method, []).append(json.loads((results / r.path / "scores.json").read_text()))
+    colours = _method_colours(scores)
+    texts = ([t for t, v in next(iter(scores.values()))[0]["modes"]["per_instruction"].items() if v["modes"] > 1]
+             if is_toy(cfg) else [])
+    ncol = 4
+    nrow = 1 + -(-len(texts) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.6 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    curves = {m: [_curves(results / r.path / "train" / "metrics.jsonl") for r in runs if r.method == m]
+              for m in scores if m != ZERO_SHOT}
+    for ax, spec in zip(axes[0], LM_CURVES):
+        ax.set_visible(True)
+        _curve_panel(ax, curves, colours, spec)
+    corpus = results / "lm" / "corpus" / "summary.json"
+    train_freq = ({i["instruction"]: i.get("train_freq") for i in json.loads(corpus.read_text())["instructions"]}
+                  if texts and corpus.exists() else {})
+    for ax, text in zip(axes[1:].ravel(), texts):
+        ax.set_visible(True)
+        _mode_panel(ax, text, scores, colours, train_freq.get(text))
+    if texts:
+        axes[1, 0].legend(fontsize=6)
+    fig.suptitle("Language-model arm: SFT curves; generated vs true mode frequencies per instruction", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out, "lm_modes")
+    plt.close(fig)
+    log.info("LM figure: %d runs, %d instructions", len(runs), len(texts))

@@ -261,20 +261,27 @@ rule lm_score:
 
 
 rule lm_tables:
-    """Table 6: zero-shot, SFT (CE) and the objective, mean ± std over seeds, the paper's numbers beside."""
+    """Table 6 (zero-shot, SFT with CE and with the objective, mean ± std over seeds, the paper's numbers beside) and
+    the figure of the SFT curves and (toy) the generated vs true mode frequencies."""
     input:
-        [f"{RES}/{r.path}/scores.json" for r in LM_RUNS],
+        scores=[f"{RES}/{r.path}/scores.json" for r in LM_RUNS],
+        curves=[f"{RES}/{r.path}/train/metrics.jsonl" for r in LM_RUNS if r.method != lmr.ZERO_SHOT],
+        corpus=f"{RES}/lm/corpus/summary.json",
     output:
         **{
             f"table6_{e}": report(f"{RES}/tables/table6.{e}", caption="../report/table6.rst", category="Tables",
                                   labels={"table": "table6"}) if e == "html" else f"{RES}/tables/table6.{e}"
             for e in ("csv", "md", "tex", "html")
         },
+        modes_png=report(f"{RES}/figures/lm_modes.png", caption="../report/lm_modes.rst", category="Figures",
+                         labels={"figure": "lm_modes"}),
+        modes_pdf=f"{RES}/figures/lm_modes.pdf",
     params:
-        code=code_of("tables"),
+        code=code_of("tables") + code_of("figures"),
         cfg=lambda w: q({"lm": LM, "methods": config["methods"]}),
         results=lambda w: RES,
         tables=lambda w, output: os.path.dirname(output[0]),
+        figures=lambda w, output: os.path.dirname(output.modes_png),
     resources:
         **CPU,
     log:
@@ -282,4 +289,6 @@ rule lm_tables:
     conda:
         CONDA_ENV
     shell:
-        "varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only lm > {log} 2>&1"
+        "(varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only lm"
+        " && varup figures --config {params.cfg} --results {params.results} --out {params.figures} --only lm)"
+        " > {log} 2>&1"

@@ -100,6 +100,12 @@ def _record(i: int, ins: Instruction, mode: int, template: str) -> dict:
             "response": ins.modes[mode], "category": ins.category, "instruction": ins.text, "mode": mode}
 
 
+def _freq(records: list[dict], ins: Instruction) -> list[float]:
+    """The share of each mode among the records of ``ins`` (what SFT sees, as opposed to ``ins.probs``)."""
+    m = np.bincount([r["mode"] for r in records if r["instruction"] == ins.text], minlength=len(ins.modes))
+    return (m / max(m.sum(), 1)).tolist()
+
+
 def make_corpus(out_dir: str | Path, *, seed: int, n_train: int, eval_per_prompt: int, n_pretrain: int,
                 template: str) -> dict:
     """Write ``train.jsonl``, ``eval.jsonl``, ``pretrain.txt`` and ``summary.json`` (counts and the grammar's modes
@@ -121,8 +127,8 @@ def make_corpus(out_dir: str | Path, *, seed: int, n_train: int, eval_per_prompt
     atomic_write_text(out / "pretrain.txt", "\n".join(lines) + "\n")
     summary = {"seed": seed, "n_train": len(train), "n_eval": len(ev), "n_pretrain": len(lines),
                "template": template, "instructions": [
-                   {"instruction": i.text, "category": i.category, "modes": list(i.modes), "probs": list(i.probs)}
-                   for i in grammar]}
+                   {"instruction": i.text, "category": i.category, "modes": list(i.modes), "probs": list(i.probs),
+                    "train_freq": _freq(train, i)} for i in grammar]}
     atomic_write_json(out / "summary.json", summary)
     return summary
 

@@ -63,7 +63,8 @@ def toy_mode_scores(gens: list[dict]) -> dict:
         cov.append(sum(1 for m in range(len(ins.modes)) if counts.get(m)) / len(ins.modes))
         tv.append(0.5 * float(np.abs(freq - true).sum()))
         per[text] = {"modes": len(ins.modes), "covered": sum(1 for m in range(len(ins.modes)) if counts.get(m)),
-                     "valid": 1 - counts.get(None, 0) / n, "tv": tv[-1]}
+                     "valid": 1 - counts.get(None, 0) / n, "tv": tv[-1], "freq": freq[:-1].tolist(),
+                     "true": list(ins.probs), "n": n}
     valid = float(np.mean([m is not None for ms in by_ins.values() for m in ms]))
     return {"valid": valid, "coverage": float(np.mean(cov)), "tv": float(np.mean(tv)), "per_instruction": per}
 
