@@ -53,7 +53,7 @@ def test_every_rule_that_is_submitted_is_sized_by_the_profile():
     prof = yaml.safe_load((PROFILE / "config.yaml").read_text())
     assert "default-resources" not in prof
     names = set(re.findall(r"^(?:rule (\w+):|use rule \w+ as (\w+) with:)", rules_text(), re.M))
-    names = {a or b for a, b in names} - local_rules() - {"train", "train_text"}  # both sized by the config
+    names = {a or b for a, b in names} - local_rules() - {"train", "train_text", "lm_sft"}  # sized by the config
     missing = {n: [k for k in SIZES if k not in prof["set-resources"].get(n, {})] for n in sorted(names)}
     assert not {n: k for n, k in missing.items() if k}, "rules not sized in profiles/slurm (set-resources)"
 

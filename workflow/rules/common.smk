@@ -331,3 +331,30 @@ if LM_ON:
     lmr.check_lm(config)
 LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]
 LM_RUNS = lmr.lm_runs(config) if LM_ON else []
+
+
+def lm_base_input(w=None):
+    """The base model: the toy's pre-trained folder, or the fetched hub folder's record."""
+    if LM["base"]["kind"] == "toy":
+        return f"{RES}/lm/base"
+    return f"{lmr.hub_dir(config, 'base')}/varup_fetch.json"
+
+
+def lm_featurizer_input(w=None):
+    if LM["featurizer"]["kind"] == "toy":
+        return f"{RES}/lm/featurizer"
+    return f"{lmr.hub_dir(config, 'featurizer')}/varup_fetch.json"
+
+
+def lm_folder(path):
+    """A model folder from its input: the folder itself, or the folder of a hub record."""
+    return os.path.dirname(path) if path.endswith("varup_fetch.json") else path
+
+
+def lm_hub_part(w):
+    """Which of lm.base / lm.featurizer a fetched folder is."""
+    return next(p for p in ("base", "featurizer") if os.path.basename(lmr.hub_dir(config, p)) == w.repo)
+
+
+def lm_model_input(w):
+    return lm_base_input() if w.method == lmr.ZERO_SHOT else f"{RES}/lm/{w.method}/seed{w.seed}/model"

@@ -8,33 +8,6 @@ localrules:
     lm_weights,
 
 
-def lm_base_input(w=None):
-    """The base model: the toy's pre-trained folder, or the fetched hub folder's record."""
-    if LM["base"]["kind"] == "toy":
-        return f"{RES}/lm/base"
-    return f"{lmr.hub_dir(config, 'base')}/varup_fetch.json"
-
-
-def lm_featurizer_input(w=None):
-    if LM["featurizer"]["kind"] == "toy":
-        return f"{RES}/lm/featurizer"
-    return f"{lmr.hub_dir(config, 'featurizer')}/varup_fetch.json"
-
-
-def lm_folder(path):
-    """A model folder from its input: the folder itself, or the folder of a hub record."""
-    return os.path.dirname(path) if path.endswith("varup_fetch.json") else path
-
-
-def lm_hub_part(w):
-    """Which of lm.base / lm.featurizer a fetched folder is."""
-    return next(p for p in ("base", "featurizer") if lmr.hub_dir(config, p).endswith("/" + w.repo))
-
-
-def lm_model_input(w):
-    return lm_base_input() if w.method == lmr.ZERO_SHOT else f"{RES}/lm/{w.method}/seed{w.seed}/model"
-
-
 rule lm_dolly:
     """databricks-dolly-15k (sha256 pinned, or recorded on first download: lm.corpus.sha256)."""
     output:
@@ -45,6 +18,8 @@ rule lm_dolly:
         sha=LM.get("corpus", {}).get("sha256") or "",
     log:
         f"{RES}/logs/lm/dolly_fetch.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/dolly_fetch.tsv"
     conda:
         CONDA_ENV
     shell:
@@ -64,6 +39,8 @@ rule lm_weights:
         out=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{RES}/logs/lm/weights_{{repo}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/weights_{{repo}}.tsv"
     conda:
         CONDA_ENV
     shell:
@@ -91,6 +68,8 @@ rule lm_corpus:
         **CPU,
     log:
         f"{RES}/logs/lm/corpus.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/corpus.tsv"
     conda:
         CONDA_ENV
     shell:
@@ -151,6 +130,8 @@ rule lm_refs:
         **GPU,
     log:
         f"{RES}/logs/lm/refs.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/refs.tsv"
     conda:
         CONDA_ENV
     shell:
@@ -286,6 +267,8 @@ rule lm_tables:
         **CPU,
     log:
         f"{RES}/logs/lm/tables.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/tables.tsv"
     conda:
         CONDA_ENV
     shell:
