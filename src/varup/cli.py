@@ -273,6 +273,14 @@ def cmd_lm_score(a) -> None:
                       featurizer_label=a.label, device=a.device)
 
 
+def add_fetch_args(p) -> None:
+    """The arguments of a single-file download: where from, its sha256 (or empty: pinned on first use), where to."""
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="")
+    p.add_argument("--key", default=None, help="the config key that pins the sha256 (named in messages)")
+    p.add_argument("--out", required=True)
+
+
 def add_lm_commands(cmd) -> None:
     """The paper's language-model experiment (varup.lm): Table 6."""
     p = cmd("lm-corpus", cmd_lm_corpus, "write the text arm's corpus: the toy grammar or dolly-15k's split")
@@ -283,10 +291,7 @@ def add_lm_commands(cmd) -> None:
     p.add_argument("--out", required=True)
 
     p = cmd("lm-dolly", cmd_lm_dolly, "fetch databricks-dolly-15k (sha256-checked, or pinned on first use)")
-    p.add_argument("--url", required=True)
-    p.add_argument("--sha256", default="")
-    p.add_argument("--key", default=None, help="the config key that pins the sha256 (named in messages)")
-    p.add_argument("--out", required=True)
+    add_fetch_args(p)
 
     p = cmd("lm-fetch", cmd_lm_fetch, "fetch a hub model's files (sha256-checked, or pinned on first use)")
     p.add_argument("--repo", required=True)
@@ -579,10 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_json, default={}, help="generator settings (JSON)")
 
     p = cmd("fetch", cmd_fetch, "download one weights file (sha256-checked, or pinned on first use)")
-    p.add_argument("--url", required=True)
-    p.add_argument("--sha256", default="")
-    p.add_argument("--key", default=None, help="the config key that pins the sha256 (named in messages)")
-    p.add_argument("--out", required=True)
+    add_fetch_args(p)
 
     p = cmd("fetch-archive", cmd_fetch_archive, "download and unpack a dataset archive (sha256-checked)")
     p.add_argument("--url", required=True)
