@@ -122,13 +122,17 @@ def test_tables_have_the_expected_contents(finished):
     assert gate["passed"] and gate["n"] == 48 and 0 <= gate["class_error"] <= 1 and 0 <= gate["real_class_error"] <= 1
     # toy-feature metrics: every run, plus the real-vs-real floor of a disjoint train subset of the sample size
     tm = pd.read_csv(tables / "toy_metrics.csv")
-    assert tm["method"].tolist() == ["baseline", "ours", "real vs real (floor)"] and tm["n"].tolist() == [2, 2, 1]
-    assert np.isfinite(tm["toy_fd_mean"]).all() and np.isfinite(tm["fid_mean"]).all()
-    assert np.isnan(tm["toy_fd_std"].iloc[2]) and (tm["toy_fd_std"].iloc[:2] >= 0).all()  # one floor set: no std
+    # and the tokenizer's ceiling: its reconstructions of that floor set (toy features only)
+    assert tm["method"].tolist() == ["baseline", "ours", "real vs real (floor)", "tokenizer reconstructions (ceiling)"]
+    assert tm["n"].tolist() == [2, 2, 1, 1] and np.isfinite(tm["toy_fd_mean"]).all()
+    assert np.isfinite(tm["fid_mean"].iloc[:3]).all() and np.isnan(tm["fid_mean"].iloc[3])
+    assert np.isnan(tm["toy_fd_std"].iloc[2:]).all() and (tm["toy_fd_std"].iloc[:2] >= 0).all()  # one set: no std
     floor = json.loads((work / "results" / "toy" / "shapes" / "toy_metrics_floor.json").read_text())
     assert floor["floor_set"]["split"] == "train" and floor["reference"]["split"] == "val"
     assert floor["floor_set"]["n"] == 24 and floor["reference"]["n"] == 32 and np.isfinite(floor["inception"]["fid"])
     assert tm["toy_fd_mean"].iloc[2] == pytest.approx(floor["toy"]["fd"])
+    assert tm["toy_fd_mean"].iloc[3] == pytest.approx(floor["reconstruction"]["toy"]["fd"])
+    assert floor["reconstruction"]["n"] == floor["floor_set"]["n"]
     floor_line = next(ln for ln in (tables / "toy_metrics.md").read_text().splitlines() if "(floor)" in ln)
     assert "±" not in floor_line
     dp = pd.read_csv(tables / "uncertainty_droppath.csv")

@@ -132,6 +132,37 @@ def test_tokenizer_training_path_has_gradients_and_usage():
     assert 0 < float(vae.codebook_usage().mean()) <= 1
 
 
+@pytest.mark.parametrize("source", ["latent", "scales"])
+def test_dead_codes_are_reseeded_from_the_vectors_each_scale_looks_up(source):
+    """reseed_from=scales deals the dead codes to the scales in turn, each at one of the residuals that scale
+    quantizes (the 1×1 scale's are image means, which the latent pool does not contain); latent draws every code
+    from the encoder's vectors."""
+    from varup.tokenizer import reseed_dead_codes
+
+    vae = tiny_vqvae().train()
+    vae.quantize.init_codebook()
+    img = torch.rand(6, 3, 16, 16) * 2 - 1
+    q = vae.quantize
+    q.ema_vocab_hit_SV.fill_(0.0)
+    q.ema_vocab_hit_SV[:, :4] = 10.0  # codes 0-3 alive, 60 dead
+    with torch.no_grad():
+        f = vae.quant_conv(vae.encoder(img))
+        pools = [r.permute(0, 2, 3, 1).reshape(-1, 8).clone() for r, _, _ in q.residual_walk(f)]
+    latent = f.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert reseed_dead_codes(vae, img, 0.03, torch.Generator().manual_seed(0), source) == 60
+    E = q.embedding.weight.data
+    dead = torch.arange(4, 64)
+    groups = [(latent, dead)] if source == "latent" else [(pools[k], dead[k::4]) for k in range(4)]
+    for pool, codes in groups:
+        dist = torch.cdist(E[codes], pool).min(1).values  # each code sits at one vector of its pool (+1 % noise)
+        assert (dist < 0.05 * pool.std() * 8 ** 0.5).all(), dist
+    if source == "scales":  # the 1x1 scale's codes are image means, not latent vectors
+        assert torch.cdist(E[dead[0::4]], latent).min(1).values.min() > torch.cdist(E[dead[0::4]], pools[0]).min(1).values.max()
+    assert (q.ema_vocab_hit_SV[:, dead] > 0).all()
+    with pytest.raises(ValueError, match="reseed_from"):
+        reseed_dead_codes(vae, img, 0.03, torch.Generator(), "pixels")
+
+
 def test_vqvae_save_load_roundtrip_is_exact(tmp_path):
     vae = tiny_vqvae().eval()
     vae.quantize.embedding.weight.data.normal_(0, 0.3)

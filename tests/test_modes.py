@@ -268,3 +268,34 @@ def test_toy_floor_sets_are_disjoint_from_the_reference(trained, tmp_path):
                         meta={"dataset": "shapes", "depth": 2, "method": "ours", "seed": 0})
     assert r["toy"]["n_gen"] == 16 and r["reference"] == {k: f["reference"][k] for k in ("split", "n", "indices")}
     assert r["feature_space"] == f["feature_space"] and json.loads((tmp_path / "run.json").read_text())["seed"] == 0
+
+
+def test_tokenizer_ceiling_scores_the_floor_sets_reconstructions(trained, tmp_path):
+    """The ceiling row is the floor set passed through the tokenizer and scored like samples: computed directly here;
+    an untrained tokenizer (its decoder outputs a near-constant image) is far from the floor."""
+    from helpers import tiny_vqvae
+    from varup.gate import reconstruct_uint8
+    from varup.metrics.evaluate import load_rows
+    from varup.metrics.toyfeatures import floor_rows, run_toy_floor, toy_feature_metrics
+
+    d, _ = trained
+    torch.manual_seed(0)
+    vae = tiny_vqvae(patch_nums=(1, 2, 4, 8))  # 32 px
+    torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, tmp_path / "vqvae.pt")
+    params = {"split": "val", "max_images": 32, "resolution": 32, "floor_split": "train", "n_per_class": 4,
+              "kid_subset_size": 16}
+    f = run_toy_floor(d / "cls.pt", d / "toy", tmp_path / "floor.json", params=params, dataset="shapes",
+                      tokenizer=tmp_path / "vqvae.pt")
+    rec = f["reconstruction"]
+    assert rec["n"] == 16 and rec["tokenizer"] == str(tmp_path / "vqvae.pt")
+    ref_rows, ref_keep, fl_rows, fl_keep = floor_rows(d / "toy", reference_split="val", floor_split="train",
+                                                      n_per_class=4, max_images=32)
+    real, _ = load_rows(d / "toy", ref_rows, ref_keep, 32)
+    floor, _ = load_rows(d / "toy", fl_rows, fl_keep, 32)
+    x = torch.from_numpy(floor).permute(0, 3, 1, 2).float() / 127.5 - 1
+    want = toy_feature_metrics(reconstruct_uint8(vae.eval(), x), real, d / "cls.pt", kid_subset_size=16)
+    assert rec["toy"]["fd"] == pytest.approx(want["fd"], rel=1e-6)
+    assert rec["toy"]["fd"] > 2 * f["toy"]["fd"] and rec["toy"]["recall"] < f["toy"]["recall"]
+    assert json.loads((tmp_path / "floor.json").read_text())["reconstruction"]["toy"]["fd"] == rec["toy"]["fd"]
+    without = run_toy_floor(d / "cls.pt", d / "toy", tmp_path / "floor2.json", params=params, dataset="shapes")
+    assert without["reconstruction"] is None and without["toy"] == f["toy"]

@@ -527,6 +527,7 @@ def cmd_toy_metrics_floor(a) -> None:
     run_toy_floor(a.classifier, a.data, a.out, params=a.params, dataset=a.dataset,
                   inception_json=a.inception if a.floor_inception else None,
                   real_features_path=a.real_features if a.floor_inception else None,
+                  tokenizer=a.tokenizer,
                   device=str(resolve_device(a.device)))
 
 
@@ -776,6 +777,8 @@ def add_study_commands(cmd) -> None:
     for k in ("classifier", "data", "dataset", "inception", "real-features", "out"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--params", type=_json, required=True, help="reference / floor sets and metric settings (JSON)")
+    p.add_argument("--tokenizer", default=None,
+                   help="also score the tokenizer's reconstructions of the floor set (the tokenizer's ceiling)")
     p.add_argument("--no-inception", dest="floor_inception", action="store_false",
                    help="skip the Inception FID/KID/PR of the floor (its one Inception pass)")
 

@@ -420,6 +420,7 @@ TOY_COLUMNS = [("toy_fd", "toy-FD ↓", _field("toy", "fd"), 3),
                ("precision", "Inception precision ↑", _field("fidelity", "precision"), 3),
                ("recall", "Inception recall ↑", _field("fidelity", "recall"), 3)]
 FLOOR_METHOD = "real vs real (floor)"
+CEILING_METHOD = "tokenizer reconstructions (ceiling)"
 
 
 def _toy_row(keys: dict, depth, recs: list[dict]) -> tuple[dict, dict]:
@@ -448,12 +449,17 @@ def _toy_caption(floors: dict[str, dict]) -> str:
             "neighbours). Each run's samples are scored against the class-balanced real reference set that the "
             "Inception columns (as in Table 2) use. The floor row scores instead a class-balanced real set of the "
             f"sample size, disjoint from the reference ({sets}): what a generator of the true distribution gets at "
-            f"this sample size; one set, n = 1.{seen} {spread_note()}.")
+            f"this sample size; one set, n = 1.{seen}"
+            + (" The ceiling row scores the tokenizer's reconstructions of that floor set (encode, decode) the same "
+               "way: what a generator that reproduced the token maps of real images exactly would get, the limit the "
+               "tokenizer sets for every run above it (toy features only)."
+               if any(x.get("reconstruction") for x in floors.values()) else "")
+            + f" {spread_note()}.")
 
 
 def toy_metrics_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     """Per (dataset, depth, method): toy-feature FD / KID / precision / recall and the Inception ones, mean ± std
-    over the training seeds; then per dataset the real-vs-real floor row."""
+    over the training seeds; then per dataset the real-vs-real floor row and the tokenizer's ceiling row."""
     rows = []
     for (dataset, depth, method), rs in _groups(cfg, toy_runs(cfg)).items():
         recs = [{"toy": t["toy"], "fidelity": m["fidelity"]} for t, m in
@@ -464,6 +470,8 @@ def toy_metrics_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     for d, f in floors.items():
         floor = {"toy": f["toy"], "fidelity": f["inception"]}
         rows.append(_toy_row({"dataset": d, "method": FLOOR_METHOD}, None, [floor]))
+        if f.get("reconstruction"):
+            rows.append(_toy_row({"dataset": d, "method": CEILING_METHOD}, None, [{"toy": f["reconstruction"]["toy"]}]))
     df = pd.DataFrame([r for r, _ in rows])
     write_table(df, out, "toy_metrics", _toy_caption(floors), pd.DataFrame([d for _, d in rows]))
     return df

@@ -45,12 +45,15 @@ class TokenizerTrainConfig:
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03
     dead_code_until: float = 0.8  # fraction of training after which codes are no longer re-seeded
+    reseed_from: str = "latent"  # latent: the encoder's vectors | scales: every scale's residuals, dealt in turn
     log_every: int = 25
     ckpt_every: int = 250
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.reseed_from not in RESEED_SOURCES:
+            raise ValueError(f"reseed_from must be one of {RESEED_SOURCES}, not {self.reseed_from!r}")
 
 
 def _lr(step: int, c: TokenizerTrainConfig) -> float:
@@ -60,19 +63,40 @@ def _lr(step: int, c: TokenizerTrainConfig) -> float:
     return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))  # cosine to 10%
 
 
+RESEED_SOURCES = ("latent", "scales")
+
+
+def _reseed_pools(vae: VQVAE, img: torch.Tensor, source: str) -> list[torch.Tensor]:
+    """The (N, C) vectors dead codes are drawn from: the encoder's latent vectors (``latent``: what the finest scale
+    quantizes), or the residual every scale looks up (``scales``: one pool per scale, so coarse scales, with one
+    vector per image, get codes of their own)."""
+    f = vae.quant_conv(vae.encoder(img))
+    if source == "latent":
+        return [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])]
+    return [rest.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for rest, _, _ in vae.quantize.residual_walk(f)]
+
+
 @torch.no_grad()
-def reseed_dead_codes(vae: VQVAE, img: torch.Tensor, threshold: float, generator: torch.Generator) -> int:
+def reseed_dead_codes(vae: VQVAE, img: torch.Tensor, threshold: float, generator: torch.Generator,
+                      source: str = "latent") -> int:
+    """Re-seed the codes whose EMA hit count is below ``threshold`` × the mean, each at a random vector of the
+    batch's pools (:func:`_reseed_pools`; with several pools, dead codes are dealt to the scales in turn) plus 1 %
+    noise; returns how many."""
+    if source not in RESEED_SOURCES:
+        raise ValueError(f"reseed_from must be one of {RESEED_SOURCES}, not {source!r}")
     q = vae.quantize
     usage = q.ema_vocab_hit_SV.sum(0)
-    dead = usage < threshold * usage.mean()
-    n = int(dead.sum())
-    if n == 0:
+    dead = torch.nonzero(usage < threshold * usage.mean()).flatten()
+    if len(dead) == 0:
         return 0
-    f = vae.quant_conv(vae.encoder(img)).permute(0, 2, 3, 1).reshape(-1, q.Cvae)
-    pick = torch.randint(0, f.shape[0], (n,), generator=generator, device="cpu").to(f.device)
-    q.embedding.weight.data[dead] = f[pick] + 0.01 * f.std() * torch.randn(n, q.Cvae, generator=generator).to(f.device)
+    pools = _reseed_pools(vae, img, source)
+    for k, pool in enumerate(pools):
+        codes = dead[k::len(pools)]
+        pick = torch.randint(0, pool.shape[0], (len(codes),), generator=generator, device="cpu").to(pool.device)
+        noise = torch.randn(len(codes), q.Cvae, generator=generator).to(pool.device)
+        q.embedding.weight.data[codes] = pool[pick] + 0.01 * pool.std() * noise
     q.ema_vocab_hit_SV[:, dead] = usage.mean() / q.ema_vocab_hit_SV.shape[0]
-    return n
+    return len(dead)
 
 
 @dataclass
@@ -180,7 +204,7 @@ def _tok_loop(r: _TokRun, guard: PreemptionGuard, get_batch, n_images: int, stop
         steps_done += 1
         reseeded = 0
         if tc.dead_code_every and done % tc.dead_code_every == 0 and done < tc.dead_code_until * tc.steps:
-            reseeded = reseed_dead_codes(r.vae, img, tc.dead_code_threshold, r.gen)
+            reseeded = reseed_dead_codes(r.vae, img, tc.dead_code_threshold, r.gen, tc.reseed_from)
         if done % tc.log_every == 0 or done == tc.steps:
             usage = (hits > 0).float().mean(1)
             loss_, l1_, l2_, vq_ = (t.detach() for t in (loss, l1, l2, vq_loss))

@@ -142,6 +142,7 @@ rule toy_metrics_floor:
         data=f"{RES}/{{dataset}}/data",
         real=f"{RES}/{{dataset}}/real_features.npz",
         inception=f"{RSC}/inception/inception.json",
+        tokenizer=tokenizer_file,
     output:
         f"{RES}/{{dataset}}/toy_metrics_floor.json",
     params:
@@ -161,4 +162,4 @@ rule toy_metrics_floor:
     shell:
         "varup toy-metrics-floor --threads {threads} --device {params.device} --classifier {input.classifier}"
         " --data {input.data} --dataset {wildcards.dataset} --inception {input.inception} --real-features {input.real}"
-        " {params.inception} --params {params.p} --out {output} > {log} 2>&1"
+        " {params.inception} --tokenizer {input.tokenizer} --params {params.p} --out {output} > {log} 2>&1"

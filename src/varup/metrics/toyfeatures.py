@@ -236,13 +236,30 @@ def _inception_floor(floor_images: np.ndarray, inception_json, real_features_pat
     return {**fid, "inception_source": info.get("source")}
 
 
+def reconstruction_ceiling(floor_uint8: np.ndarray, real_uint8: np.ndarray, tokenizer, classifier, params,
+                           device: str = "cpu") -> dict:
+    """The floor set encoded and decoded by the tokenizer, scored against the reference like a run's samples: what a
+    generator that reproduced the token maps of real images exactly would get, the ceiling the tokenizer sets for
+    every run trained on its tokens."""
+    from varup.gate import reconstruct_uint8
+    from varup.models.vqvae import load_vqvae
+
+    vae = load_vqvae(tokenizer, map_location=device).eval()
+    x = torch.from_numpy(floor_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    rec = reconstruct_uint8(vae, x)
+    return {"tokenizer": str(tokenizer), "n": int(len(rec)),
+            "toy": toy_feature_metrics(rec, real_uint8, classifier, device=device, **_metric_kw(params))}
+
+
 def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], dataset: str | None = None,
-                  inception_json=None, real_features_path=None, device: str = "cpu") -> dict:
+                  inception_json=None, real_features_path=None, tokenizer=None, device: str = "cpu") -> dict:
     """The "real vs real" floor of one dataset: a class-balanced set of ``params['n_per_class']`` images per class
     from ``params['floor_split']`` (:func:`floor_rows`: disjoint from the reference) scored against the reference
     like a run's samples, in the toy feature space and (with ``inception_json`` and ``real_features_path``) by
-    Inception. Writes and returns ``{'kind': 'toy_metrics_floor', 'dataset', 'toy', 'inception' (or None, with
-    'inception_reason'), 'floor_set', 'reference', 'feature_space'}``."""
+    Inception; with ``tokenizer``, also the tokenizer's reconstructions of the floor set
+    (:func:`reconstruction_ceiling`). Writes and returns ``{'kind': 'toy_metrics_floor', 'dataset', 'toy',
+    'inception' (or None, with 'inception_reason'), 'reconstruction' (or None), 'floor_set', 'reference',
+    'feature_space'}``."""
     from varup.metrics.evaluate import load_rows
     from varup.utils import atomic_write_json, write_provenance
 
@@ -263,13 +280,17 @@ def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], 
         res["inception"] = _inception_floor(floor, inception_json, real_features_path, ref, params, device)
     else:
         res["inception_reason"] = "disabled (metrics.toy_features.floor_inception = false)"
+    res["reconstruction"] = (reconstruction_ceiling(floor, real, tokenizer, classifier, params, device)
+                             if tokenizer else None)
     atomic_write_json(out_json, res)
     write_provenance(out_json, config=dict(params), started=t0)
-    log.info("floor (%d %s vs %d %s images): toy-FD %.3f, Inception FID %s", len(fl_keep), res["floor_set"]["split"],
-             ref["n"], ref["split"], res["toy"]["fd"], res["inception"] and round(res["inception"]["fid"], 2))
+    log.info("floor (%d %s vs %d %s images): toy-FD %.3f, Inception FID %s; tokenizer reconstructions: toy-FD %s",
+             len(fl_keep), res["floor_set"]["split"], ref["n"], ref["split"], res["toy"]["fd"],
+             res["inception"] and round(res["inception"]["fid"], 2),
+             res["reconstruction"] and round(res["reconstruction"]["toy"]["fd"], 3))
     return res
 
 
 __all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "ModeClassifierFeatures", "register", "UInt8Images",
            "toy_feature_metrics", "feature_space", "run_toy_metrics", "per_class_subset", "floor_rows",
-           "run_toy_floor"]
+           "reconstruction_ceiling", "run_toy_floor"]

@@ -362,20 +362,26 @@ class MultiScaleQuantizer(nn.Module):
 
     # -- inference helpers (all float32, official semantics) --------------------------------------
     @torch.no_grad()
-    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool) -> list[torch.Tensor]:
+    def residual_walk(self, f_BChw: torch.Tensor):
+        """The official encoding loop, one scale at a time: yields ``(rest, idx_N, f_hat)`` where ``rest`` is the
+        (B, C, pn, pn) residual that scale looks up in the codebook, ``idx_N`` its codes and ``f_hat`` the running
+        sum (updated in place: clone it to keep it)."""
         B, C, H, W = f_BChw.shape
         SN = len(self.patch_nums)
         f_rest = f_BChw.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
-        out: list[torch.Tensor] = []
         for si, pn in enumerate(self.patch_nums):
             rest = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != SN - 1 else f_rest
             idx_N = self._nearest(rest.permute(0, 2, 3, 1).reshape(-1, C))
             h = self._up(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, H, W, contiguous=True)
             f_hat.add_(h)
+            yield (rest.clone() if si == SN - 1 else rest), idx_N, f_hat
             f_rest.sub_(h)
-            out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, pn * pn))
-        return out
+
+    @torch.no_grad()
+    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool) -> list[torch.Tensor]:
+        B = f_BChw.shape[0]
+        return [f_hat.clone() if to_fhat else idx_N.reshape(B, -1) for _, idx_N, f_hat in self.residual_walk(f_BChw)]
 
     @torch.no_grad()
     def idxBl_to_fhat(self, idx_Bl: Sequence[torch.Tensor], same_shape: bool = True, last_one: bool = True):
