@@ -111,13 +111,13 @@ def test_unreadable_checkpoint_without_prev_starts_afresh(assets, tmp_path, capl
     assert list(ckpt.glob("corrupt-*.pt"))
 
 
-def _tokenizer_run(tmp_path: Path, dead_code_every: int = 0, **kw):
+def _tokenizer_run(tmp_path: Path, dead_code_every: int = 0, reseed_from: str = "latent", **kw):
     from varup.tokenizer import train_tokenizer
 
     vq = dict(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8),
               share_quant_resi=4, norm_groups=8, using_sa=False, using_mid_sa=False)
     tc = dict(steps=8, batch_size=4, warmup_steps=2, log_every=2, ckpt_every=2, dead_code_every=dead_code_every,
-              dead_code_threshold=0.9, dead_code_until=1.0)
+              dead_code_threshold=0.9, dead_code_until=1.0, reseed_from=reseed_from)
     imgs = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return train_tokenizer(vq, tc, lambda idx: imgs[torch.as_tensor(idx)], len(imgs), out_model=tmp_path / "vqvae.pt",
                            work_dir=tmp_path, device="cpu", **kw)
@@ -135,13 +135,15 @@ def test_tokenizer_sets_a_truncated_checkpoint_aside_and_resumes_from_prev(tmp_p
     assert not (ckpt / "last.pt").exists() and not (ckpt / "prev.pt").exists()  # a finished run keeps the model only
 
 
-def test_an_interrupted_tokenizer_that_reseeds_codes_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("reseed_from", ["latent", "scales"])
+def test_an_interrupted_tokenizer_that_reseeds_codes_resumes_bit_identically(tmp_path, reseed_from):
     """The dead-code generator's state travels in the checkpoint (it used to be seeded afresh on resume)."""
     from varup.models.vqvae import load_vqvae
 
-    _tokenizer_run(tmp_path / "ref", dead_code_every=1)
-    assert _tokenizer_run(tmp_path / "cut", dead_code_every=1, stop_after=3) == {"stopped_at": 3}
-    _tokenizer_run(tmp_path / "cut", dead_code_every=1)
+    kw = {"dead_code_every": 1, "reseed_from": reseed_from}
+    _tokenizer_run(tmp_path / "ref", **kw)
+    assert _tokenizer_run(tmp_path / "cut", stop_after=3, **kw) == {"stopped_at": 3}
+    _tokenizer_run(tmp_path / "cut", **kw)
     log = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert sum(rec["reseeded"] for rec in log) > 0  # the generator was drawn from, before and after the cut
     ref, cut = (load_vqvae(tmp_path / d / "vqvae.pt").state_dict() for d in ("ref", "cut"))
