@@ -134,9 +134,10 @@ def test_tokenizer_training_path_has_gradients_and_usage():
 
 @pytest.mark.parametrize("source", ["latent", "scales"])
 def test_dead_codes_are_reseeded_from_the_vectors_each_scale_looks_up(source):
-    """reseed_from=scales deals the dead codes to the scales in turn, each at one of the residuals that scale
-    quantizes (the 1×1 scale's are image means, which the latent pool does not contain); latent draws every code
-    from the encoder's vectors."""
+    """reseed_from=scales shares the dead codes out over the scales, each at a distinct one of the residuals that
+    scale quantizes (the 1×1 scale's are image means, which the latent pool does not contain; it has one per image,
+    so it seeds at most that many and the finest scale takes the rest); latent draws every code from the encoder's
+    vectors."""
     from varup.tokenizer import reseed_dead_codes
 
     vae = tiny_vqvae().train()
@@ -152,15 +153,29 @@ def test_dead_codes_are_reseeded_from_the_vectors_each_scale_looks_up(source):
     assert reseed_dead_codes(vae, img, 0.03, torch.Generator().manual_seed(0), source) == 60
     E = q.embedding.weight.data
     dead = torch.arange(4, 64)
-    groups = [(latent, dead)] if source == "latent" else [(pools[k], dead[k::4]) for k in range(4)]
+    assert [len(p) for p in pools] == [6, 24, 54, 96]  # 6 images: 1x1 ... 4x4 residuals
+    shares = [60] if source == "latent" else [6, 15, 15, 24]  # 15 each, the 1x1 scale capped at its 6 vectors
+    groups = [(latent, dead)] if source == "latent" else list(zip(pools, dead.split(shares)))
     for pool, codes in groups:
-        dist = torch.cdist(E[codes], pool).min(1).values  # each code sits at one vector of its pool (+1 % noise)
+        dist, at = torch.cdist(E[codes], pool).min(1)  # each code sits at one vector of its pool (+1 % noise) ...
         assert (dist < 0.05 * pool.std() * 8 ** 0.5).all(), dist
+        assert len(set(at.tolist())) == len(codes)  # ... and no two codes at the same vector
     if source == "scales":  # the 1x1 scale's codes are image means, not latent vectors
-        assert torch.cdist(E[dead[0::4]], latent).min(1).values.min() > torch.cdist(E[dead[0::4]], pools[0]).min(1).values.max()
+        first = dead[:6]
+        assert torch.cdist(E[first], latent).min(1).values.min() > torch.cdist(E[first], pools[0]).min(1).values.max()
     assert (q.ema_vocab_hit_SV[:, dead] > 0).all()
     with pytest.raises(ValueError, match="reseed_from"):
         reseed_dead_codes(vae, img, 0.03, torch.Generator(), "pixels")
+
+
+def test_reseed_shares_never_exceed_a_pool_unless_every_vector_is_taken():
+    from varup.tokenizer import _reseed_shares
+
+    assert _reseed_shares(60, [6, 24, 54, 96]) == [6, 15, 15, 24]
+    assert _reseed_shares(7, [16, 64, 256, 1024]) == [2, 2, 2, 1]  # the remainder to the first pools
+    assert _reseed_shares(200, [16, 64, 256, 1024]) == [16, 50, 50, 84]
+    assert _reseed_shares(300, [1024]) == [300]
+    assert _reseed_shares(1500, [16, 64, 256, 1024]) == [16, 64, 256, 1164]  # the finest pool then repeats vectors
 
 
 def test_vqvae_save_load_roundtrip_is_exact(tmp_path):
