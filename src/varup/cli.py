@@ -578,10 +578,8 @@ def add_data_commands(cmd) -> None:
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--params", type=_json, default={}, help="generator settings (JSON)")
 
-
     p = cmd("fetch", cmd_fetch, "download one weights file (sha256-checked, or pinned on first use)")
     add_fetch_args(p)
-
 
     p = cmd("fetch-archive", cmd_fetch_archive, "download and unpack a dataset archive (sha256-checked)")
     p.add_argument("--url", required=True)
@@ -589,7 +587,6 @@ def add_data_commands(cmd) -> None:
     p.add_argument("--name", default=None, help="archive file name (default: from the URL)")
     p.add_argument("--key", default=None)
     p.add_argument("--out", required=True, help="the record (JSON) written beside the archive")
-
 
     p = cmd("prepare", cmd_prepare, "prepare a real dataset directory (manifest + dataset.json)")
     p.add_argument("--kind", choices=["afhq", "imagenet100", "folder"], required=True)
@@ -600,12 +597,10 @@ def add_data_commands(cmd) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--max-per-class", type=int, default=None)
 
-
     p = cmd("prepare-ood", cmd_prepare_ood, "prepare the out-of-distribution image set (Table 3)")
     p.add_argument("--source", type=_json, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True)
-
 
 
 def add_tokenizer_commands(cmd) -> None:
@@ -620,7 +615,6 @@ def add_tokenizer_commands(cmd) -> None:
     p.add_argument("--work", required=True)
     add_stop_arg(p)
 
-
     p = cmd("tokenizer-gate", cmd_tokenizer_gate, "fail when the toy mode classifier cannot tell the class of the "
             "tokenizer's reconstructions of held-out images")
     for k in ("tokenizer", "classifier", "data", "out"):
@@ -630,7 +624,6 @@ def add_tokenizer_commands(cmd) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--max-class-error", type=float, required=True)
     p.add_argument("--key", default="tokenizer_gate", help="the config key of the bound (named in the error)")
-
 
     p = cmd("encode", cmd_encode, "encode a dataset into the token cache (once per image and variant)")
     p.add_argument("--data", required=True)
@@ -642,7 +635,6 @@ def add_tokenizer_commands(cmd) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True)
 
-
     p = cmd("references", cmd_references, "precompute the loss references (clusters, semantic and dataset s*)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--tokens", required=True)
@@ -652,7 +644,6 @@ def add_tokenizer_commands(cmd) -> None:
     p.add_argument("--support-k", type=float, default=8.0, help="median effective support of the semantic_k reference")
     p.add_argument("--stats", default=None, help="also write the references' s* statistics (JSON) here")
     p.add_argument("--out", required=True)
-
 
 
 def add_generator_commands(cmd) -> None:
@@ -669,7 +660,6 @@ def add_generator_commands(cmd) -> None:
     p.add_argument("--text-encoder-weights", default=None, help="CLIP weights (text.encoder.kind clip)")
     add_stop_arg(p)
 
-
     p = cmd("sample", cmd_sample, "sample one shard of a run's evaluation set")
     p.add_argument("--model", required=True)
     p.add_argument("--tokenizer", required=True)
@@ -679,11 +669,9 @@ def add_generator_commands(cmd) -> None:
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--out", required=True)
 
-
     p = cmd("merge-samples", cmd_merge_samples, "merge sample shards in global batch order")
     p.add_argument("--out", required=True)
     p.add_argument("shards", nargs="+")
-
 
 
 def add_metric_commands(cmd) -> None:
@@ -693,7 +681,6 @@ def add_metric_commands(cmd) -> None:
     p.add_argument("--url", default=None)
     p.add_argument("--sha256", default=None)
     p.add_argument("--no-fallback", dest="allow_fallback", action="store_false")
-
 
     p = cmd("real-features", cmd_real_features, "Inception features of a real image split (computed once)")
     p.add_argument("--data", required=True)
@@ -706,20 +693,17 @@ def add_metric_commands(cmd) -> None:
     p.add_argument("--clean-out", default=None, help="also write clean-fid features of the real set here")
     p.add_argument("--clean-max-images", type=int, default=None)
 
-
     p = cmd("evaluate", cmd_evaluate, "every metric of one run")
     for k in ("samples", "real-features", "inception", "model", "tokenizer", "tokens", "out"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--real-clean-features", default=None, help="clean-fid features of the real set (enables clean-FID)")
     p.add_argument("--params", type=_json, required=True, help="metrics settings (JSON)")
 
-
     p = cmd("ood", cmd_ood, "token-likelihood NLL and OOD AUROC of one run (Table 3)")
     for k in ("model", "tokenizer", "id-tokens", "ood-tokens", "out"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--class-mode", choices=["null", "max"], default="null")
-
 
     p = cmd("downstream", cmd_downstream, "out-painting, in-painting and class-conditional editing figures")
     p.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_PATH, one per method (column group)")
@@ -730,7 +714,6 @@ def add_metric_commands(cmd) -> None:
     p.add_argument("--name", required=True, help="figure name stem: downstream_<name>_<task>")
 
 
-
 def add_study_commands(cmd) -> None:
     """The uncertainty, mode-coverage and λ studies."""
     p = cmd("mc-dropout", cmd_mc_dropout, "MC-dropout sigma maps and region sigma of one run")
@@ -738,13 +721,11 @@ def add_study_commands(cmd) -> None:
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--params", type=_json, required=True)
 
-
     p = cmd("uncertainty-sets", cmd_uncertainty_sets, "DropPath-sweep and class-entanglement image sets of one run")
     for k in ("model", "tokenizer", "sweep-dir", "mix-dir"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--params", type=_json, required=True)
     p.add_argument("--seed", type=int, required=True)
-
 
     p = cmd("score-sets", cmd_score_sets, "FID/KID/PR of the image sets listed in study JSON files")
     p.add_argument("--sets", nargs="+", required=True)
@@ -753,24 +734,20 @@ def add_study_commands(cmd) -> None:
     p.add_argument("--inception", required=True)
     p.add_argument("--params", type=_json, default={})
 
-
     p = cmd("mode-classifier", cmd_mode_classifier, "train the toy mode classifier (shape, colour, size, background)")
     p.add_argument("--data", required=True)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
-
     p = cmd("mode-coverage", cmd_mode_coverage, "modes covered by a run's samples, KL to the true mode histogram")
     for k in ("classifier", "samples", "data", "run", "out"):
         p.add_argument(f"--{k}", required=True)
-
 
     p = cmd("toy-metrics", cmd_toy_metrics, "FD/KID/PR of a run's samples in the toy mode classifier's feature space")
     for k in ("classifier", "samples", "data", "run", "out"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--params", type=_json, required=True, help="reference set and metric settings (JSON)")
-
 
     p = cmd("toy-metrics-floor", cmd_toy_metrics_floor,
             "real-vs-real floor of the toy-feature (and Inception) metrics: a disjoint real set of the sample size")
@@ -782,7 +759,6 @@ def add_study_commands(cmd) -> None:
     p.add_argument("--no-inception", dest="floor_inception", action="store_false",
                    help="skip the Inception FID/KID/PR of the floor (its one Inception pass)")
 
-
     p = cmd("lambda-study", cmd_lambda_study, "score the λ study: means, t-intervals, paired differences, verdict")
     p.add_argument("--entries", type=_json, required=True,
                    help="JSON list of {point, seed, run, mode_coverage, toy_metrics, samples, summary, tokens_meta}")
@@ -792,7 +768,6 @@ def add_study_commands(cmd) -> None:
     p.add_argument("--out", required=True)
 
 
-
 def add_report_commands(cmd) -> None:
     """Tables and figures (they only read result files)."""
     p = cmd("tables", cmd_tables, "regenerate every table")
@@ -800,7 +775,6 @@ def add_report_commands(cmd) -> None:
     p.add_argument("--results", required=True, help="results/<experiment>")
     p.add_argument("--only", default=None, help="build only this table (lambda_study: the target of that name)")
     p.add_argument("--out", required=True)
-
 
     p = cmd("figures", cmd_figures, "regenerate every figure")
     p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")

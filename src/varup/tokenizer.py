@@ -45,7 +45,7 @@ class TokenizerTrainConfig:
     dead_code_every: int = 50
     dead_code_threshold: float = 0.03
     dead_code_until: float = 0.8  # fraction of training after which codes are no longer re-seeded
-    reseed_from: str = "latent"  # latent: the encoder's vectors | scales: every scale's residuals, dealt in turn
+    reseed_from: str = "latent"  # latent: the encoder's vectors | scales: every scale's residuals, shared out
     log_every: int = 25
     ckpt_every: int = 250
     seed: int = 0
