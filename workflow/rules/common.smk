@@ -333,17 +333,19 @@ LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]
 LM_RUNS = lmr.lm_runs(config) if LM_ON else []
 
 
+def lm_part_input(part):
+    """lm.base or lm.featurizer as an input: the toy's pre-trained folder, or the fetched hub folder's record."""
+    if LM[part]["kind"] == "toy":
+        return f"{RES}/lm/{part}"
+    return f"{lmr.hub_dir(config, part)}/varup_fetch.json"
+
+
 def lm_base_input(w=None):
-    """The base model: the toy's pre-trained folder, or the fetched hub folder's record."""
-    if LM["base"]["kind"] == "toy":
-        return f"{RES}/lm/base"
-    return f"{lmr.hub_dir(config, 'base')}/varup_fetch.json"
+    return lm_part_input("base")
 
 
 def lm_featurizer_input(w=None):
-    if LM["featurizer"]["kind"] == "toy":
-        return f"{RES}/lm/featurizer"
-    return f"{lmr.hub_dir(config, 'featurizer')}/varup_fetch.json"
+    return lm_part_input("featurizer")
 
 
 def lm_folder(path):
