@@ -37,7 +37,7 @@ include: "workflow/rules/lm.smk"
 
 # `snakemake --report` before the workflow has run: say so (instead of Snakemake's "Missing metadata" warnings and a
 # failure on the first missing table).
-if vc.report_requested(sys.argv) and (why := vc.unfinished_report(all_outputs())):
+if reporting.report_requested(sys.argv) and (why := reporting.unfinished_report(all_outputs())):
     raise WorkflowError(why)
 
 

@@ -13,9 +13,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import tiny_vqvae
-from varup import bench, flops
+from varup.base.seeding import make_generator
+from varup.bench import flops
+from varup.bench import suite as bench
 from varup.models.var import VAR, VARConfig
-from varup.sample import make_generator, sample
+from varup.sampling.sampler import sample
 
 PN = (1, 2, 3, 4)
 
@@ -124,7 +126,7 @@ TINY = ["--depth", "1", "--batch", "2", "--patch-nums", "1,2,3,4", "--vocab", "6
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "varup.bench", *args], cwd=cwd, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "varup.bench.suite", *args], cwd=cwd, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -8,11 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from varup.data.captions import (CaptionTable, build_caption_table, caption_modes, read_caption_file,
-                                 template_candidates, toy_caption)
+from varup.config.textplan import prompt_problems
+from varup.data.captions import (
+    CaptionTable,
+    build_caption_table,
+    caption_modes,
+    read_caption_file,
+    template_candidates,
+    toy_caption,
+)
 from varup.data.toy import generate_toy_dataset, read_manifest
-from varup.prompts import class_mix_of, n_concepts, prompt_sets, reference_rows
-from varup.textruns import prompt_problems
+from varup.studies.prompts import class_mix_of, n_concepts, prompt_sets, reference_rows
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +128,7 @@ def test_reference_pool_is_balanced_per_mode(toy):
 
 
 def test_config_prompts_outside_the_toy_grammar_are_rejected_naming_the_key():
-    from varup.config import load_config
+    from varup.config.schema import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
     cfg["text"]["enabled"] = True

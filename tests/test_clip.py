@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from test_download import FAST, server  # noqa: F401  (the local HTTP server fixture)
-from varup.download import ChecksumError
+from varup.base.download import ChecksumError
 from varup.metrics.cmmd import ClipImageEmbedder, cmmd_preprocess
-from varup.models.clip import (CLIP_WEIGHTS, ClipTextEncoder, fetch_clip_weights, is_torchscript,
-                               load_clip_state_dict)
+from varup.models.clip import CLIP_WEIGHTS, ClipTextEncoder, fetch_clip_weights, is_torchscript, load_clip_state_dict
 
 TINY = "varup-tiny-clip"
 TINY_WIDE = "varup-tiny-clip-wide"

@@ -1,4 +1,4 @@
-"""Code fingerprints (varup.codehash): an edit changes the fingerprint of exactly the stages whose code it touches,
+"""Code fingerprints (varup.base.codehash): an edit changes the fingerprint of exactly the stages whose code it touches,
 and every rule that runs the library records its stage's fingerprint as a parameter."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from varup.codehash import code_of, stage_modules
+from varup.base.codehash import code_of, stage_modules
 
 REPO = Path(__file__).resolve().parents[1]
 #: rules that run the library but are not fingerprinted: their output is downloaded bytes named by URL + sha256
@@ -23,7 +23,7 @@ def pkg(tmp_path) -> Path:
     return tmp_path / "varup"
 
 
-def fingerprints(pkg: Path, stages=("data-toy", "tables", "train", "lambda-study", "varup.bench")) -> dict[str, str]:
+def fingerprints(pkg: Path, stages=("data-toy", "tables", "train", "lambda-study", "varup.bench.suite")) -> dict[str, str]:
     return {s: code_of(s, pkg) for s in stages}
 
 
@@ -82,7 +82,7 @@ def test_every_rule_that_runs_the_library_records_its_code():
     checked = set()
     for name, body in blocks.items():
         shell = blocks[parents.get(name, name)]
-        m = re.search(r'"(?:varup|\{params\.launch\}) ([a-z][a-z-]*) |"python -m (varup\.\w+) ', shell)
+        m = re.search(r'"(?:varup|\{params\.launch\}) ([a-z][a-z-]*) |"python -m (varup[.\w]+) ', shell)
         if not m or name in DOWNLOADS or (name in parents and "    params:" not in body):
             continue  # no library call, a download, or a use-rule that inherits its parent's params
         stage = m.group(1) or m.group(2)

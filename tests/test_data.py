@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,11 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from varup.data import folder, toy
-from varup.data.folder import (CorruptImageError, ImageDataset, load_rgb, load_uint8_images, scan_image_folder,
-                               to_uint8, verify_images)
+from varup.base.utils import sha256_file
+from varup.data import toy
+from varup.data.folder import (
+    CorruptImageError,
+    ImageDataset,
+    load_rgb,
+    load_uint8_images,
+    scan_image_folder,
+    to_uint8,
+    verify_images,
+)
 from varup.data.toy import generate_toy_dataset, mode_table, read_manifest
-from varup.utils import sha256_file
 
 SMALL = dict(n_train_per_class=32, n_val_per_class=4, progress=False)
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-import varup.config as vc
-from varup.runtime import DeviceError, allocated_gpus, cpu_fallback_refusal, resolve_device
+import varup.config.cluster as vcl
+import varup.config.schema as vs
+from varup.base.runtime import DeviceError, allocated_gpus, cpu_fallback_refusal, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,11 +68,11 @@ def test_auto_takes_a_gpu_that_works(monkeypatch):
 
 
 def test_the_workflow_passes_gpu_rules_the_strict_policy(tmp_path):
-    cfg = vc.validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    cfg = vs.validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     assert cfg["allow_cpu_fallback"] is False
-    assert (vc.job_device(cfg, gpu_rule=True), vc.job_device(cfg, gpu_rule=False)) == ("auto:gpu", "auto")
-    assert vc.job_device({**cfg, "allow_cpu_fallback": True}, gpu_rule=True) == "auto:any"
-    assert vc.job_device({**cfg, "device": "cpu"}, gpu_rule=True) == "cpu"
+    assert (vcl.job_device(cfg, gpu_rule=True), vcl.job_device(cfg, gpu_rule=False)) == ("auto:gpu", "auto")
+    assert vcl.job_device({**cfg, "allow_cpu_fallback": True}, gpu_rule=True) == "auto:any"
+    assert vcl.job_device({**cfg, "device": "cpu"}, gpu_rule=True) == "cpu"
     r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "-p"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""varup.download against a local threaded HTTP server on 127.0.0.1 (loopback only, ephemeral port)."""
+"""varup.base.download against a local threaded HTTP server on 127.0.0.1 (loopback only, ephemeral port)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from varup import download as dl
-from varup.download import ChecksumError, DownloadError, download
+from varup.base import download as dl
+from varup.base.download import ChecksumError, DownloadError, download
 
 PAYLOAD = os.urandom(300_000) + b"varup-tail"
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -12,11 +12,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from helpers import tiny_var, tiny_vqvae
-from varup.downstream import (composite, downstream_figure, edit_images, edit_tokens, image_nll, keep_mask,
-                              masked_input, ood_auroc, pixel_keep, run_downstream, run_ood)
+from varup.base.seeding import derive_seed
 from varup.models.vqvae import split_tokens
-from varup.sample import derive_seed
-from varup.tokens import TokenCache, encode_split, write_meta
+from varup.studies.editing import (
+    composite,
+    downstream_figure,
+    edit_images,
+    edit_tokens,
+    keep_mask,
+    masked_input,
+    pixel_keep,
+    run_downstream,
+)
+from varup.studies.ood import image_nll, ood_auroc, run_ood
+from varup.tokenizer.tokens import TokenCache, encode_split, write_meta
 
 PN = (1, 2, 3, 4)
 V = 64

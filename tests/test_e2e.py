@@ -164,7 +164,7 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
     assert "Nothing to be done" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     edited = json.loads(json.dumps(cfg))
     edited["methods"]["ours"]["lambda_se"] = 0.05
-    f = finished[2]  # the config that owns results/toy, edited (another file would be refused: varup.ownership)
+    f = finished[2]  # the config that owns results/toy, edited (another file would be refused: varup.config.ownership)
     original = f.read_text()
     f.write_text(yaml.safe_dump(edited))
     try:

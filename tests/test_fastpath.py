@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from helpers import tiny_var, tiny_vqvae
-from varup.losses import LossConfig, UncertaintyLoss, build_references
+from varup.base.runtime import Dist
 from varup.models.vqvae import split_tokens
-from varup.runtime import Dist
-from varup.tokens import TokenCache, encode_split, write_meta
-from varup.train import BatchOrder, Prefetcher
+from varup.tokenizer.tokens import TokenCache, encode_split, write_meta
+from varup.training.loop import BatchOrder, Prefetcher
+from varup.training.losses import LossConfig, UncertaintyLoss
+from varup.training.references import build_references
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import varup.figures as F
+import varup.report.figures as F
 
 CFG = {"datasets": {"shapes": {"kind": "toy"}}, "model": {"depths": [2]}, "methods": {"baseline": {}, "ours": {}},
        "seeds": [0, 1]}

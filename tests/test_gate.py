@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from helpers import tiny_vqvae
+from varup.base.utils import atomic_torch_save
 from varup.data.folder import open_split
+from varup.data.modes import manifest_attributes, train_mode_classifier
 from varup.data.toy import generate_toy_dataset, read_manifest
-from varup.gate import TokenizerGateError, failed_record_path, reconstruction_errors, run_tokenizer_gate
-from varup.modes import load_mode_classifier, manifest_attributes, train_mode_classifier
-from varup.utils import atomic_torch_save
+from varup.models.modeclf import load_mode_classifier
+from varup.tokenizer.gate import TokenizerGateError, failed_record_path, reconstruction_errors, run_tokenizer_gate
 
 RES = 32  # tiny_vqvae: downsample 4, last patch_num 8
 

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from varup.lambdastudy import summarise, t_interval
-from varup.tables import lambda_study_table
-from varup.utils import atomic_write_json
+from varup.base.utils import atomic_write_json
+from varup.report.tables import lambda_study_table
+from varup.studies.lambdastudy import summarise, t_interval
 
 
 def test_t_interval_by_hand():

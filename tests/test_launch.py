@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import varup.config as vc
-from varup.launch import BASE_PORT, PORT_SPAN, LaunchError, expand_hostlist, torchrun_argv
-from varup.runtime import PreemptionGuard, ResumableLog, SlurmClock, parse_slurm_duration
+import varup.config.cluster as vcl
+import varup.config.plan as vp
+import varup.config.schema as vs
+from varup.base.launch import BASE_PORT, PORT_SPAN, LaunchError, expand_hostlist, torchrun_argv
+from varup.base.runtime import PreemptionGuard, ResumableLog, SlurmClock, parse_slurm_duration
 
 #: what `srun -n 2` puts into each task's environment when its parent (the executor plugin's job step) kept only
 #: SLURM_JOB_ID (recorded on the local Slurm of ../shared/slurm)
@@ -44,7 +46,7 @@ def _cfg(**train):
 
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_training_resources_scale_with_the_gpus_of_a_node(gpus):
-    cmd, res = vc.train_launch(_cfg(gpus=gpus))
+    cmd, res = vcl.train_launch(_cfg(gpus=gpus))
     assert res["gpu"] == gpus and res["nodes"] == 1
     assert res["cpus_per_task"] == 8 * gpus and res["mem_mb"] == 60000 * gpus and res["runtime"] == 2880
     assert "signal" not in json.dumps(res)  # SIGUSR1 would kill the job step's Snakemake / torchrun
@@ -54,19 +56,19 @@ def test_training_resources_scale_with_the_gpus_of_a_node(gpus):
 def test_multi_node_training_starts_the_launcher_once_per_node():
     cfg = _cfg(gpus=4, nodes=3)
     cfg["cluster"] = {"train_cpus_per_gpu": 6, "train_mem_mb_per_gpu": 1000, "gpu_partition": "a100"}
-    cmd, res = vc.train_launch(cfg)
+    cmd, res = vcl.train_launch(cfg)
     assert res == {"slurm_partition": "a100", "cpus_per_task": 24, "mem_mb": 4000, "runtime": 2880, "nodes": 3,
                    "tasks": 3, "mpi": "srun", "slurm_extra": "--gpus-per-task=4"}
-    assert cmd.format(cpus=24) == ("srun -n 3 --cpus-per-task=24 --gpus-per-task=4 python -m varup.launch "
+    assert cmd.format(cpus=24) == ("srun -n 3 --cpus-per-task=24 --gpus-per-task=4 python -m varup.base.launch "
                                    "--nproc-per-node=4 --")
 
 
 def test_launch_keys_are_not_part_of_the_run_specification():
-    cfg = vc.load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
-    run = next(vc.runs(cfg))
-    a = vc.run_spec(cfg, run)
+    cfg = vs.load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
+    run = next(vp.runs(cfg))
+    a = vp.run_spec(cfg, run)
     cfg["train"].update(gpus=4, nodes=2, stop_before_limit_s=60)
-    assert vc.run_spec(cfg, run) == a
+    assert vp.run_spec(cfg, run) == a
 
 
 @pytest.mark.parametrize("text, s", [("4:58", 298), ("1:02:03", 3723), ("2-00:00:10", 172810),
@@ -103,7 +105,7 @@ def test_the_clock_is_due_margin_seconds_before_the_limit_and_follows_an_extensi
 
 
 def test_the_guard_turns_a_due_clock_into_a_stop_request():
-    from varup.runtime import Dist
+    from varup.base.runtime import Dist
 
     clock = SlurmClock(margin_s=10, query=lambda: 5.0)
     guard = PreemptionGuard(clock)

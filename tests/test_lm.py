@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from varup.base.utils import read_jsonl
+from varup.config.lmplan import TOY_TEMPLATE
 from varup.lm.grammar import EOS, instructions, make_corpus, mode_of, vocabulary
-from varup.lm.runs import TOY_TEMPLATE
 from varup.lm.score import toy_mode_scores
-from varup.lm.sft import (IGNORE, LMTrainConfig, encode_records, lm_loss, lm_references, read_jsonl,
-                          token_objective)
-from varup.losses import LossConfig, UncertaintyLoss, build_references, codebook_tau
+from varup.lm.sft import IGNORE, LMTrainConfig, encode_records, lm_loss, lm_references, token_objective
+from varup.training.losses import LossConfig, UncertaintyLoss
+from varup.training.references import build_references, codebook_tau
 
 torch.set_num_threads(1)
 OURS = {"lambda_2nd": 0.3, "lambda_se": 0.2, "reference": "semantic"}
@@ -174,9 +175,9 @@ def test_sft_interrupted_and_resumed_ends_with_the_same_weights_and_curve(tmp_pa
     spec = {"steps": 12, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "max_length": 24, "log_every": 2,
             "ckpt_every": 4, "seed": 1, "loss": OURS}
     sft(base, corpus, tmp_path / "refs.pt", tmp_path / "ref", tmp_path / "ref_work", train_cfg=spec, device="cpu")
-    from varup.lm.sft import fit
     from varup.lm.hub import load_causal_lm, load_tokenizer
-    from varup.losses import load_references
+    from varup.lm.sft import fit
+    from varup.training.references import load_references
 
     tok, refs = load_tokenizer(base), load_references(tmp_path / "refs.pt")
     data = encode_records(tok, read_jsonl(corpus / "train.jsonl"), 24)

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from varup.config import ConfigError, validate
+from varup.config.errors import ConfigError
+from varup.config.schema import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def _cfg(**lm) -> dict:
 
 
 def test_a_toy_base_on_dolly_is_refused_naming_the_key():
-    from varup.lm.runs import check_lm
+    from varup.config.lmplan import check_lm
 
     cfg = validate(_cfg(corpus={"kind": "dolly"}))
     with pytest.raises(ConfigError, match="lm/base/kind: 'toy'.*lm/corpus/kind 'dolly'"):

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from varup.download import ChecksumError, DownloadError  # noqa: E402
+from varup.base.download import ChecksumError, DownloadError  # noqa: E402
 from varup.lm.hub import fetch_hub_model, hub_file_url, load_causal_lm, load_tokenizer  # noqa: E402
 
 REPO, REV = "tiny-org/tiny-qwen2", "v1"

@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varup.losses import (LossConfig, UncertaintyLoss, build_references, code_clusters, codebook_tau,
-                          dataset_reference, semantic_reference, token_losses)
+from varup.training.losses import LossConfig, UncertaintyLoss, token_losses
+from varup.training.references import (
+    build_references,
+    code_clusters,
+    codebook_tau,
+    dataset_reference,
+    semantic_reference,
+)
 
 torch.manual_seed(0)
 

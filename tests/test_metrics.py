@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from varup.download import DownloadError
+from varup.base.download import DownloadError
 from varup.metrics import inception as inc
 from varup.metrics.calibration import TokenCalibration
 from varup.metrics.codebook import codebook_stats

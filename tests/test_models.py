@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from varup.models.common import CheckpointError
-from varup.models.var import VAR, VARConfig, block_causal_bias, load_official
 from helpers import tiny_var, tiny_vqvae
+from varup.base.checkpoint import CheckpointError
+from varup.models.var import VAR, block_causal_bias, load_official
 from varup.models.vqvae import VQVAE, VQVAEConfig, load_vqvae, phi_indices, split_tokens
 
 DATA = Path(__file__).parent / "data"
@@ -138,7 +138,7 @@ def test_dead_codes_are_reseeded_from_the_vectors_each_scale_looks_up(source):
     scale quantizes (the 1×1 scale's are image means, which the latent pool does not contain; it has one per image,
     so it seeds at most that many and the finest scale takes the rest); latent draws every code from the encoder's
     vectors."""
-    from varup.tokenizer import reseed_dead_codes
+    from varup.tokenizer.train import reseed_dead_codes
 
     vae = tiny_vqvae().train()
     vae.quantize.init_codebook()
@@ -169,7 +169,7 @@ def test_dead_codes_are_reseeded_from_the_vectors_each_scale_looks_up(source):
 
 
 def test_reseed_shares_never_exceed_a_pool_unless_every_vector_is_taken():
-    from varup.tokenizer import _reseed_shares
+    from varup.tokenizer.train import _reseed_shares
 
     assert _reseed_shares(60, [6, 24, 54, 96]) == [6, 15, 15, 24]
     assert _reseed_shares(7, [16, 64, 256, 1024]) == [2, 2, 2, 1]  # the remainder to the first pools

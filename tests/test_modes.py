@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from varup.data.modes import train_mode_classifier, true_mode_hist
 from varup.data.toy import generate_toy_dataset, read_manifest
-from varup.modes import (attrs_to_mode, classify, kl, load_mode_classifier, mode_coverage, mode_coverage_table,
-                         run_mode_coverage, train_mode_classifier, true_mode_hist)
+from varup.metrics.modes import kl, mode_coverage, run_mode_coverage
+from varup.models.modeclf import attrs_to_mode, classify, load_mode_classifier
+from varup.report.modes import mode_coverage_table
 
 EPS = 1e-6
 
@@ -241,7 +243,7 @@ def test_toy_fd_kid_pr_through_calculate_metrics(trained, monkeypatch):
 
 
 def test_toy_floor_sets_are_disjoint_from_the_reference(trained, tmp_path):
-    from varup.metrics.evaluate import real_subset
+    from varup.data.subsets import real_subset
     from varup.metrics.toyfeatures import floor_rows, run_toy_floor, run_toy_metrics
 
     d, _ = trained
@@ -274,9 +276,9 @@ def test_tokenizer_ceiling_scores_the_floor_sets_reconstructions(trained, tmp_pa
     """The ceiling row is the floor set passed through the tokenizer and scored like samples: computed directly here;
     an untrained tokenizer (its decoder outputs a near-constant image) is far from the floor."""
     from helpers import tiny_vqvae
-    from varup.gate import reconstruct_uint8
-    from varup.metrics.evaluate import load_rows
+    from varup.data.subsets import load_rows
     from varup.metrics.toyfeatures import floor_rows, run_toy_floor, toy_feature_metrics
+    from varup.tokenizer.gate import reconstruct_uint8
 
     d, _ = trained
     torch.manual_seed(0)

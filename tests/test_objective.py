@@ -8,9 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import varup.losses as Lmod
-from varup.losses import (LossConfig, UncertaintyLoss, build_references, dispersion, effective_support,
-                          reference_stats, semantic_reference, support_tau, token_losses)
+import varup.training.losses as Lmod
+from varup.training.losses import LossConfig, UncertaintyLoss, token_losses
+from varup.training.references import (
+    build_references,
+    dispersion,
+    effective_support,
+    reference_stats,
+    semantic_reference,
+    support_tau,
+)
 
 PN = (1, 2, 3)
 L = 14

@@ -52,18 +52,19 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_ships_the_schema_and_every_data_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     data = package_data()
-    assert {"varup/schema.yaml", "varup/data/paper_results.json", "varup/data/imagenet100.txt"} <= set(data)
+    assert {"varup/config/schema.yaml", "varup/report/paper_results.json", "varup/data/imagenet100.txt"} <= set(data)
     assert [f for f in data if f not in names] == []
 
 
 INSTALLED_CHECK = """
 import json, sys, yaml
-import varup, varup.config as vc
+import varup
+import varup.config.schema as vs
 from varup.data.prepare import read_class_list
-from varup.tables import paper_results
+from varup.report.tables import paper_results
 for f in sys.argv[1:]:
-    vc.validate(yaml.safe_load(open(f)))
-print(json.dumps({"module": varup.__file__, "schema": str(vc.DEFAULT_SCHEMA), "tables": sorted(paper_results()),
+    vs.validate(yaml.safe_load(open(f)))
+print(json.dumps({"module": varup.__file__, "schema": str(vs.DEFAULT_SCHEMA), "tables": sorted(paper_results()),
                   "classes": len(read_class_list())}))
 """
 
@@ -77,7 +78,7 @@ def test_installed_wheel_validates_the_configs_and_reads_its_data(wheel, tmp_pat
     r = run([sys.executable, "-c", INSTALLED_CHECK, *configs], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
-    assert out["module"].startswith(str(target)) and out["schema"] == str(target / "varup" / "schema.yaml")
+    assert out["module"].startswith(str(target)) and out["schema"] == str(target / "varup" / "config" / "schema.yaml")
     assert "table2" in out["tables"] and out["classes"] == 100
 
 

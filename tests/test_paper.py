@@ -16,8 +16,9 @@ import torch
 import yaml
 from PIL import Image
 
-from varup.config import cfg_sweep, grid_points, load_config, main_runs, ood_runs, runs
-from varup.utils import sha256_file
+from varup.base.utils import sha256_file
+from varup.config.plan import cfg_sweep, grid_points, main_runs, ood_runs, runs
+from varup.config.schema import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("VARUP_TEST_CACHE", REPO / ".cache" / "test"))

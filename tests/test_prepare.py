@@ -18,12 +18,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from varup.base.download import ChecksumError, DownloadError
+from varup.base.utils import sha256_file
 from varup.data.folder import CorruptImageError, ImageDataset
-from varup.data.prepare import (AFHQ_CLASSES, UnsafeArchiveError, fetch_archive, imagenet1k_index, prepare_afhq,
-                                prepare_folder, prepare_imagenet100, read_class_list, split_val_indices)
+from varup.data.prepare import (
+    AFHQ_CLASSES,
+    UnsafeArchiveError,
+    fetch_archive,
+    imagenet1k_index,
+    prepare_afhq,
+    prepare_folder,
+    prepare_imagenet100,
+    read_class_list,
+    split_val_indices,
+)
 from varup.data.toy import read_manifest
-from varup.download import ChecksumError, DownloadError
-from varup.utils import sha256_file
+
 pytestmark = pytest.mark.timeout(60)
 FAST = dict(timeout=5, backoff=0.01, retries=0)
 

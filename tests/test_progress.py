@@ -1,4 +1,4 @@
-"""Progress in logs: when stderr is not a terminal (a Snakemake log), varup.utils.progress writes plain
+"""Progress in logs: when stderr is not a terminal (a Snakemake log), varup.base.utils.progress writes plain
 newline-terminated lines at about every 10 % (or every few minutes), never tqdm's carriage-return updates."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from varup.utils import LineProgress, progress
+from varup.base.utils import LineProgress, progress
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_a_terminal_still_gets_tqdm():
 def test_stderr_redirected_to_a_log_file_has_lines(tmp_path):
     """What a Snakemake rule sees: ``varup ... > {log} 2>&1``."""
     log = tmp_path / "job.log"
-    code = ("from varup.utils import progress\n"
+    code = ("from varup.base.utils import progress\n"
             "bar = progress(total=200, desc='encode', unit='img')\n"
             "for _ in range(200): bar.update(1)\n"
             "bar.close()\n")

@@ -19,10 +19,13 @@ import torch
 import yaml
 
 from test_train import assets, run_train, same_weights, spec  # noqa: F401  (assets: the tiny token cache fixture)
-from varup.config import ConfigError, Run, run_spec, unfinished_report, validate
-from varup.runtime import ResumableLog, load_training_state, previous_checkpoint, save_training_state
-from varup.train import RunSpec
-from varup.utils import remove_orphan_provenance, write_provenance
+from varup.base.runtime import ResumableLog, load_training_state, previous_checkpoint, save_training_state
+from varup.base.utils import remove_orphan_provenance, write_provenance
+from varup.config.errors import ConfigError
+from varup.config.plan import Run, run_spec
+from varup.config.reporting import unfinished_report
+from varup.config.schema import validate
+from varup.training.loop import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("imgs_per_s", "tokens_per_s", "elapsed_s")
@@ -60,7 +63,7 @@ def test_both_checkpoints_unreadable_start_afresh_and_are_set_aside(tmp_path, ca
     last = tmp_path / "last.pt"
     last.write_bytes(b"not a checkpoint")
     previous_checkpoint(last).write_bytes(b"")
-    with caplog.at_level(logging.WARNING, logger="varup.runtime"):
+    with caplog.at_level(logging.WARNING, logger="varup.base.runtime"):
         assert load_training_state(last, run_hash="h") is None
     assert not last.exists() and not previous_checkpoint(last).exists()
     assert len(list(tmp_path.glob("corrupt-*.pt"))) == 2
@@ -89,7 +92,7 @@ def test_truncated_last_checkpoint_resumes_from_prev_bit_identically(assets, tmp
     ckpt = run / "train" / "ckpt"
     assert torch.load(ckpt / "prev.pt", weights_only=True)["step"] == 8
     truncate(ckpt / "last.pt")
-    with caplog.at_level(logging.WARNING, logger="varup.runtime"):
+    with caplog.at_level(logging.WARNING, logger="varup.base.runtime"):
         summary = run_train(assets, run, s)
     assert summary["resumed_from"] == 8
     aside = list(ckpt.glob("corrupt-*.pt"))
@@ -104,7 +107,7 @@ def test_unreadable_checkpoint_without_prev_starts_afresh(assets, tmp_path, capl
     ckpt = tmp_path / "train" / "ckpt"
     ckpt.mkdir(parents=True)
     (ckpt / "last.pt").write_bytes(b"\x00" * 100)
-    with caplog.at_level(logging.WARNING, logger="varup.runtime"):
+    with caplog.at_level(logging.WARNING, logger="varup.base.runtime"):
         summary = run_train(assets, tmp_path, spec(steps=4))
     assert summary["resumed_from"] == 0 and (tmp_path / "model.pt").exists()
     assert "there is no previous checkpoint (prev.pt): starting afresh" in caplog.text
@@ -112,7 +115,7 @@ def test_unreadable_checkpoint_without_prev_starts_afresh(assets, tmp_path, capl
 
 
 def _tokenizer_run(tmp_path: Path, dead_code_every: int = 0, reseed_from: str = "latent", **kw):
-    from varup.tokenizer import train_tokenizer
+    from varup.tokenizer.train import train_tokenizer
 
     vq = dict(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8),
               share_quant_resi=4, norm_groups=8, using_sa=False, using_mid_sa=False)
@@ -127,7 +130,7 @@ def test_tokenizer_sets_a_truncated_checkpoint_aside_and_resumes_from_prev(tmp_p
     assert _tokenizer_run(tmp_path, stop_after=5) == {"stopped_at": 5}  # checkpoints at 2, 4 and 5
     ckpt = tmp_path / "ckpt"
     truncate(ckpt / "last.pt")
-    with caplog.at_level(logging.WARNING, logger="varup.runtime"):
+    with caplog.at_level(logging.WARNING, logger="varup.base.runtime"):
         _tokenizer_run(tmp_path)
     assert "resuming from the previous checkpoint prev.pt at step 4" in caplog.text
     assert (tmp_path / "vqvae.pt").exists() and [json.loads(x)["step"] for x in
@@ -154,7 +157,7 @@ def test_a_log_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path, caplog):
     live = tmp_path / "ckpt" / "metrics.jsonl"
     live.parent.mkdir()
     live.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n{"step": 6, "lo')
-    with caplog.at_level(logging.WARNING, logger="varup.runtime"):
+    with caplog.at_level(logging.WARNING, logger="varup.base.runtime"):
         ResumableLog(live, tmp_path / "metrics.jsonl").resume_at(6)
     assert [json.loads(x)["step"] for x in live.read_text().splitlines()] == [2, 4]
     assert "not complete JSON records" in caplog.text
@@ -387,7 +390,7 @@ def test_a_failed_rerun_leaves_no_sidecar_without_its_result(workflow_run):
 
 # ----------------------------------------------------------------------------------- 7: the figure
 def test_training_curves_note_and_log_the_gaps_of_a_log(tmp_path, caplog, monkeypatch):
-    import varup.figures as F
+    import varup.report.figures as F
 
     cfg = {"datasets": {"shapes": {"kind": "toy"}}, "model": {"depths": [2]}, "methods": {"ours": {}}, "seeds": [0, 1]}
     rec = {"ce": 1.0, "l2nd": 0.01, "lse": 2.0, "gshare_2nd": 1e-3, "gshare_se": 1e-2, "pred_dispersion": 0.4,
@@ -399,7 +402,7 @@ def test_training_curves_note_and_log_the_gaps_of_a_log(tmp_path, caplog, monkey
         p.write_text("".join(json.dumps({"step": t, **rec}) + "\n" for t in ss))
     figs = []
     monkeypatch.setattr(F, "save_figure", lambda fig, out, name: figs.append(fig))
-    with caplog.at_level(logging.WARNING, logger="varup.figures"):
+    with caplog.at_level(logging.WARNING, logger="varup.report.figures"):
         F.training_curves_figure(cfg, tmp_path, tmp_path)
     bad = tmp_path / "shapes" / "d2" / "ours" / "seed1" / "train" / "metrics.jsonl"
     assert f"{bad} has no lines for steps 25-400" in caplog.text and "seed0" not in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from varup.codehash import code_of
+from varup.base.codehash import code_of
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "results/toy/shapes/data"

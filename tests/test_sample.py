@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import tiny_var, tiny_vqvae
-from varup.sample import box_mask, edit_masks, make_generator, mc_dropout, sample, top_k_top_p_filter_
+from varup.base.seeding import make_generator
+from varup.sampling.sampler import box_mask, edit_masks, mc_dropout, sample, top_k_top_p_filter_
 
 PN = (1, 2, 3, 4)
 

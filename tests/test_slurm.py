@@ -103,10 +103,11 @@ def _model(work: Path, seed: int) -> Path:
 
 def _reference_run(work: Path, cfg: dict, seed: int, out: Path) -> Path:
     """The same run trained in one go, outside Slurm, from the same token cache, tokenizer and references."""
-    import varup.config as vc
+    import varup.config.plan as vp
+    import varup.config.schema as vs
 
-    full = vc.validate(yaml.safe_load(yaml.safe_dump(cfg)))
-    spec = vc.run_spec(full, vc.Run("shapes", 1, "baseline", seed))
+    full = vs.validate(yaml.safe_load(yaml.safe_dump(cfg)))
+    spec = vp.run_spec(full, vp.Run("shapes", 1, "baseline", seed))
     ds = work / "results" / "toy" / "shapes"
     subprocess.run([sys.executable, "-m", "varup", "train", "--threads", "1", "--device", "cpu", "--spec",
                     json.dumps(spec), "--tokens", str(ds / "tokens"), "--tokenizer", str(ds / "tokenizer" / "vqvae.pt"),

@@ -1,19 +1,28 @@
 """Honest table cells: one value is printed without ±, with n = 1 shown; two or more give mean ± sample std
-(ddof = 1); every table module formats through varup.tablefmt."""
+(ddof = 1); every table module formats through varup.report.tablefmt."""
 from __future__ import annotations
 
 import json
 import math
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from varup.tablefmt import (DDOF, Stat, add_stat, fmt, fmt_stat, html_table, latex_escape, latex_table, mean_std,
-                            spread_note)
+from varup.report.tablefmt import (
+    DDOF,
+    Stat,
+    add_stat,
+    fmt,
+    fmt_stat,
+    html_table,
+    latex_escape,
+    latex_table,
+    mean_std,
+    spread_note,
+)
 
 
 def test_one_value_has_no_plus_minus_and_n_is_one():
@@ -43,7 +52,7 @@ def test_missing_values_are_skipped_and_named():
 
 
 def test_uncertainty_tables_print_one_seed_without_plus_minus():
-    from varup.uncertainty import droppath_table, region_table
+    from varup.report.uncertainty import droppath_table, region_table
 
     def sweep(seed, fid):
         return {"dataset": "shapes", "depth": 2, "method": "ours", "seed": seed,
@@ -96,7 +105,7 @@ def _results(tmp_path, seeds, dataset="shapes", depth=2):
 
 @pytest.mark.parametrize("seeds", [[0], [0, 1]])
 def test_table2_and_toy_metrics_say_n_and_only_show_a_std_for_two_seeds(tmp_path, seeds):
-    from varup.tables import FLOOR_METHOD, table2, toy_metrics_table
+    from varup.report.tables import FLOOR_METHOD, table2, toy_metrics_table
 
     cfg = {**CFG, "seeds": seeds}
     res, out = _results(tmp_path, seeds), tmp_path / "tables"
@@ -192,9 +201,9 @@ def _uncertainty_results(res, dataset, depth, seeds):
 
 
 def _all_tables(tmp_path, dataset, kind, depth=2, seeds=(0, 1)):
-    """table2, table7, the three uncertainty tables (and toy_metrics on the toy) written by varup.tables from
+    """table2, table7, the three uncertainty tables (and toy_metrics on the toy) written by varup.report.tables from
     synthetic run files; returns the tables directory."""
-    from varup.tables import table2, table7, toy_metrics_table, uncertainty_tables
+    from varup.report.tables import table2, table7, toy_metrics_table, uncertainty_tables
 
     cfg = {**CFG, "datasets": {dataset: {"kind": kind}}, "model": {"depths": [depth]}, "seeds": list(seeds),
            "uncertainty": {"enabled": True, "run_seeds": list(seeds)}}
@@ -266,10 +275,10 @@ def _pdflatex(tex_dir, names, doc_name, packages):
                     "texlive-latex-base texlive-latex-recommended)")
 def test_every_written_table_compiles_with_pdflatex_and_booktabs(tmp_path):
     """table2, table7, toy_metrics, the three uncertainty tables, the λ study and a table of nasty cells, all
-    through varup.tables.write_table, in one minimal article with booktabs."""
-    from varup.lambdastudy import summarise
-    from varup.tables import lambda_study_table, write_table
-    from varup.utils import atomic_write_json
+    through varup.report.tables.write_table, in one minimal article with booktabs."""
+    from varup.base.utils import atomic_write_json
+    from varup.report.tables import lambda_study_table, write_table
+    from varup.studies.lambdastudy import summarise
 
     toy, afhq = _all_tables(tmp_path / "toy", "shapes", "toy"), _all_tables(tmp_path / "afhq", "afhq", "afhq", 16)
     per_run = {m: {s: {"class_error": 0.1 + 0.01 * s + d, "modes_covered": 50 + s} for s in range(3)}

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from helpers import tiny_vqvae
-from varup.models.common import CheckpointError
+from varup.base.checkpoint import CheckpointError
+from varup.base.seeding import make_generator
 from varup.models.textenc import ToyTextConfig, ToyTextEncoder, vocabulary
 from varup.models.textvar import VARCLIP_KEY_MAP, CaptionedVAR, TextVAR, load_varclip
 from varup.models.var import VAR, VARConfig
-from varup.sample import make_generator, sample
+from varup.sampling.sampler import sample
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
 PN = (1, 2, 3, 4)

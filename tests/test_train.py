@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from helpers import tiny_vqvae
-from varup.losses import build_references
-from varup.runtime import EXIT_PREEMPTED, Dist, NonFiniteLossError
-from varup.tokens import TokenCache, encode_split, write_meta
-from varup.train import BatchOrder, OptimConfig, RunSpec, load_model, lr_at, param_groups, train
+from varup.base.runtime import EXIT_PREEMPTED, Dist, NonFiniteLossError
+from varup.models.checkpoint import load_model
+from varup.tokenizer.tokens import TokenCache, encode_split, write_meta
+from varup.training.loop import BatchOrder, OptimConfig, RunSpec, lr_at, param_groups, train
+from varup.training.references import build_references
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +180,7 @@ def test_sigterm_checkpoints_exits_75_and_the_retry_finishes_identically(assets,
 
 def _poison_loss(monkeypatch, at_call: int, then=None) -> None:
     """Make the loss's ``at_call``-th forward see NaN logits (and run ``then`` at that moment)."""
-    import varup.train as T
+    import varup.training.loop as T
 
     calls = {"n": 0}
     real_forward = T.UncertaintyLoss.forward

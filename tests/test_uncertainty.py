@@ -10,13 +10,25 @@ import torch
 from PIL import Image
 
 from helpers import tiny_var, tiny_vqvae
+from varup.base.seeding import derive_seed, make_generator
 from varup.data.folder import to_uint8
 from varup.data.toy import generate_toy_dataset
-from varup.sample import derive_seed, make_generator, sample, sample_shard
-from varup.uncertainty import (droppath_sweep, droppath_table, entangled_weights, entanglement_sets,
-                               entanglement_table, iou, mc_passes, object_mask, region_sigma, region_table,
-                               run_entanglement_sets, run_mc_dropout, run_sweep_sets, segmentation_check, sigma_figure,
-                               sigma_map, sweep_figure)
+from varup.report.uncertainty import droppath_table, entanglement_table, region_table, sigma_figure, sweep_figure
+from varup.sampling.sampler import sample, sample_shard
+from varup.studies.uncertainty import (
+    droppath_sweep,
+    entangled_weights,
+    entanglement_sets,
+    iou,
+    mc_passes,
+    object_mask,
+    region_sigma,
+    run_entanglement_sets,
+    run_mc_dropout,
+    run_sweep_sets,
+    segmentation_check,
+    sigma_map,
+)
 
 KW = dict(cfg=1.5, top_k=0, top_p=0.0)
 

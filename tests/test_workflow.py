@@ -1,7 +1,6 @@
 """The Snakemake workflow: schema validation before any job, lint, log/benchmark on every rule, the DAG."""
 from __future__ import annotations
 
-import copy
 import re
 import subprocess
 import sys
@@ -10,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from varup.config import ConfigError, load_config, run_spec, runs, validate
+from varup.config.errors import ConfigError
+from varup.config.plan import run_spec, runs
+from varup.config.schema import load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -106,11 +107,13 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
 
 
 def test_lambda_study_target_pairs_its_points_with_the_default_runs(tmp_path):
-    import varup.config as vc
+    import varup.config.errors as ve
+    import varup.config.plan as vp
+    import varup.config.schema as vs
 
-    cfg = vc.validate(default_cfg())
+    cfg = vs.validate(default_cfg())
     ls = cfg["experiments"]["lambda_study"]
-    points = vc.lambda_points(cfg)
+    points = vp.lambda_points(cfg)
     assert points["baseline"] == "baseline" and points["ours"] == "ours"  # identical losses reuse the default runs
     assert all(m == f"lam_{p}" for p, m in points.items() if p not in ("baseline", "ours"))
     r = snakemake("-n", "lambda_study", "--cores", "2", "-d", str(tmp_path), timeout=120)
@@ -123,21 +126,22 @@ def test_lambda_study_target_pairs_its_points_with_the_default_runs(tmp_path):
         assert f"shapes/d2/baseline/seed{s}/model.pt" in r.stdout and f"shapes/d2/lam_se_max/seed{s}/model.pt" in r.stdout
     bad = default_cfg()
     bad["experiments"]["lambda_study"]["baseline"] = "nope"
-    with pytest.raises(vc.ConfigError, match="experiments/lambda_study/baseline"):
-        vc.validate(bad)
+    with pytest.raises(ve.ConfigError, match="experiments/lambda_study/baseline"):
+        vs.validate(bad)
 
 
 def test_kl_with_a_uniform_reference_and_an_unchecked_checkpoint_are_rejected():
-    import varup.config as vc
+    import varup.config.errors as ve
+    import varup.config.schema as vs
 
     bad = default_cfg()
     bad["methods"]["ours"].update(reference="uniform", discrepancy="kl")
-    with pytest.raises(vc.ConfigError, match="methods/ours"):
-        vc.validate(bad)
+    with pytest.raises(ve.ConfigError, match="methods/ours"):
+        vs.validate(bad)
     bad = default_cfg()
     bad["train"].update(ckpt_every=350, nonfinite_check_every=100)
-    with pytest.raises(vc.ConfigError, match="train/ckpt_every: 350 is not a multiple"):
-        vc.validate(bad)
+    with pytest.raises(ve.ConfigError, match="train/ckpt_every: 350 is not a multiple"):
+        vs.validate(bad)
 
 
 def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):
@@ -149,7 +153,7 @@ def test_bench_target_passes_the_config_to_the_benchmark(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert job_counts(r.stdout) == {"bench": 1}  # no training or data: the benchmark builds its own models
     assert "results/toy/bench/bench.json" in r.stdout
-    shell = next(ln for ln in r.stdout.splitlines() if "varup.bench all" in ln)
+    shell = next(ln for ln in r.stdout.splitlines() if "varup.bench.suite all" in ln)
     assert "--depth 3 --batch 5 --sample-batch 7 --compile --skip-plain" in shell and "--markdown" in shell
     cfg["bench"] = {"depth": 0}
     with pytest.raises(ConfigError, match="bench/depth"):

@@ -33,8 +33,8 @@ def cmd_data_toy(a) -> None:
 
 
 def cmd_fetch(a) -> None:
-    from varup.download import fetch_file
-    from varup.models.common import read_checkpoint
+    from varup.base.checkpoint import read_checkpoint
+    from varup.base.download import fetch_file
 
     def validate(path):  # an HTML error page or a truncated file must not be trusted on first use
         read_checkpoint(path)
@@ -44,8 +44,8 @@ def cmd_fetch(a) -> None:
 
 
 def cmd_fetch_archive(a) -> None:
+    from varup.base.utils import atomic_write_json
     from varup.data.prepare import fetch_archive
-    from varup.utils import atomic_write_json
 
     r = fetch_archive(a.url, Path(a.out).parent, sha256=a.sha256 or None, name=a.name, config_key=a.key)
     atomic_write_json(a.out, {"url": a.url, **{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}})
@@ -75,7 +75,7 @@ def cmd_tokenizer_train(a) -> None:
     import torch
 
     from varup.data.folder import open_split
-    from varup.tokenizer import train_tokenizer
+    from varup.tokenizer.train import train_tokenizer
 
     ds = open_split(a.data, "train", a.resolution, a.preprocess)
     val = open_split(a.data, "val", a.resolution, a.preprocess)
@@ -91,18 +91,18 @@ def cmd_tokenizer_train(a) -> None:
 
 
 def cmd_tokenizer_gate(a) -> None:
-    from varup.gate import run_tokenizer_gate
+    from varup.tokenizer.gate import run_tokenizer_gate
 
     run_tokenizer_gate(a.tokenizer, a.classifier, a.data, a.out, resolution=a.resolution, preprocess=a.preprocess,
                        split=a.split, max_class_error=a.max_class_error, config_key=a.key, device=a.device)
 
 
 def cmd_encode(a) -> None:
+    from varup.base.runtime import resolve_device
+    from varup.base.utils import sha256_file
     from varup.data.folder import open_split
     from varup.models.vqvae import load_vqvae
-    from varup.runtime import resolve_device
-    from varup.tokens import encode_split, write_meta
-    from varup.utils import sha256_file
+    from varup.tokenizer.tokens import encode_split, write_meta
 
     dev = resolve_device(a.device)
     vae = load_vqvae(a.tokenizer)
@@ -129,10 +129,10 @@ def cmd_references(a) -> None:
     import numpy as np
     import torch
 
-    from varup.losses import build_references, reference_stats
+    from varup.base.utils import atomic_torch_save, atomic_write_json, write_provenance
     from varup.models.vqvae import load_vqvae
-    from varup.tokens import TokenCache
-    from varup.utils import atomic_torch_save, atomic_write_json, write_provenance
+    from varup.tokenizer.tokens import TokenCache
+    from varup.training.references import build_references, reference_stats
 
     t0 = time.time()
     vae = load_vqvae(a.tokenizer)
@@ -157,7 +157,7 @@ def cmd_references(a) -> None:
 
 # ---------------------------------------------------------------------------------------- train
 def cmd_train(a) -> None:
-    from varup.train import RunSpec, train
+    from varup.training.loop import RunSpec, train
 
     spec = RunSpec(**a.spec)
     train(spec, tokens_dir=a.tokens, tokenizer=a.tokenizer, references=a.refs, out_model=a.out, work_dir=a.work,
@@ -181,8 +181,8 @@ def cmd_clip_weights(a) -> None:
 
 
 def cmd_prompt_sets(a) -> None:
-    from varup.prompts import run_prompt_sets
-    from varup.utils import read_json
+    from varup.base.utils import read_json
+    from varup.studies.prompts import run_prompt_sets
 
     names = read_json(os.path.join(a.data, "dataset.json"))["classes"]
     run_prompt_sets(a.model, a.tokenizer, os.path.dirname(a.out), family=a.family, params=a.params, class_names=names,
@@ -190,14 +190,14 @@ def cmd_prompt_sets(a) -> None:
 
 
 def cmd_prompt_reference(a) -> None:
-    from varup.prompts import prompt_reference
+    from varup.studies.prompts import prompt_reference
 
     prompt_reference(a.data, a.out, a.inception, per_group=a.per_group, cmmd_kind=a.cmmd, classifier=a.classifier,
                      clip_weights=a.clip_weights, device=a.device)
 
 
 def cmd_prompt_scores(a) -> None:
-    from varup.prompts import score_prompt_sets
+    from varup.studies.prompts import score_prompt_sets
 
     score_prompt_sets(a.sets, a.out, reference=a.reference, data_dir=a.data, inception_json=a.inception,
                       params=a.params, classifier=a.classifier, clip_weights=a.clip_weights, device=a.device)
@@ -221,7 +221,7 @@ def cmd_lm_corpus(a) -> None:
 
 
 def cmd_lm_dolly(a) -> None:
-    from varup.download import fetch_file
+    from varup.base.download import fetch_file
     from varup.lm.dolly import read_dolly
 
     def validate(path):  # every line a dolly record: an HTML error page or a cut file is not trusted on first use
@@ -338,7 +338,7 @@ def add_lm_commands(cmd) -> None:
 
 
 def add_prompt_commands(cmd) -> None:
-    """The text-conditioned arm and the companion study's prompt experiments (varup.prompts)."""
+    """The text-conditioned arm and the companion study's prompt experiments (varup.studies.prompts)."""
     p = cmd("captions", cmd_captions, "write a dataset's caption table (varup.data.captions)")
     p.add_argument("--data", required=True)
     p.add_argument("--spec", type=_json, default={"kind": "toy"}, help="captions settings (JSON)")
@@ -378,11 +378,11 @@ def add_prompt_commands(cmd) -> None:
 def cmd_sample(a) -> None:
     import numpy as np
 
+    from varup.base.runtime import resolve_device
+    from varup.base.utils import atomic_npz_save, write_provenance
+    from varup.models.checkpoint import load_model
     from varup.models.vqvae import load_vqvae
-    from varup.runtime import resolve_device
-    from varup.sample import sample_shard
-    from varup.train import load_model
-    from varup.utils import atomic_npz_save, write_provenance
+    from varup.sampling.sampler import sample_shard
 
     t0 = time.time()
     dev = resolve_device(a.device)
@@ -399,8 +399,8 @@ def cmd_sample(a) -> None:
 def cmd_merge_samples(a) -> None:
     import numpy as np
 
-    from varup.sample import merge_shards
-    from varup.utils import atomic_npz_save
+    from varup.base.utils import atomic_npz_save
+    from varup.sampling.sampler import merge_shards
 
     merged = merge_shards(a.shards)
     with np.load(a.shards[0]) as z:
@@ -434,8 +434,8 @@ def cmd_evaluate(a) -> None:
 
 
 def cmd_ood(a) -> None:
-    from varup.downstream import run_ood
-    from varup.runtime import resolve_device
+    from varup.base.runtime import resolve_device
+    from varup.studies.ood import run_ood
 
     r = run_ood(a.model, a.tokenizer, a.id_tokens, a.ood_tokens, a.out, max_images=a.max_images,
                 class_mode=a.class_mode, device=str(resolve_device(a.device)))
@@ -444,8 +444,8 @@ def cmd_ood(a) -> None:
 
 
 def cmd_downstream(a) -> None:
-    from varup.downstream import run_downstream
-    from varup.runtime import resolve_device
+    from varup.base.runtime import resolve_device
+    from varup.studies.editing import run_downstream
 
     models = dict(m.split("=", 1) for m in a.models)
     p = dict(a.params)
@@ -467,7 +467,7 @@ def _run_of_model(path: str) -> dict:
 
 
 def cmd_mc_dropout(a) -> None:
-    from varup.uncertainty import run_mc_dropout
+    from varup.studies.uncertainty import run_mc_dropout
 
     p = a.params
     run_mc_dropout(a.model, a.tokenizer, a.data, a.out, a.out_npz, classes=p["classes"], seeds=p["seeds"], T=p["T"],
@@ -476,7 +476,7 @@ def cmd_mc_dropout(a) -> None:
 
 
 def cmd_uncertainty_sets(a) -> None:
-    from varup.uncertainty import run_entanglement_sets, run_sweep_sets
+    from varup.studies.uncertainty import run_entanglement_sets, run_sweep_sets
 
     p = a.params
     common = dict(cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"], T=p["T"],
@@ -498,31 +498,31 @@ def cmd_score_sets(a) -> None:
 
 
 def cmd_mode_classifier(a) -> None:
-    from varup.modes import train_mode_classifier
-    from varup.runtime import resolve_device
+    from varup.base.runtime import resolve_device
+    from varup.data.modes import train_mode_classifier
 
     r = train_mode_classifier(a.data, a.out, epochs=a.epochs, seed=a.seed, device=str(resolve_device(a.device)))
     log.info("mode classifier: held-out accuracy %s", r.get("val_accuracy", r))
 
 
 def cmd_mode_coverage(a) -> None:
-    from varup.modes import run_mode_coverage
-    from varup.runtime import resolve_device
+    from varup.base.runtime import resolve_device
+    from varup.metrics.modes import run_mode_coverage
 
     run_mode_coverage(a.classifier, a.samples, a.data, a.out, meta=_run_meta(a.run), device=str(resolve_device(a.device)))
 
 
 def cmd_toy_metrics(a) -> None:
+    from varup.base.runtime import resolve_device
     from varup.metrics.toyfeatures import run_toy_metrics
-    from varup.runtime import resolve_device
 
     run_toy_metrics(a.classifier, a.samples, a.data, a.out, params=a.params, meta=_run_meta(a.run),
                     device=str(resolve_device(a.device)))
 
 
 def cmd_toy_metrics_floor(a) -> None:
+    from varup.base.runtime import resolve_device
     from varup.metrics.toyfeatures import run_toy_floor
-    from varup.runtime import resolve_device
 
     run_toy_floor(a.classifier, a.data, a.out, params=a.params, dataset=a.dataset,
                   inception_json=a.inception if a.floor_inception else None,
@@ -532,28 +532,28 @@ def cmd_toy_metrics_floor(a) -> None:
 
 
 def cmd_tables(a) -> None:
-    from varup.tables import make_tables
+    from varup.report.tables import make_tables
 
     make_tables(a.config, a.results, a.out, only=a.only)
 
 
 def cmd_lambda_study(a) -> None:
-    from varup.lambdastudy import run_lambda_study
+    from varup.studies.lambdastudy import run_lambda_study
 
     res = run_lambda_study(a.entries, a.out, baseline=a.baseline, confidence=a.confidence, losses=a.losses)
     log.info("lambda study: %s", res["verdict"])
 
 
 def cmd_figures(a) -> None:
-    from varup.figures import make_figures
+    from varup.report.figures import make_figures
 
     if a.only == "lm":
-        from varup.figures import lm_figures
+        from varup.report.figures import lm_figures
 
         lm_figures(a.config, a.results, a.out)
         return
     if a.only == "prompts":
-        from varup.figures import prompt_figures
+        from varup.report.figures import prompt_figures
 
         prompt_figures(a.config, a.results, a.out)
         return
@@ -566,7 +566,7 @@ def vars_json(a) -> dict:
 
 
 def add_stop_arg(p) -> None:
-    """The Slurm time-limit margin of a training command (varup.runtime.SlurmClock)."""
+    """The Slurm time-limit margin of a training command (varup.base.runtime.SlurmClock)."""
     p.add_argument("--stop-before-limit-s", type=float, default=600.0,
                    help="inside a Slurm job: checkpoint and exit (status 75) this long before its time limit; 0: never")
 
@@ -649,7 +649,7 @@ def add_tokenizer_commands(cmd) -> None:
 def add_generator_commands(cmd) -> None:
     """Training and sampling a VAR run."""
     p = cmd("train", cmd_train, "train one VAR run")
-    p.add_argument("--spec", type=_json, required=True, help="run specification (JSON, varup.train.RunSpec)")
+    p.add_argument("--spec", type=_json, required=True, help="run specification (JSON, varup.training.loop.RunSpec)")
     p.add_argument("--tokens", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--refs", default=None)
@@ -794,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
         p.add_argument("--device", default="auto", help="auto | auto:gpu | auto:any | cpu | cuda | cuda:N (auto: CUDA "
                        "if torch sees a GPU, else the CPU, refused where GPUs were allocated; auto:gpu also refuses it "
-                       "in a Slurm job; auto:any never; see varup.runtime.resolve_device)")
+                       "in a Slurm job; auto:any never; see varup.base.runtime.resolve_device)")
         return p
 
     add_data_commands(cmd)
@@ -810,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from varup.utils import remove_orphan_provenance, set_threads, setup_logging
+    from varup.base.utils import remove_orphan_provenance, set_threads, setup_logging
 
     setup_logging(a.log)
     set_threads(a.threads)

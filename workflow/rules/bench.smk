@@ -8,7 +8,7 @@ rule bench:
         json=f"{RES}/bench/bench.json",
         md=f"{RES}/bench/bench.md",
     params:
-        code=code_of("varup.bench"),
+        code=code_of("varup.bench.suite"),
         device=GPU_DEVICE,
         args=bench_args(),
     threads: SERIAL_THREADS
@@ -21,5 +21,5 @@ rule bench:
     conda:
         CONDA_ENV
     shell:
-        "python -m varup.bench all --threads {threads} --device {params.device} {params.args}"
+        "python -m varup.bench.suite all --threads {threads} --device {params.device} {params.args}"
         " --json {output.json} --markdown {output.md} > {log} 2>&1"

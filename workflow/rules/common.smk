@@ -18,19 +18,19 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [VARUP_SRC] + [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d and d != VARUP_SRC]
 )
 try:
-    import varup.config as vc
+    from varup.config import checks, cluster, plan, reporting, schema
 except ImportError as e:
     raise WorkflowError(f"{e}: {sys.executable} runs Snakemake but lacks what varup.config needs (pyyaml, "
                         "jsonschema); run `bash scripts/setup.sh`, or `pip install -c requirements.lock pyyaml jsonschema`")
 
 # Validated (and completed with schema defaults) before any job starts; a bad key stops here, named.
-vc.validate(config)
+schema.validate(config)
 
-import varup.ownership as own
+import varup.config.ownership as own
 # code_of("<varup subcommand>") is the fingerprint of the code that command runs: the rules that run the library
 # record it as the parameter `code`, so editing that code re-runs them ("params changed") and what depends on them
-# (varup.codehash).
-from varup.codehash import code_of
+# (varup.base.codehash).
+from varup.base.codehash import code_of
 
 EXP = config["experiment"]
 RES = f"{config['results_dir']}/{EXP}"
@@ -38,7 +38,7 @@ RSC = config["resources_dir"]
 
 # results/<experiment>/ belongs to one configuration: another one under the same experiment name would overwrite
 # its results, so it is refused here, naming the key to change; a run that starts jobs records itself as the owner
-# (varup.ownership). Editing the owning config file is fine: Snakemake re-runs what changed.
+# (varup.config.ownership). Editing the owning config file is fine: Snakemake re-runs what changed.
 OWNER = own.owner_record(config, workflow.configfiles, os.getcwd())
 if workflow.is_main_process:
     own.check_owner(RES, OWNER)
@@ -48,14 +48,14 @@ onstart:
     own.claim(RES, OWNER)
 
 
-RUNS = list(vc.runs(config))
+RUNS = list(plan.runs(config))
 DATASETS = list(config["datasets"])
 THREADS = config["threads"]
 SERIAL_THREADS = config["serial_threads"]
 # --device of the jobs: GPU rules pass GPU_DEVICE, which (device auto) refuses to fall back to the CPU in a Slurm job
-# or where GPUs were allocated, unless allow_cpu_fallback (varup.config.job_device, varup.runtime.resolve_device)
-DEVICE = vc.job_device(config, gpu_rule=False)
-GPU_DEVICE = vc.job_device(config, gpu_rule=True)
+# or where GPUs were allocated, unless allow_cpu_fallback (varup.config.cluster.job_device, varup.base.runtime.resolve_device)
+DEVICE = cluster.job_device(config, gpu_rule=False)
+GPU_DEVICE = cluster.job_device(config, gpu_rule=True)
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
 # (put first on PATH here, so the jobs need no activated environment); with --sdm conda, the environment's own
@@ -74,7 +74,7 @@ CONDA_ENV = "../../envs/varup.yaml"
 wildcard_constraints:
     dataset="|".join(DATASETS),
     depth=r"\d+",
-    method="|".join(re.escape(m) for m in vc.all_methods(config)),
+    method="|".join(re.escape(m) for m in plan.all_methods(config)),
     seed=r"\d+",
     shard=r"\d+",
 
@@ -93,14 +93,14 @@ def required_dirs(*keys):
     with its wildcards) exist: a placeholder path fails here, naming the key, not in a queued job. No input file."""
 
     def check(w):
-        vc.check_dirs(config, [k.format(**w) for k in keys])
+        checks.check_dirs(config, [k.format(**w) for k in keys])
         return []
 
     return check
 
 
 def run_of(w):
-    return vc.Run(w.dataset, int(w.depth), w.method, int(w.seed))
+    return plan.Run(w.dataset, int(w.depth), w.method, int(w.seed))
 
 
 def run_dir(w):
@@ -120,9 +120,9 @@ def _stem(url):
 
 
 def tokenizer_file(w):
-    name, tok = vc.tokenizer_of(config, w.dataset)
+    name, tok = plan.tokenizer_of(config, w.dataset)
     if tok["kind"] == "official":
-        return f"{RSC}/weights/{_stem(tok.get('url', vc.OFFICIAL_VAE_URL))}.pth"
+        return f"{RSC}/weights/{_stem(tok['url'])}.pth"
     return f"{RES}/{w.dataset}/tokenizer/vqvae.pt"
 
 
@@ -134,8 +134,8 @@ def tokenizer_gate_file(w):
 def weights_source(name):
     """(url, sha256 or None, config key of the sha256) of a file fetched into resources/weights/."""
     for tname, tok in config["tokenizers"].items():
-        if tok["kind"] == "official" and _stem(tok.get("url", vc.OFFICIAL_VAE_URL)) == name:
-            return tok.get("url", vc.OFFICIAL_VAE_URL), tok.get("sha256"), f"tokenizers.{tname}.sha256"
+        if tok["kind"] == "official" and _stem(tok["url"]) == name:
+            return tok["url"], tok.get("sha256"), f"tokenizers.{tname}.sha256"
     if name.startswith("var_d") and name[5:].isdigit():
         d = name[5:]
         w = config["weights"]
@@ -144,40 +144,40 @@ def weights_source(name):
 
 
 def warm_start_file(w):
-    if not vc.train_settings(config, w.dataset).get("warm_start"):
+    if not plan.train_settings(config, w.dataset).get("warm_start"):
         return []
     return [f"{RSC}/weights/var_d{w.depth}.pth"]
 
 
 def sample_params(w):
-    s = vc.sample_settings(config, w.dataset)
+    s = plan.sample_settings(config, w.dataset)
     return {k: s[k] for k in ("n_per_class", "batch_size", "cfg", "top_k", "top_p", "more_smooth")}
 
 
 def shards_of(w):
-    n = vc.sample_settings(config, w.dataset)["shards"]
+    n = plan.sample_settings(config, w.dataset)["shards"]
     return [f"{run_dir(w)}/samples/shard{i}of{n}.npz" for i in range(n)]
 
 
 def qualitative_params(w):
-    s = vc.sample_settings(config, w.dataset)
+    s = plan.sample_settings(config, w.dataset)
     q_ = s.get("qualitative", {})
     return {"n_per_class": q_.get("n_per_class", 8), "batch_size": s["batch_size"], "cfg": q_.get("cfg", 3.0),
             "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
 
 
-GPU = vc.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
-CPU = vc.cluster_resources(config, gpu=False)
-TRAIN_CMD, TRAIN_RES = vc.train_launch(config)
+GPU = cluster.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
+CPU = cluster.cluster_resources(config, gpu=False)
+TRAIN_CMD, TRAIN_RES = cluster.train_launch(config)
 TRAIN_STOP_S = int(config["train"].get("stop_before_limit_s", 600))  # train.stop_before_limit_s (a resource)
 EXPERIMENTS = config["experiments"]
 TABLES = ["table2", "table7", "codebook_calibration", "overhead", "loss_references"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
     ["figure4"] if "figure4" in EXPERIMENTS else []
 )
 UNC = config.get("uncertainty", {})
-UNC_RUNS = vc.uncertainty_runs(config)
-MODE_RUNS = vc.mode_runs(config)
-TOY_RUNS = vc.toy_runs(config)
+UNC_RUNS = plan.uncertainty_runs(config)
+MODE_RUNS = plan.mode_runs(config)
+TOY_RUNS = plan.toy_runs(config)
 TOY_DATASETS = sorted({r.dataset for r in TOY_RUNS})
 TABLES += (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglement"] if UNC_RUNS else []) + (
     ["mode_coverage"] if MODE_RUNS else []
@@ -185,9 +185,9 @@ TABLES += (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglem
 FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else []) + (
     ["mc_dropout_sigma", "droppath_sweep"] if UNC_RUNS else []
 )
-CFG_SWEEP = vc.cfg_sweep(config)
-OOD_RUNS = vc.ood_runs(config)
-DOWNSTREAM = vc.downstream_pairs(config)
+CFG_SWEEP = plan.cfg_sweep(config)
+OOD_RUNS = plan.ood_runs(config)
+DOWNSTREAM = plan.downstream_pairs(config)
 
 
 def run_files(name):
@@ -209,8 +209,8 @@ def prefetch_files():
     out = [f"{RSC}/inception/inception.json"]
     out += [f"{RSC}/datasets/{d}/archive.json" for d in kinds("afhq") if d != "__none__"]
     out += sorted({tokenizer_file(type("W", (), {"dataset": d})) for d in DATASETS
-                   if vc.tokenizer_of(config, d)[1]["kind"] == "official"})
-    out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if vc.train_settings(config, r.dataset).get("warm_start")})
+                   if plan.tokenizer_of(config, d)[1]["kind"] == "official"})
+    out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if plan.train_settings(config, r.dataset).get("warm_start")})
     if TEXT_ON:  # CLIP weights: VAR-CLIP's text encoder and CMMD's image encoder, where configured
         out += text_encoder_weights(None)
         if PROMPTS.get("cmmd", {}).get("features") == "clip":
@@ -230,7 +230,7 @@ def tables_and_figures():
 
 
 def bench_args():
-    """Command-line options of `python -m varup.bench all` from the config's bench section."""
+    """Command-line options of `python -m varup.bench.suite all` from the config's bench section."""
     b = config.get("bench", {})
     opts = {"depth": "--depth", "batch": "--batch", "sample_batch": "--sample-batch", "encode_batch": "--encode-batch",
             "repeats": "--repeats", "warmup": "--warmup"}
@@ -258,7 +258,7 @@ def toy_floor_params(w):
     """toy_metric_params plus the floor set: n_per_class images per class (a run's sample size) of floor_split."""
     t = config["metrics"]["toy_features"]
     return {**toy_metric_params(w), "floor_split": t["floor_split"],
-            "n_per_class": vc.sample_settings(config, w.dataset)["n_per_class"]}
+            "n_per_class": plan.sample_settings(config, w.dataset)["n_per_class"]}
 
 
 def unc_mask_dir(w):
@@ -269,13 +269,13 @@ def unc_mask_dir(w):
 
 def unc_common(w):
     """Sampling settings shared by the uncertainty studies of a dataset."""
-    s = vc.sample_settings(config, w.dataset)
+    s = plan.sample_settings(config, w.dataset)
     return {"cfg": s["cfg"], "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
 
 
 # The λ study (workflow/rules/lambda_study.smk): its (point, run) pairs and the files it scores.
 LAMBDA = EXPERIMENTS.get("lambda_study")
-LAMBDA_RUNS = vc.lambda_runs(config)
+LAMBDA_RUNS = plan.lambda_runs(config)
 LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metrics.json",
                 "samples": "samples.npz", "summary": "train/summary.json"}
 
@@ -285,8 +285,8 @@ def lambda_entries():
              **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
 
 
-# The text arm and the prompt study (prompts.smk; varup.textruns): runs, CLIP weight files, CMMD inputs.
-import varup.textruns as vt
+# The text arm and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight files, CMMD inputs.
+import varup.config.textplan as vt
 
 TEXT_ON = vt.text_enabled(config)
 if TEXT_ON:
@@ -322,8 +322,8 @@ def study_model(w):
     return f"{RES}/{w.dataset}/{w.fam}d{w.depth}/{w.method}/seed{w.seed}/model.pt"
 
 
-# The language-model arm (lm.smk; varup.lm.runs): Table 6's runs.
-import varup.lm.runs as lmr
+# The language-model arm (lm.smk; varup.config.lmplan): Table 6's runs.
+import varup.config.lmplan as lmr
 
 LM_ON = lmr.lm_enabled(config)
 LM = config.get("lm", {})

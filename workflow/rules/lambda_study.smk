@@ -38,7 +38,7 @@ rule lambda_study_table:
                     labels={"table": "lambda_study"}),
     params:
         code=code_of("tables"),
-        cfg=lambda w: q(vc.report_config(config)),
+        cfg=lambda w: q(reporting.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output.csv),
     resources:

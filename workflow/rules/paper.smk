@@ -22,7 +22,7 @@ rule tables:
         },
     params:
         code=code_of("tables"),
-        cfg=lambda w: q(vc.report_config(config)),
+        cfg=lambda w: q(reporting.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
     resources:
@@ -39,7 +39,7 @@ rule tables:
 
 rule figures:
     input:
-        qualitative=[f"{RES}/{r.path}/qualitative.npz" for r in vc.main_runs(config) if r.seed == config["seeds"][0]],
+        qualitative=[f"{RES}/{r.path}/qualitative.npz" for r in plan.main_runs(config) if r.seed == config["seeds"][0]],
         curves=run_files("train/metrics.jsonl"),
         metrics=run_files("metrics.json") if "figure4" in EXPERIMENTS else [],
         sweep=cfg_sweep_files("metrics.json"),
@@ -54,7 +54,7 @@ rule figures:
         },
     params:
         code=code_of("figures"),
-        cfg=lambda w: q(vc.report_config(config)),
+        cfg=lambda w: q(reporting.report_config(config)),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
     resources:

@@ -1,4 +1,4 @@
-# The text-conditioned VAR (VAR-CLIP layout) and the companion study's prompt experiments (varup.prompts): its own
+# The text-conditioned VAR (VAR-CLIP layout) and the companion study's prompt experiments (varup.studies.prompts): its own
 # target `snakemake prompt_study` (config `text`; not part of all). Captions -> text runs (the toy text encoder is
 # trained with the generator; on a cluster CLIP's frozen text embeddings) -> per run (both families): prompt sets +
 # MC-Dropout σ -> scores (FID/KID, CMMD, modes) against a real reference pool -> tables and the σ figure.
@@ -191,7 +191,7 @@ rule prompt_tables:
         sigma_pdf=f"{RES}/figures/prompt_sigma.pdf",
     params:
         code=code_of("tables") + code_of("figures"),
-        cfg=lambda w: q({**vc.report_config(config), "text": TEXT}),
+        cfg=lambda w: q({**reporting.report_config(config), "text": TEXT}),
         results=lambda w: RES,
         tables=lambda w, output: os.path.dirname(output[0]),
         figures=lambda w, output: os.path.dirname(output.sigma_png),

@@ -91,7 +91,7 @@ use rule sample_shard as sample_cfg_shard with:
 use rule merge_samples as merge_cfg_samples with:
     input:
         lambda w: [f"{run_dir(w)}/cfg_sweep/cfg{w.cfgv}/samples/shard{i}of{n}.npz"
-                   for n in [vc.sample_settings(config, w.dataset)["shards"]] for i in range(n)],
+                   for n in [plan.sample_settings(config, w.dataset)["shards"]] for i in range(n)],
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples.npz",
     wildcard_constraints:

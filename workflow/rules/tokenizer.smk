@@ -32,8 +32,8 @@ rule tokenizer_train:
     params:
         code=code_of("tokenizer-train"),
         device=GPU_DEVICE,
-        vq=lambda w: q(vc.tokenizer_of(config, w.dataset)[1]["vqvae"]),
-        train=lambda w: q(vc.tokenizer_of(config, w.dataset)[1].get("train", {})),
+        vq=lambda w: q(plan.tokenizer_of(config, w.dataset)[1]["vqvae"]),
+        train=lambda w: q(plan.tokenizer_of(config, w.dataset)[1].get("train", {})),
         pre=lambda w: q(ds(w).get("preprocess", {})),
         res=lambda w: ds(w)["resolution"],
         work=lambda w, output: os.path.dirname(output.model),

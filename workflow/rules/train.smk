@@ -17,7 +17,7 @@ rule train:
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
-        spec=lambda w: q(vc.run_spec(config, run_of(w))),
+        spec=lambda w: q(plan.run_spec(config, run_of(w))),
         tokens=lambda w, input: os.path.dirname(input.tokens),
         work=lambda w, output: os.path.dirname(output.curve),
         warm=lambda w, input: f"--warm-start {input.warm}" if input.warm else "",

@@ -45,7 +45,7 @@ rule uncertainty_sets:
         device=GPU_DEVICE,
         p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rates": UNC.get("sweep_rates"),
                        "n_per_class": UNC.get("sweep_n_per_class", 50), "mixes": UNC.get("entanglement_mixes"),
-                       "n_mix": UNC.get("entanglement_n", 100), "batch_size": vc.sample_settings(config, w.dataset)["batch_size"],
+                       "n_mix": UNC.get("entanglement_n", 100), "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
                        "sigma_seeds": UNC.get("sample_seeds", [0]), "classes": UNC.get("classes", [0])}),
         sweep_dir=lambda w, output: os.path.dirname(output.sweep),
         mix_dir=lambda w, output: os.path.dirname(output.mix),

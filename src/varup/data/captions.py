@@ -36,8 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from varup.models.textenc import words_of
-from varup.utils import atomic_npz_save, atomic_write_json, read_json
+from varup.base.text import words_of
+from varup.base.utils import atomic_npz_save, atomic_write_json, read_json
 
 KINDS = ("shape", "class", "attributes", "full", "or2", "or3")
 DEFAULT_KIND_WEIGHTS = {k: 1.0 for k in KINDS}

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from varup.utils import progress as _progress
+from varup.base.utils import progress as _progress
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OFFICIAL_MID_RESO = 1.125
@@ -177,8 +177,8 @@ class ImageDataset(Dataset):
                  mid_reso: float = 1.0, **kw) -> "ImageDataset":
         """Dataset over one split of a toy dataset (:mod:`varup.data.toy`); default resolution is the
         dataset's own and ``mid_reso = 1.0`` (no resize). Manifest rows are kept in ``records``."""
+        from varup.base.utils import read_json
         from varup.data.toy import read_manifest
-        from varup.utils import read_json
 
         dataset_dir = Path(dataset_dir)
         info = read_json(dataset_dir / "dataset.json")

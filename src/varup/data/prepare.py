@@ -47,11 +47,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from varup.config import ConfigError, class_dir_names, folder_classes, num_classes_problem
+from varup.base.download import ChecksumError, download, read_hash, record_first_use
+from varup.base.utils import atomic_write_json, atomic_write_text, progress, replace_dir, sha256_file
+from varup.config.errors import ConfigError
+from varup.config.folders import class_dir_names, folder_classes, num_classes_problem
 from varup.data.folder import IMG_EXTENSIONS, scan_image_folder, verify_images
 from varup.data.toy import MANIFEST_COLUMNS, SPLITS
-from varup.download import ChecksumError, download, read_hash, record_first_use
-from varup.utils import atomic_write_json, atomic_write_text, progress, sha256_file
 
 log = logging.getLogger("varup.prepare")
 
@@ -130,7 +131,7 @@ def _unpack(archive: Path, extracted: Path, sha256: str) -> None:
             raise ValueError(f"{archive} is neither a zip nor a tar archive (an HTML page instead of the file? "
                              f"check the URL, then delete {archive} to fetch it again)")
         (tmp / COMPLETE_MARKER).write_text(sha256 + "\n")
-        _replace_dir(tmp, extracted)
+        replace_dir(tmp, extracted)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -183,19 +184,6 @@ def _mkdtemp_beside(path: Path) -> Path:
     return tmp
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename the finished ``src`` onto ``dst``, replacing an existing ``dst`` directory only now."""
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"output path exists and is not a directory: {dst}")
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / "d")
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------ dataset writing
 class _Item(NamedTuple):
     path: str
@@ -233,7 +221,7 @@ def _write_dataset(out_dir: str | os.PathLike, items: list[_Item], info: dict[st
         info = {**info, "counts": {s: sum(class_counts[s]) for s in SPLITS}, "class_counts": class_counts,
                 "manifest_sha256": sha256_file(manifest)}
         atomic_write_json(tmp / "dataset.json", info)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -56,7 +56,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from varup.utils import atomic_write_json, progress as _progress, read_json, sha256_file
+from varup.base.utils import atomic_write_json, read_json, replace_dir, sha256_file
+from varup.base.utils import progress as _progress
 
 GENERATOR_VERSION = "toy-shapes-v3"
 SUPERSAMPLE = 4
@@ -239,7 +240,7 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
             "position_jitter": position_jitter,
         }
         atomic_write_json(tmp / "dataset.json", info)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,19 +277,6 @@ def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename the finished ``src`` onto ``dst``, replacing an existing ``dst`` only now."""
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"toy dataset: output path exists and is not a directory: {dst}")
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / "d")
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ readers

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from varup.utils import atomic_write_json, atomic_write_text
+from varup.base.utils import atomic_write_json, atomic_write_text
 
 KEYS = ("instruction", "context", "response", "category")
 

@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from varup.lm.sft import read_jsonl
-from varup.runtime import resolve_device
-from varup.sample import derive_seed
-from varup.utils import atomic_write_text, progress, write_provenance
+from varup.base.runtime import resolve_device
+from varup.base.seeding import derive_seed
+from varup.base.utils import atomic_write_text, progress, read_jsonl, write_provenance
 
 log = logging.getLogger("varup.lm.generate")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from varup.utils import atomic_write_json, atomic_write_text
+from varup.base.utils import atomic_write_json, atomic_write_text
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
 ANIMALS = {"swim": ("fish", "duck", "seal", "frog"), "fly": ("bird", "bat", "bee", "owl"),

@@ -1,7 +1,7 @@
 """Fetching a hub model's files (sha256-checked, resumable) and loading models / tokenizers from local folders.
 
 Files are fetched from the Hugging Face resolve layout (``<endpoint>/<repo_id>/resolve/<revision>/<file>``) with
-:func:`varup.download.fetch_file`: a pinned sha256 is verified, an unpinned file is trusted on first use and its hash
+:func:`varup.base.download.fetch_file`: a pinned sha256 is verified, an unpinned file is trusted on first use and its hash
 recorded in ``<file>.sha256`` for later runs to verify. Loading never touches the network (``local_files_only``).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
-from varup.download import ChecksumError, DownloadError, fetch_file
-from varup.utils import atomic_write_json
+from varup.base.download import ChecksumError, DownloadError, fetch_file
+from varup.base.utils import atomic_write_json
 
 log = logging.getLogger("varup.lm.hub")
 

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from varup.lm.sft import read_jsonl
-from varup.runtime import resolve_device
-from varup.utils import atomic_write_json, write_provenance
+from varup.base.runtime import resolve_device
+from varup.base.utils import atomic_write_json, read_jsonl, write_provenance
 
 log = logging.getLogger("varup.lm.score")
 FEATURIZE = ("response", "prompt_response")

@@ -1,24 +1,23 @@
 """Training a causal LM: the toy base model's pre-training and supervised fine-tuning with cross-entropy or with the
 uncertainty-preserving objective.
 
-* **The objective on tokens.** The loss is the image objective, unchanged: :class:`varup.losses.UncertaintyLoss`
+* **The objective on tokens.** The loss is the image objective, unchanged: :class:`varup.training.losses.UncertaintyLoss`
   with one "scale" (``patch_nums = (1,)``) applied to the supervised tokens as a (N, 1, V) batch, so every term is a
   mean over the supervised tokens, as L_CE is. Its references come from the LM's input-embedding matrix by
-  :func:`varup.losses.build_references`, the function that builds them from a VQVAE codebook: ``semantic`` s* per
+  :func:`varup.training.references.build_references`, the function that builds them from a VQVAE codebook: ``semantic`` s* per
   target token from a Gaussian kernel in embedding space (τ = median nearest-neighbour distance), k-means clusters
   of the embeddings for L_SE, and ``dataset`` s* from the unigram histogram of the supervised target tokens
   (:func:`lm_references`). Which tokens are supervised is ``lm.loss_tokens``: ``response`` (the prompt is masked,
   the usual SFT) or ``all``.
 * **Data.** Records in the LM arm's common format (``prompt``, ``response``; :mod:`varup.lm.dolly`) are tokenised
   once as ``prompt + response + eos``, cut to ``lm.max_length`` tokens, right-padded; the pre-training text is one
-  line per sequence. The batch of a step is a pure function of (seed, step) (:class:`varup.batches.BatchOrder`).
+  line per sequence. The batch of a step is a pure function of (seed, step) (:class:`varup.data.batches.BatchOrder`).
 * **Runs** resume from ``ckpt/last.pt`` like the image trainer's (weights, optimiser, RNG, step; the loss log lives
   beside the checkpoint), stop on SIGTERM/SIGUSR1/SIGINT or before a Slurm time limit with exit 75, and use DDP when
   started by torchrun. The result is a ``save_pretrained`` folder (model and tokenizer), written whole or not at all.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,12 +29,28 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from varup.batches import BatchOrder
-from varup.losses import LossConfig, UncertaintyLoss, build_references
-from varup.runtime import (Dist, NonFiniteLossError, PreemptionGuard, ResumableLog, SlurmClock, autocast, autocast_dtype,
-                           discard_training_state, exit_preempted, init_distributed, load_training_state,
-                           requeue_slurm_job, save_training_state, set_rng_state, shutdown_distributed, unwrap)
-from varup.utils import atomic_write_json, config_hash, progress, write_provenance
+from varup.base.runtime import (
+    Dist,
+    NonFiniteLossError,
+    PreemptionGuard,
+    ResumableLog,
+    SlurmClock,
+    autocast,
+    autocast_dtype,
+    discard_training_state,
+    exit_preempted,
+    init_distributed,
+    load_training_state,
+    requeue_slurm_job,
+    save_training_state,
+    set_rng_state,
+    shutdown_distributed,
+    unwrap,
+)
+from varup.base.utils import atomic_write_json, config_hash, progress, write_provenance
+from varup.data.batches import BatchOrder
+from varup.training.losses import LossConfig, UncertaintyLoss
+from varup.training.references import build_references
 
 log = logging.getLogger("varup.lm.sft")
 IGNORE = -100  # label of an unsupervised position (prompt or padding)
@@ -97,11 +112,6 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     for i, (a, b) in enumerate(rows):
         ids[i, :len(a)], lab[i, :len(b)], att[i, :len(a)] = torch.tensor(a), torch.tensor(b), 1
     return {"input_ids": ids, "labels": lab, "attention_mask": att}
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------------- the objective
@@ -304,5 +314,5 @@ def _finish(r: _LMRun, tokenizer, out_dir, run_config, t0: float) -> dict:
     return summary
 
 
-__all__ = ["LMTrainConfig", "encode_records", "encode_lines", "read_jsonl", "lm_references", "token_objective",
+__all__ = ["LMTrainConfig", "encode_records", "encode_lines", "lm_references", "token_objective",
            "lm_loss", "fit", "save_folder", "IGNORE", "LOSS_TOKENS"]

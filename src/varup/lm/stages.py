@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from varup.lm.sft import LMTrainConfig, encode_lines, encode_records, fit, lm_references, read_jsonl
-from varup.losses import reference_stats
-from varup.utils import atomic_torch_save, atomic_write_json, write_provenance
+from varup.base.utils import atomic_torch_save, atomic_write_json, read_jsonl, write_provenance
+from varup.lm.sft import LMTrainConfig, encode_lines, encode_records, fit, lm_references
+from varup.training.references import reference_stats
 
 log = logging.getLogger("varup.lm")
 
@@ -51,7 +51,7 @@ def sft(base_dir, corpus_dir, refs_path, out_dir, work_dir, *, train_cfg: dict, 
         dtype: str = "float32", stop_before_limit_s: float | None = None) -> dict:
     """Fine-tune the base model on ``train.jsonl`` with ``train_cfg['loss']`` (empty or zero λ: cross-entropy)."""
     from varup.lm.hub import load_causal_lm, load_tokenizer
-    from varup.losses import load_references
+    from varup.training.references import load_references
 
     oc = LMTrainConfig(**train_cfg)
     model, tok = load_causal_lm(base_dir, dtype=dtype), load_tokenizer(base_dir)

@@ -53,7 +53,7 @@ def featurize(model, tokenizer, texts: list[str], *, max_length: int = 1024, bat
     """Last-layer hidden state at each text's last token, float32 (N, H); see the module docstring."""
     import torch
 
-    from varup.utils import progress
+    from varup.base.utils import progress
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

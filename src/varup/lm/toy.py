@@ -15,7 +15,7 @@ TOY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2
 
 def build_toy_tokenizer(template: str):
     """A ``PreTrainedTokenizerFast`` over the grammar's words (whitespace-split, word level), pad/eos/unk set."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(vocabulary(template))}

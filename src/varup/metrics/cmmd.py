@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from varup.utils import progress
+from varup.base.utils import progress
 
 SIGMA = 10.0  # the RBF bandwidth of the paper and the published code
 SCALE = 1000.0  # the published code's factor "to make the metric more human readable"

@@ -8,65 +8,18 @@ Tokens give codebook utilisation (real vs generated) and, with the model, token 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from varup.utils import atomic_np_save, atomic_write_json, read_json, sha256_file, write_provenance
+from varup.base.utils import atomic_np_save, atomic_write_json, read_json, sha256_file, write_provenance
+from varup.data.subsets import balanced_subset, real_images
 
 log = logging.getLogger("varup.evaluate")
 
 UINT8_PROTOCOL = "round(x*255+0.5) clamp [0,255] (official demo truncates)"
-
-
-def _split_rows(data_dir: str | os.PathLike, split: str):
-    from varup.data.toy import read_manifest
-
-    rows = read_manifest(data_dir, split)
-    if not rows:
-        raise ValueError(f"{data_dir}: split {split!r} has no images")
-    return rows
-
-
-def balanced_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
-    """Indices of at most ``n`` items, as equal per class as possible, deterministic (first items of each class)."""
-    labels = np.asarray(labels)
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    classes = np.unique(labels)
-    per = [np.flatnonzero(labels == c) for c in classes]
-    out, k = [], 0
-    while len(out) < n:
-        for idx in per:
-            if k < len(idx) and len(out) < n:
-                out.append(idx[k])
-        k += 1
-    return np.sort(np.array(out))
-
-
-def real_subset(data_dir, split: str, max_images: int | None) -> tuple[list[dict], np.ndarray]:
-    """The manifest rows of ``split`` and the indices (into them) of the metrics' real set: the class-balanced
-    :func:`balanced_subset` of at most ``max_images``."""
-    rows = _split_rows(data_dir, split)
-    return rows, balanced_subset(np.array([r["label"] for r in rows]), max_images)
-
-
-def load_rows(data_dir, rows: list[dict], keep: np.ndarray, resolution: int,
-              mid_reso: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, R, R, 3) images and labels of ``rows[keep]`` (resize + centre crop as every reference set)."""
-    from varup.data.folder import load_uint8_images
-
-    paths = [Path(data_dir) / rows[i]["path"] for i in keep]
-    return load_uint8_images(paths, resolution, mid_reso=mid_reso), np.array([rows[i]["label"] for i in keep])
-
-
-def real_images(data_dir, split: str, resolution: int, max_images: int | None, mid_reso: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Images and labels of the metrics' real set (:func:`real_subset`)."""
-    rows, keep = real_subset(data_dir, split, max_images)
-    return load_rows(data_dir, rows, keep, resolution, mid_reso)
 
 
 def real_features(data_dir, split: str, resolution: int, inception_json, out, *, max_images: int | None = None,
@@ -74,10 +27,10 @@ def real_features(data_dir, split: str, resolution: int, inception_json, out, *,
                   device: str = "auto") -> None:
     """Inception features of (a class-balanced subset of) a real split, saved once and reused by every run; with
     ``clean_out`` also clean-fid's features of a (smaller) class-balanced subset."""
+    from varup.base.runtime import resolve_device
     from varup.metrics.features import extract_features, save_features
     from varup.metrics.fidelity import clean_fid_features
     from varup.metrics.inception import load_inception
-    from varup.runtime import resolve_device
 
     t0 = time.time()
     dev = resolve_device(device)
@@ -121,15 +74,15 @@ def token_calibration(model, vae, cache, max_rows: int, n_bins: int, device: tor
 
 def evaluate_run(*, samples, real_features_path, inception_json, model, tokenizer, tokens, params: dict, out,
                  real_clean_features_path=None, device: str = "auto") -> dict:
+    from varup.base.runtime import resolve_device
     from varup.metrics.codebook import codebook_stats
     from varup.metrics.diversity import mean_pairwise_ssim
     from varup.metrics.features import extract_features, load_features
     from varup.metrics.fidelity import clean_fid_features, clean_fid_from_features, fidelity_metrics
     from varup.metrics.inception import load_inception
+    from varup.models.checkpoint import load_model
     from varup.models.vqvae import load_vqvae
-    from varup.runtime import resolve_device
-    from varup.tokens import TokenCache
-    from varup.train import load_model
+    from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()
     dev = resolve_device(device)
@@ -190,11 +143,11 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
     """Fill ``fidelity`` of every image set listed in a study's JSON (DropPath sweep rates or entanglement mixes):
     one Inception pass per set, scored against the real features — for a class mix, only the real images of the
     mixed classes."""
-    from varup.metrics import min_set_size
+    from varup.base.runtime import resolve_device
+    from varup.config.sizes import min_set_size
     from varup.metrics.features import extract_features, load_features
     from varup.metrics.fidelity import fidelity_metrics
     from varup.metrics.inception import load_inception
-    from varup.runtime import resolve_device
 
     t0 = time.time()
     rec = read_json(sets_json)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from varup.utils import json_default, atomic_npz_save, progress
+from varup.base.utils import atomic_npz_save, json_default, progress
 
 FEATURE_KEYS = ("pool", "logits_unbiased")
 _META_KEY = "meta_json"

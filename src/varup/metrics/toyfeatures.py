@@ -3,7 +3,7 @@ torch-fidelity's own machinery.
 
 Why: Inception-FID of 32 px images upsampled to 299 px measures mostly blur. On the toy dataset a network trained on
 the toy images themselves gives a feature space that sees what the toy is made of (shape, colour, size,
-background): the penultimate layer of :class:`varup.modes.ModeClassifier` (:meth:`~varup.modes.ModeClassifier.embed`,
+background): the penultimate layer of :class:`varup.models.modeclf.ModeClassifier` (:meth:`~varup.models.modeclf.ModeClassifier.embed`,
 the ``4 * width``-d global mean and max of its last conv block; 128-d at the default width 32).
 
 How: :class:`ModeClassifierFeatures` is a torch-fidelity ``FeatureExtractorBase`` registered under
@@ -39,8 +39,8 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from varup.metrics import min_set_size
-from varup.modes import load_mode_classifier
+from varup.config.sizes import min_set_size
+from varup.models.modeclf import load_mode_classifier
 
 log = logging.getLogger("varup.metrics.toyfeatures")
 
@@ -50,7 +50,7 @@ FEATURE_LAYER = "penultimate"
 
 class ModeClassifierFeatures(FeatureExtractorBase):
     """torch-fidelity feature extractor: uint8 (B, 3, H, W) -> ``(features,)``, the float64 penultimate features of
-    the mode classifier saved at ``feature_extractor_weights_path`` (:meth:`varup.modes.ModeClassifier.embed`)."""
+    the mode classifier saved at ``feature_extractor_weights_path`` (:meth:`varup.models.modeclf.ModeClassifier.embed`)."""
 
     def __init__(self, name: str, features_list, feature_extractor_weights_path: str | None = None, **kwargs):
         super().__init__(name, features_list)
@@ -136,11 +136,11 @@ def toy_feature_metrics(gen_uint8: np.ndarray, real_uint8: np.ndarray, classifie
 
 def feature_space(classifier) -> dict:
     """What the features are, for the JSON records: extractor, layer, dimension, the classifier file and its hash."""
-    from varup.utils import sha256_file
+    from varup.base.utils import sha256_file
 
     model = load_mode_classifier(classifier)
     return {"extractor": FEATURE_EXTRACTOR, "layer": FEATURE_LAYER, "dim": int(model.feature_dim),
-            "definition": "varup.modes.ModeClassifier.embed: [global mean, global max] of the last conv block",
+            "definition": "varup.models.modeclf.ModeClassifier.embed: [global mean, global max] of the last conv block",
             "classifier": str(classifier), "classifier_sha256": sha256_file(classifier),
             "classifier_val_accuracy": model.val_accuracy}
 
@@ -152,7 +152,7 @@ def _metric_kw(params: Mapping[str, Any]) -> dict:
 
 def _reference(data_dir, params: Mapping[str, Any]) -> tuple[np.ndarray, dict]:
     """The metrics' real reference set (the rows ``real_features`` uses) and its description."""
-    from varup.metrics.evaluate import load_rows, real_subset
+    from varup.data.subsets import load_rows, real_subset
 
     split = params.get("split", "val")
     rows, keep = real_subset(data_dir, split, params.get("max_images"))
@@ -165,7 +165,7 @@ def run_toy_metrics(classifier, samples_npz, data_dir, out_json, *, params: Mapp
     """One run's toy-feature metrics: its samples (``images`` of ``samples_npz``) against the real reference set
     (``params``: ``split``, ``max_images``, ``resolution`` and the metric settings of :func:`toy_feature_metrics`).
     Writes and returns ``{'kind': 'toy_metrics', **meta, 'toy': {...}, 'reference', 'feature_space', ...}``."""
-    from varup.utils import atomic_write_json, sha256_file, write_provenance
+    from varup.base.utils import atomic_write_json, sha256_file, write_provenance
 
     t0 = time.time()
     with np.load(samples_npz) as z:
@@ -202,7 +202,7 @@ def floor_rows(data_dir, *, reference_split: str, floor_split: str, n_per_class:
     class-balanced floor set of ``n_per_class`` images per class from ``floor_split``, with no image of the
     reference (when both come from one split its reference indices are excluded). Raises if any image file is in
     both sets."""
-    from varup.metrics.evaluate import real_subset
+    from varup.data.subsets import real_subset
 
     ref_rows, ref_keep = real_subset(data_dir, reference_split, max_images)
     fl_rows, _ = real_subset(data_dir, floor_split, None)
@@ -216,10 +216,10 @@ def floor_rows(data_dir, *, reference_split: str, floor_split: str, n_per_class:
 
 def _inception_floor(floor_images: np.ndarray, inception_json, real_features_path, ref: dict, params, device) -> dict:
     """Inception FID/KID/P/R (and PRDC) of the floor set against the saved real features (one Inception pass)."""
+    from varup.base.utils import read_json
     from varup.metrics.features import extract_features, load_features
     from varup.metrics.fidelity import fidelity_metrics
     from varup.metrics.inception import load_inception
-    from varup.utils import read_json
 
     real, meta = load_features(real_features_path)
     if meta.get("split") != ref["split"] or meta.get("n") != ref["n"]:
@@ -241,8 +241,8 @@ def reconstruction_ceiling(floor_uint8: np.ndarray, real_uint8: np.ndarray, toke
     """The floor set encoded and decoded by the tokenizer, scored against the reference like a run's samples: what a
     generator that reproduced the token maps of real images exactly would get, the ceiling the tokenizer sets for
     every run trained on its tokens."""
-    from varup.gate import reconstruct_uint8
     from varup.models.vqvae import load_vqvae
+    from varup.tokenizer.gate import reconstruct_uint8
 
     vae = load_vqvae(tokenizer, map_location=device).eval()
     x = torch.from_numpy(floor_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
@@ -260,8 +260,8 @@ def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], 
     (:func:`reconstruction_ceiling`). Writes and returns ``{'kind': 'toy_metrics_floor', 'dataset', 'toy',
     'inception' (or None, with 'inception_reason'), 'reconstruction' (or None), 'floor_set', 'reference',
     'feature_space'}``."""
-    from varup.metrics.evaluate import load_rows
-    from varup.utils import atomic_write_json, write_provenance
+    from varup.base.utils import atomic_write_json, write_provenance
+    from varup.data.subsets import load_rows
 
     t0 = time.time()
     ref_rows, ref_keep, fl_rows, fl_keep = floor_rows(

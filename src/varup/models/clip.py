@@ -9,7 +9,7 @@ read weights-only. The weights go strictly into an open_clip model built from it
 (OpenAI's activation; open_clip only switches it on for its own ``pretrained='openai'`` tag, never for a path).
 
 :data:`CLIP_WEIGHTS` records the two OpenAI files (URL and sha256: the URL's path segment is the file's sha256, as
-openai/CLIP's ``_MODELS`` has it) and :func:`fetch_clip_weights` fetches one with :func:`varup.download.fetch_file`.
+openai/CLIP's ``_MODELS`` has it) and :func:`fetch_clip_weights` fetches one with :func:`varup.base.download.fetch_file`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from varup.download import fetch_file
+from varup.base.download import fetch_file
 
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
 # Tensors of the OpenAI / TorchScript state dicts that are no weights (ints, and the causal mask TorchScript keeps).
@@ -58,7 +58,7 @@ def fetch_clip_weights(name: str, dest_dir: str | os.PathLike, url: str | None =
 
     ``url`` / ``sha256`` override the registry's (a mirror, another file); an unknown ``name`` needs ``url`` and is
     then saved under the URL's file name, trusted on first use when no ``sha256`` is given. Resumes partial
-    downloads and raises :class:`varup.download.ChecksumError` on a wrong sha256 (see ``fetch_file``)."""
+    downloads and raises :class:`varup.base.download.ChecksumError` on a wrong sha256 (see ``fetch_file``)."""
     entry = CLIP_WEIGHTS.get(name)
     if entry is None and url is None:
         raise KeyError(f"unknown CLIP weights {name!r}: known are {sorted(CLIP_WEIGHTS)}; or give its url")

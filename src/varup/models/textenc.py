@@ -11,7 +11,6 @@ CLIP's text embeddings). Two kinds:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
@@ -19,19 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varup.base.text import words_of
+
 PAD, CLS = 0, 1
-_WORD = re.compile(r"[a-z0-9\-]+")
-
-
 class TextEncoder(Protocol):
     dim: int
 
     def encode(self, captions: Sequence[str]) -> torch.Tensor: ...
-
-
-def words_of(caption: str) -> list[str]:
-    """Lower-case words of a caption (punctuation dropped)."""
-    return _WORD.findall(caption.lower())
 
 
 def vocabulary(captions: Sequence[str]) -> list[str]:
@@ -108,4 +101,4 @@ def build_toy_encoder(config: dict) -> ToyTextEncoder:
     return ToyTextEncoder(ToyTextConfig(**config))
 
 
-__all__ = ["TextEncoder", "ToyTextEncoder", "ToyTextConfig", "build_toy_encoder", "vocabulary", "words_of"]
+__all__ = ["TextEncoder", "ToyTextEncoder", "ToyTextConfig", "build_toy_encoder", "vocabulary"]

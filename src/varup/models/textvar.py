@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn as nn
 
-from varup.models.common import CheckpointError
+from varup.base.checkpoint import CheckpointError
 from varup.models.var import VAR, VARConfig, infer_var_config, load_checkpoint_file
 
 #: official VAR key -> VAR-CLIP keys (every other key is shared unchanged)

@@ -9,7 +9,7 @@ Differences from the official code, none of which changes a result:
   so its validation loss is measured with dropped labels);
 * the VQVAE is not held inside the model: the trainer and the sampler pass it in;
 * the KV cache is preallocated once per sampling call instead of concatenated at every scale;
-* DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.uncertainty`).
+* DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.studies.uncertainty`).
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varup.models.common import CheckpointError, check_labels, extract_state_dict, load_strict, read_checkpoint
+from varup.base.checkpoint import CheckpointError, extract_state_dict, load_strict, read_checkpoint
+from varup.models.common import check_labels
 
 
 @dataclass
@@ -355,7 +356,7 @@ class VAR(nn.Module):
             x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)
 
-    # -- KV-cached stepping (used by varup.sample) ----------------------------------------------
+    # -- KV-cached stepping (used by varup.sampling.sampler) ----------------------------------------------
     def kv_caching(self, enable: bool) -> None:
         for b in self.blocks:
             b.attn.kv_caching(enable)

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from varup.models.common import check_image_batch, check_token_maps, extract_state_dict, load_strict, read_checkpoint
+from varup.base.checkpoint import extract_state_dict, load_strict, read_checkpoint
+from varup.models.common import check_image_batch, check_token_maps
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""What the JSON schema cannot say: cross-references between sections, sample sizes each metric needs,
+folders a job reads. Run by :func:`varup.config.schema.validate` after the schema, before any job starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from varup.config.cluster import LAUNCH_KEYS
+from varup.config.errors import ConfigError
+from varup.config.folders import folder_classes, num_classes_problem
+from varup.config.keys import deep_merge, get_key
+from varup.config.plan import main_runs, uncertainty_enabled
+from varup.config.sizes import min_set_size
+
+
+def check_cross_references(cfg: dict) -> None:
+    problems = []
+    for name, ds in cfg["datasets"].items():
+        if ds["tokenizer"] not in cfg["tokenizers"]:
+            problems.append(f"datasets/{name}/tokenizer: {ds['tokenizer']!r} is not defined under tokenizers "
+                            f"(have {sorted(cfg['tokenizers'])})")
+        if ds["kind"] in ("folder", "imagenet100") and "root" not in ds:
+            problems.append(f"datasets/{name}/root: required for kind {ds['kind']!r}")
+        if ds["kind"] == "toy" and "num_classes" in ds:
+            n = len(ds.get("generator", {}).get("shapes", ["circle", "square", "triangle", "cross"]))
+            if ds["num_classes"] != n:
+                problems.append(f"datasets/{name}/num_classes: {ds['num_classes']} but the generator has {n} shapes")
+        if ds.get("tokenizer_gate") and ds["kind"] != "toy":
+            problems.append(f"datasets/{name}/tokenizer_gate: needs the toy mode classifier, so only kind 'toy' "
+                            f"can have it (this dataset is {ds['kind']!r})")
+    for name, tok in cfg["tokenizers"].items():
+        if tok["kind"] == "train" and "vqvae" not in tok:
+            problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
+    for name, d in cfg["datasets"].items():
+        for key in LAUNCH_KEYS:
+            if key in d.get("train", {}):
+                problems.append(f"datasets/{name}/train/{key}: set {key} at the top level (train/{key}); it sizes the "
+                                f"training rule for every dataset")
+    ex = cfg.get("experiments", {})
+    for key in ("figure4", "ood", "downstream"):
+        if key in ex and ex[key]["dataset"] not in cfg["datasets"]:
+            problems.append(f"experiments/{key}/dataset: {ex[key]['dataset']!r} is not defined under datasets")
+    if "figure4" in ex:
+        f4 = ex["figure4"]
+        if int(f4["depth"]) not in cfg["model"]["depths"] and f4.get("cfg"):
+            problems.append(f"experiments/figure4/depth: {f4['depth']} is not in model/depths, so the cfg sweep has "
+                            f"no trained runs to sample")
+        for m in f4.get("cfg_methods", []):
+            if m not in cfg["methods"]:
+                problems.append(f"experiments/figure4/cfg_methods: {m!r} is not defined under methods")
+        base = f4.get("base_method", "ours")
+        if base not in cfg["methods"]:
+            problems.append(f"experiments/figure4/base_method: {base!r} is not defined under methods")
+    problems += _lambda_study_problems(cfg)
+    problems += _checkpoint_problems(cfg)
+    if "downstream" in ex:
+        missing = [m for m in ex["downstream"].get("methods", ["baseline", "ours"]) if m not in cfg["methods"]]
+        if missing:
+            problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
+    problems += _uncertainty_problems(cfg)
+    problems += _folder_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
+
+
+def _lambda_study_problems(cfg: dict) -> list[str]:
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return []
+    out = []
+    d = cfg["datasets"].get(ls["dataset"])
+    if d is None:
+        return [f"experiments/lambda_study/dataset: {ls['dataset']!r} is not defined under datasets"]
+    if d["kind"] != "toy":
+        out.append(f"experiments/lambda_study/dataset: {ls['dataset']!r} is not a toy dataset; the study scores mode "
+                   f"coverage, which needs known modes (on real data use experiments/figure4)")
+    if ls.get("baseline", "baseline") not in ls["points"]:
+        out.append(f"experiments/lambda_study/baseline: {ls.get('baseline', 'baseline')!r} is not one of the points "
+                   f"{sorted(ls['points'])}")
+    if ls.get("depth") and int(ls["depth"]) not in cfg["model"]["depths"]:
+        out.append(f"experiments/lambda_study/depth: {ls['depth']} is not in model/depths")
+    return out
+
+
+def _checkpoint_problems(cfg: dict) -> list[str]:
+    """A checkpoint is written only after a finite-loss check: ckpt_every must be a multiple of the check interval."""
+    out = []
+    for where, t in [("train", cfg["train"])] + [(f"datasets/{n}/train", deep_merge(cfg["train"], d.get("train")))
+                                                  for n, d in cfg["datasets"].items() if d.get("train")]:
+        every, check = t.get("ckpt_every", 200), t.get("nonfinite_check_every", 1)
+        if every % check:
+            out.append(f"{where}/ckpt_every: {every} is not a multiple of {where}/nonfinite_check_every ({check})")
+    return out
+
+
+def _uncertainty_problems(cfg: dict) -> list[str]:
+    """The uncertainty study's image sets are scored by FID/KID/PR: each must hold enough images for the
+    neighbourhood metrics; its classes must exist in every dataset the study runs on, and its runs be trained."""
+
+    if not uncertainty_enabled(cfg):
+        return []
+    u = cfg["uncertainty"]
+    m = cfg.get("metrics", {})
+    need = min_set_size(m.get("prc_neighborhood", 3), m.get("prdc_nearest_k", 5))
+    problems = []
+    sizes = {"uncertainty/sweep_n_per_class": u.get("sweep_n_per_class", 0) * len(u.get("classes", [])),
+             "uncertainty/entanglement_n": u.get("entanglement_n", 0)}
+    for key, n in sizes.items():
+        if n < need:
+            problems.append(f"{key}: its image sets hold {n} images, fewer than the {need} that "
+                            f"metrics/prdc_nearest_k and metrics/prc_neighborhood need")
+    for name in u.get("mask_dirs", {}):
+        if name not in cfg["datasets"]:
+            problems.append(f"uncertainty/mask_dirs/{name}: not a dataset defined under datasets")
+    untrained = [s for s in u.get("run_seeds") or [] if s not in cfg["seeds"]]
+    if untrained:
+        problems.append(f"uncertainty/run_seeds: {untrained} not in seeds {cfg['seeds']}: the studies run on trained "
+                        f"runs only, so these seeds would have none (choose run_seeds among seeds)")
+    return problems + _uncertainty_class_problems(cfg)
+
+
+def _uncertainty_class_problems(cfg: dict) -> list[str]:
+    """Every class the studies sample (uncertainty/classes/<i>, uncertainty/entanglement_mixes/<i>/<j>) must exist in
+    the datasets they run on; each bad value is named by its own key."""
+    u = cfg["uncertainty"]
+    where = [(f"uncertainty/classes/{i}", c) for i, c in enumerate(u.get("classes", []))]
+    where += [(f"uncertainty/entanglement_mixes/{i}/{j}", c) for i, mix in enumerate(u.get("entanglement_mixes", []))
+              for j, c in enumerate(mix)]
+    problems = []
+    for name in sorted({r.dataset for r in main_runs(cfg)}):
+        n_cls = cfg["datasets"][name].get("num_classes")
+        problems += [f"{key}: class {c} is out of range for datasets/{name} ({n_cls} classes: 0 to {n_cls - 1})"
+                     for key, c in where if n_cls is not None and c >= n_cls]
+    return problems
+
+
+def _folder_problems(cfg: dict) -> list[str]:
+    """``num_classes`` of a folder dataset against its folder, when the folder can be read now (else the prepare job
+    checks it)."""
+    out = []
+    for name, ds in cfg["datasets"].items():
+        root = Path(str(ds.get("root", ""))).expanduser()
+        if ds["kind"] == "folder" and "num_classes" in ds and "root" in ds and root.is_dir():
+            problem = num_classes_problem(f"datasets/{name}/num_classes", ds["num_classes"], root, folder_classes(root))
+            out += [problem] if problem else []
+    return out
+
+
+#: sub-folders that a folder given by a config key must hold: ImageNet-100 is built from an ImageNet-1k root
+REQUIRED_SUBDIRS = {"imagenet100": ("train", "val")}
+
+
+def dir_problem(cfg: dict, key: str) -> str | None:
+    """Why the folder at dotted ``key`` cannot be read (None: it can, or the key is not set)."""
+    val = get_key(cfg, key)
+    if val is None:
+        return None
+    p = Path(val).expanduser()
+    hint = " (the config's placeholder: fill in the path marked REQUIRED)" if str(val).startswith("/path/to/") else ""
+    if not p.is_dir():
+        return f"{key}: {val} is not an existing folder{hint}"
+    parts = key.split(".")
+    kind = get_key(cfg, ".".join(parts[:-1] + ["kind"])) if parts[-1] == "root" else None
+    missing = [s for s in REQUIRED_SUBDIRS.get(kind, ()) if not (p / s).is_dir()]
+    return f"{key}: {val} has no {' or '.join(f'{s}/' for s in missing)} (kind {kind})" if missing else None
+
+
+def check_dirs(cfg: dict, keys) -> None:
+    """Raise ConfigError naming every key of ``keys`` whose folder cannot be read (see :func:`dir_problem`)."""
+    problems = [m for k in keys if (m := dir_problem(cfg, k))]
+    if problems:
+        raise ConfigError("a configured folder that this job reads is missing:\n" + "\n".join("  " + m for m in problems))

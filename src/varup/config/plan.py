@@ -1,0 +1,210 @@
+"""The run plan of the image arm: which training runs exist (main, ablation, lambda study, cfg sweep, OOD,
+uncertainty, modes) and the complete per-job settings of each. A *run* is one training job (dataset, depth, method,
+seed); its results live under ``results/{experiment}/{dataset}/d{depth}/{method}/seed{seed}/``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from varup.config.cluster import LAUNCH_KEYS
+from varup.config.keys import deep_merge
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    dataset: str
+    depth: int
+    method: str
+    seed: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.dataset}/d{self.depth}/{self.method}/seed{self.seed}"
+
+
+def main_runs(cfg: dict) -> Iterator[Run]:
+    """Table 2: every dataset x depth x method x seed."""
+    for ds in cfg["datasets"]:
+        for depth in cfg["model"]["depths"]:
+            for method in cfg["methods"]:
+                for seed in cfg["seeds"]:
+                    yield Run(ds, int(depth), method, int(seed))
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def grid_method(l1: float, l2: float) -> str:
+    return f"grid_l1-{_num(l1)}_l2-{_num(l2)}"
+
+
+def method_with_loss(cfg: dict, loss: dict, new_name: str) -> str:
+    """The configured method whose loss is exactly ``loss`` (its runs are reused), else ``new_name``."""
+    return next((m for m, spec in cfg["methods"].items() if spec == loss), new_name)
+
+
+def grid_points(cfg: dict) -> dict[tuple[float, float], str]:
+    """Figure 4's lambda_2nd x lambda_se grid -> the method that trains each point: an existing method when its
+    loss is identical (e.g. (0, 0) is the baseline), else a derived ``grid_l1-*_l2-*`` method."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return {}
+    base = cfg["methods"][f4.get("base_method", "ours")]
+    out = {}
+    for a in f4.get("lambda_2nd", []):
+        for b in f4.get("lambda_se", []):
+            out[(a, b)] = method_with_loss(cfg, {**base, "lambda_2nd": a, "lambda_se": b}, grid_method(a, b))
+    return out
+
+
+def ablation_methods(cfg: dict) -> dict[str, dict]:
+    """The extra methods Figure 4's grid needs (points not already trained as a configured method)."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return {}
+    base = cfg["methods"][f4.get("base_method", "ours")]
+    return {m: {**base, "lambda_2nd": a, "lambda_se": b} for (a, b), m in grid_points(cfg).items()
+            if m not in cfg["methods"]}
+
+
+def ablation_runs(cfg: dict) -> Iterator[Run]:
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4:
+        return
+    for method in ablation_methods(cfg):
+        for seed in f4.get("seeds", [cfg["seeds"][0]]):
+            yield Run(f4["dataset"], int(f4["depth"]), method, int(seed))
+
+
+def runs(cfg: dict) -> Iterator[Run]:
+    """Every training job: Table 2's runs, then Figure 4's grid (without duplicates)."""
+    seen = set()
+    for r in (*main_runs(cfg), *ablation_runs(cfg)):
+        if r not in seen:
+            seen.add(r)
+            yield r
+
+
+def lambda_points(cfg: dict) -> dict[str, str]:
+    """The λ study's points -> the method that trains each: a configured method when its loss is identical
+    (so e.g. the baseline's seeds 0 and 1 are the default run's), else a derived ``lam_<point>`` method."""
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return {}
+    return {name: method_with_loss(cfg, loss, f"lam_{name}") for name, loss in ls["points"].items()}
+
+
+def lambda_methods(cfg: dict) -> dict[str, dict]:
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    return {m: dict(ls["points"][p]) for p, m in lambda_points(cfg).items() if m not in cfg["methods"]}
+
+
+def lambda_runs(cfg: dict) -> list[tuple[str, Run]]:
+    """(point, run) for every point x seed of the λ study."""
+    ls = cfg.get("experiments", {}).get("lambda_study")
+    if not ls:
+        return []
+    depth = int(ls.get("depth") or cfg["model"]["depths"][0])
+    return [(p, Run(ls["dataset"], depth, m, int(s))) for p, m in lambda_points(cfg).items() for s in ls["seeds"]]
+
+
+def all_methods(cfg: dict) -> dict[str, dict]:
+    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg)}
+
+
+def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:
+    """Figure 4's classifier-free-guidance sweep: (run, cfg) pairs sampled and scored at another CFG scale."""
+    f4 = cfg.get("experiments", {}).get("figure4")
+    if not f4 or not f4.get("cfg"):
+        return []
+    seeds = f4.get("seeds", [cfg["seeds"][0]])
+    return [(Run(f4["dataset"], int(f4["depth"]), m, int(s)), float(c))
+            for m in f4.get("cfg_methods", ["baseline", "ours"]) for s in seeds for c in f4["cfg"]]
+
+
+def ood_runs(cfg: dict) -> list[Run]:
+    o = cfg.get("experiments", {}).get("ood")
+    return [r for r in main_runs(cfg) if o and r.dataset == o["dataset"]]
+
+
+def downstream_pairs(cfg: dict) -> list[tuple[str, int]]:
+    d = cfg.get("experiments", {}).get("downstream")
+    if not d:
+        return []
+    return [(d["dataset"], int(d.get("depth", cfg["model"]["depths"][0])))]
+
+
+def train_settings(cfg: dict, dataset: str) -> dict:
+    out = deep_merge(cfg["train"], cfg["datasets"][dataset].get("train"))
+    out.setdefault("precision", cfg.get("precision", "auto"))
+    return out
+
+
+def sample_settings(cfg: dict, dataset: str) -> dict:
+    return deep_merge(cfg["sample"], cfg["datasets"][dataset].get("sample"))
+
+
+def model_settings(cfg: dict, depth: int) -> dict:
+    m = cfg["model"]
+    return {
+        "depth": depth,
+        "embed_dim": m.get("width_per_depth", 64) * depth,
+        "num_heads": m.get("heads") or depth,
+        "mlp_ratio": m.get("mlp_ratio", 4.0),
+        "drop_path_rate": m.get("drop_path_rate"),
+        "cond_drop_rate": m.get("cond_drop_rate", 0.1),
+        "attn_l2_norm": m.get("attn_l2_norm", True),
+    }
+
+
+def run_spec(cfg: dict, run: Run) -> dict:
+    """The complete, JSON-able specification of one training job (varup.training.loop.RunSpec fields). Snakemake records
+    it as a rule parameter, so editing anything in it re-runs exactly this job and what depends on it."""
+    optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k not in LAUNCH_KEYS}
+    return {"model": model_settings(cfg, run.depth), "loss": dict(all_methods(cfg)[run.method]), "optim": optim,
+            "seed": run.seed, "extra": {}}
+
+
+def tokenizer_of(cfg: dict, dataset: str) -> tuple[str, dict]:
+    name = cfg["datasets"][dataset]["tokenizer"]
+    return name, cfg["tokenizers"][name]
+
+
+def patch_nums_of(cfg: dict, dataset: str) -> list[int]:
+    _, tok = tokenizer_of(cfg, dataset)
+    if tok["kind"] == "official":
+        return list(tok.get("vqvae", {}).get("patch_nums", [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]))
+    return list(tok["vqvae"]["patch_nums"])
+
+
+def uncertainty_enabled(cfg: dict) -> bool:
+    u = cfg.get("uncertainty")
+    return bool(u) and u.get("enabled", True)
+
+
+def uncertainty_runs(cfg: dict) -> list[Run]:
+    """Runs that get the MC-dropout, DropPath-sweep and entanglement studies."""
+    if not uncertainty_enabled(cfg):
+        return []
+    seeds = cfg["uncertainty"].get("run_seeds") or [cfg["seeds"][0]]
+    return [r for r in main_runs(cfg) if r.seed in seeds]
+
+
+def mode_runs(cfg: dict) -> list[Run]:
+    """Runs whose samples are scored by the mode classifier (datasets that know their modes: the toy)."""
+    if not uncertainty_enabled(cfg):
+        return []
+    return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]
+
+
+def toy_metrics_enabled(cfg: dict) -> bool:
+    return bool(cfg.get("metrics", {}).get("toy_features", {}).get("enabled", True))
+
+
+def toy_runs(cfg: dict) -> list[Run]:
+    """Runs scored in the toy mode classifier's feature space (``metrics.toy_features``): those of toy datasets."""
+    if not toy_metrics_enabled(cfg):
+        return []
+    return [r for r in main_runs(cfg) if cfg["datasets"][r.dataset]["kind"] == "toy"]

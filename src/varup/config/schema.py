@@ -1,0 +1,146 @@
+"""Config loading and validation: the JSON schema (the one home of every default), text values coerced to the
+schema's types, defaults filled in, then the cross-checks of :mod:`varup.config.checks`.
+
+The whole :mod:`varup.config` package is imported by the Snakefile, so it imports no torch (an import-linter contract
+holds this): ``snakemake -n`` stays fast.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from varup.config.checks import check_cross_references
+from varup.config.errors import ConfigError
+
+# The JSON schema ships inside the package (pyproject package-data), so an installed varup validates too.
+DEFAULT_SCHEMA = resources.files("varup.config").joinpath("schema.yaml")
+
+def _format_path(path) -> str:
+    return "/".join(str(p) for p in path) or "<top level>"
+
+
+def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_defaults: bool = True) -> dict:
+    """Validate against the JSON schema, filling schema defaults; raise ConfigError naming every bad key."""
+    import jsonschema
+
+    schema = read_schema(schema_path)
+    coerce_text_values(cfg, schema)
+    cls = jsonschema.validators.validator_for(schema)
+    errors = sorted(cls(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_format_path(e.absolute_path)}: {e.message}{_text_hint(e)}" for e in errors]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+    if set_defaults:
+        _fill_defaults(cfg, schema, schema)
+    check_cross_references(cfg)
+    return cfg
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def coerce_text_values(cfg: dict, schema: dict) -> dict:
+    """Convert, in place, text where the schema wants an integer, a number, a boolean or null: Snakemake reads the
+    values inside a nested ``--config`` override as text (``--config 'train={steps: 10}'`` gives ``'10'``). Text
+    that does not read as the wanted type stays (validation then names its key)."""
+    _coerce(cfg, schema, schema)
+    return cfg
+
+
+def _coerce(value: Any, node: dict, root: dict) -> Any:
+    node = _resolve(node, root)
+    if isinstance(value, dict):
+        props, extra = node.get("properties", {}), node.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[k] = _coerce(v, sub, root)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value[:] = [_coerce(v, node["items"], root) for v in value]
+    elif isinstance(value, str):
+        return _from_text(value, node)
+    return value
+
+
+def _from_text(text: str, node: dict) -> Any:
+    types = node.get("type") or []
+    types = [types] if isinstance(types, str) else types
+    t = text.strip()
+    if not types or "string" in types:
+        return text
+    if "null" in types and t.lower() in ("null", "~", "none", ""):
+        return None
+    if "boolean" in types and t.lower() in _BOOLEANS:
+        return _BOOLEANS[t.lower()]
+    for kind, parse in (("integer", int), ("number", int), ("number", float)):
+        if kind in types:
+            try:
+                return parse(t)
+            except ValueError:
+                pass
+    return text
+
+
+def _text_hint(e) -> str:
+    """What to do about text where the schema wants another type (a ``--config`` value it could not convert)."""
+    if e.validator != "type" or not isinstance(e.instance, str):
+        return ""
+    return (" (a `--config` value is read as text and converted to the type the schema wants where it can; this "
+            "one could not be: fix it, or put nested settings in a file given with --configfile)")
+
+
+def read_schema(schema_path=DEFAULT_SCHEMA) -> dict:
+    """The schema as a dict; a path, or the packaged resource (a Path, or a Traversable in a zipped install)."""
+    src = Path(schema_path) if isinstance(schema_path, (str, os.PathLike)) else schema_path
+    return yaml.safe_load(src.read_text())
+
+
+def _resolve(node: dict, root: dict) -> dict:
+    while "$ref" in node:
+        ref = node["$ref"]
+        assert ref.startswith("#/")
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def _fill_defaults(obj: Any, node: dict, root: dict) -> None:
+    node = _resolve(node, root)
+    if not isinstance(obj, dict):
+        return
+    for key, sub in node.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in obj and "default" in sub:
+            obj[key] = copy.deepcopy(sub["default"])
+        if key in obj:
+            _fill_defaults(obj[key], sub, root)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, val in obj.items():
+            if key not in node.get("properties", {}):
+                _fill_defaults(val, extra, root)
+
+
+def load_config(path: str | os.PathLike, schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
+    p = Path(path)
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    try:
+        return validate(cfg, schema_path)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
