@@ -19,7 +19,6 @@ uncertainty-preserving objective.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -47,6 +46,7 @@ from varup.base.runtime import (
     shutdown_distributed,
     unwrap,
 )
+from varup.base.schedule import warmup_cosine
 from varup.base.utils import atomic_write_json, config_hash, progress, write_provenance
 from varup.data.batches import BatchOrder
 from varup.training.losses import LossConfig, UncertaintyLoss
@@ -154,13 +154,6 @@ class _LMRun:
     start: int = 0
 
 
-def _lr(step: int, c: LMTrainConfig) -> float:
-    if step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
-    p = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-    return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
 def fit(model, tokenizer, data: dict, oc: LMTrainConfig, *, refs: dict | None, out_dir, work_dir, device: str = "auto",
         run_config: dict | None = None, stop_after: int | None = None, stop_before_limit_s: float | None = None) -> dict:
     """Train ``model`` on ``data`` (:func:`encode_records` / :func:`encode_lines`) and write it with ``tokenizer`` to
@@ -207,7 +200,7 @@ def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.T
     """One optimiser step; returns the logits, the loss terms (this rank's token means), the gradient norm and this
     rank's share of the global batch's supervised tokens (1 on one process)."""
     for g in r.opt.param_groups:
-        g["lr"] = _lr(step, r.oc)
+        g["lr"] = warmup_cosine(step, r.oc.lr, r.oc.warmup_steps, r.oc.steps)  # cosine to 10%
     b = {k: v[torch.as_tensor(idx)].to(r.dev) for k, v in r.data.items()}
     T = int(b["attention_mask"].sum(1).max())  # drop the columns that are padding in the whole batch
     b = {k: v[:, :T] for k, v in b.items()}

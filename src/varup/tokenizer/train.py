@@ -34,6 +34,7 @@ from varup.base.runtime import (
     save_training_state,
     set_rng_state,
 )
+from varup.base.schedule import warmup_cosine
 from varup.base.seeding import derive_seed
 from varup.base.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
 from varup.data.batches import BatchOrder
@@ -65,13 +66,6 @@ class TokenizerTrainConfig:
         self.betas = tuple(self.betas)
         if self.reseed_from not in RESEED_SOURCES:
             raise ValueError(f"reseed_from must be one of {RESEED_SOURCES}, not {self.reseed_from!r}")
-
-
-def _lr(step: int, c: TokenizerTrainConfig) -> float:
-    if step < c.warmup_steps:
-        return c.lr * (step + 1) / c.warmup_steps
-    p = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-    return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))  # cosine to 10%
 
 
 RESEED_SOURCES = ("latent", "scales")
@@ -204,7 +198,7 @@ def _tok_setup(vq_cfg: dict, tc_dict: dict, work_dir, device: str) -> _TokRun:
 
 def _tok_step(r: _TokRun, step: int, img: torch.Tensor):
     for g in r.opt.param_groups:
-        g["lr"] = _lr(step, r.tc)
+        g["lr"] = warmup_cosine(step, r.tc.lr, r.tc.warmup_steps, r.tc.steps)  # cosine to 10%
     rec, vq_loss, hits = r.vae(img)
     l1, l2 = F.l1_loss(rec, img), F.mse_loss(rec, img)
     loss = r.tc.recon_l1 * l1 + r.tc.recon_l2 * l2 + vq_loss

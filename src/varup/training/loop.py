@@ -27,7 +27,6 @@ Reliability:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import time
@@ -58,6 +57,7 @@ from varup.base.runtime import (
     set_rng_state,
     shutdown_distributed,
 )
+from varup.base.schedule import cosine
 from varup.base.seeding import derive_seed
 from varup.base.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
 from varup.data.batches import BatchOrder
@@ -118,7 +118,7 @@ def lr_at(step: int, c: OptimConfig) -> float:
         return peak
     p = (step - c.warmup_steps) / max(1, c.steps - 1 - c.warmup_steps)
     if c.lr_schedule == "cosine":
-        return peak * (c.final_lr_ratio + (1 - c.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+        return cosine(peak, p, c.final_lr_ratio)
     if p < 0.05:
         return peak
     return peak * (c.final_lr_ratio + (1 - c.final_lr_ratio) * (1 - p) / 0.95)
