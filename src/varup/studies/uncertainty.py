@@ -57,12 +57,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from varup.base.seeding import derive_seed, make_generator
+from varup.models.common import eval_mode
 from varup.sampling.sampler import class_major_labels, condition_kwargs, mc_dropout, sample
 
 log = logging.getLogger("varup.studies.uncertainty")
@@ -73,19 +74,6 @@ OBJECT_MIN_CHROMA = 0.3  # the upper Otsu class must be at least this saturated 
 
 
 # ------------------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _eval(*modules: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no training-time DropPath / dropout) for the duration, then restore."""
-    was = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        yield
-    finally:
-        for m, w in zip(modules, was):
-            m.train(w)
-
-
 def _device(var, device) -> torch.device:
     dev = var.lvl_1L.device
     if device is not None and torch.device(device) != dev:
@@ -112,7 +100,7 @@ def mc_passes(var, vae, label_or_weights, *, T: int = 50, rate: float, seed: int
         from varup.base.utils import progress
 
         it = progress(it, total=T, desc="mc passes", unit="pass")
-    with _eval(var, vae):
+    with eval_mode(var, vae):
         for t in it:
             with mc_dropout(var, rate, 1, make_generator(derive_seed(seed, "mc", t), dev)):
                 o = sample(var, vae, **cond, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
@@ -258,7 +246,7 @@ def _generate_set(var, vae, labels_all: torch.Tensor, *, seed: int, batch_size: 
     images, tokens = [], []
     n = len(labels_all)
     bar = progress(total=n, desc=desc, unit="img")
-    with _eval(var, vae):
+    with eval_mode(var, vae):
         for b, s in enumerate(range(0, n, batch_size)):
             lab = labels_all[s:s + batch_size].to(dev)
             B = len(lab)
@@ -382,7 +370,7 @@ def run_mc_dropout(model, tokenizer, data_dir, out_json, out_npz, *, classes: Se
     for c, s in pairs:
         imgs = mc_passes(var, vae, c, seed=s, **kw)
         mean, sigma = sigma_map(imgs)
-        with _eval(var, vae):  # the ordinary sample: DropPath off, the passes' sampling seed
+        with eval_mode(var, vae):  # the ordinary sample: DropPath off, the passes' sampling seed
             plain = sample(var, vae, torch.tensor([c], device=dev), cfg=cfg, top_k=min(top_k, var.V), top_p=top_p,
                            more_smooth=more_smooth, generator=make_generator(derive_seed(s, "sample"), dev))
         rec = {"class": c, "sample_seed": s, "mean_sigma": float(sigma.mean())}
