@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from varup.base.seeding import derive_seed, make_generator
-from varup.models.common import check_labels, check_token_maps
+from varup.models.common import check_labels, check_pair, check_token_maps
 from varup.models.var import VAR
 from varup.models.vqvae import VQVAE
 
@@ -130,51 +130,81 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
     the conditional then the unconditional condition embeddings, for a model not conditioned on classes
     (:meth:`varup.models.textvar.TextVAR.guided_condition`); ``labels`` are then only carried into the output.
     """
+    labels = _batch_labels(var, labels, batch_size, generator, cond_BD)
+    _check_inputs(var, vae, labels, cond_BD, teacher_tokens, force_masks)
+    cond_BD = _guided_condition(var, labels, class_weights, cond_BD)
+    teacher = None if teacher_tokens is None else (teacher_tokens, force_masks)
+    f_hat, tokens, raw = _next_scale_loop(var, vae, cond_BD, labels.shape[0], cfg=cfg, top_k=top_k, top_p=top_p,
+                                          more_smooth=more_smooth, generator=generator, teacher=teacher,
+                                          return_raw_logits=return_raw_logits)
+    images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
+    return SampleOutput(images=images, tokens=tokens, labels=labels, raw_logits=raw)
+
+
+def _batch_labels(var: VAR, labels: torch.Tensor | int | None, batch_size: int | None,
+                  generator: torch.Generator | None, cond_BD: torch.Tensor | None) -> torch.Tensor:
+    """:func:`sample`'s ``labels`` as a (B,) LongTensor on the model's device (drawn from ``generator`` when None;
+    -1 per image with ``cond_BD`` and no labels given)."""
     device = var.lvl_1L.device
-    patch_nums, SN = var.patch_nums, len(var.patch_nums)
     if cond_BD is not None:
         B = cond_BD.shape[0] // 2
         labels = (torch.full((B,), -1, dtype=torch.long) if labels is None or isinstance(labels, int) else labels)
-        labels = labels.to(device)
-    elif isinstance(labels, int) or labels is None:
-        if batch_size is None:
-            raise ValueError("batch_size is required when labels is an int or None")
-        B = batch_size
-        if labels is None:
-            uniform = torch.full((var.num_classes,), 1.0 / var.num_classes, device=device)
-            labels = torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
-        else:
-            labels = torch.full((B,), var.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
-    else:
-        labels = labels.to(device)
-    B = labels.shape[0]
+        return labels.to(device)
+    if not (isinstance(labels, int) or labels is None):
+        return labels.to(device)
+    if batch_size is None:
+        raise ValueError("batch_size is required when labels is an int or None")
+    B = batch_size
+    if labels is None:
+        uniform = torch.full((var.num_classes,), 1.0 / var.num_classes, device=device)
+        return torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
+    return torch.full((B,), var.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
+
+
+def _check_inputs(var: VAR, vae: VQVAE, labels: torch.Tensor, cond_BD: torch.Tensor | None,
+                  teacher_tokens: Sequence[torch.Tensor] | None, force_masks: Sequence[torch.Tensor] | None) -> None:
     if cond_BD is None:
         check_labels(labels, var.num_classes)
-    if vae.patch_nums != tuple(patch_nums) or vae.V != var.V or vae.Cvae != var.Cvae:
-        raise ValueError(f"tokenizer (patch_nums {vae.patch_nums}, V {vae.V}, Cvae {vae.Cvae}) does not match the "
-                         f"transformer (patch_nums {tuple(patch_nums)}, V {var.V}, Cvae {var.Cvae})")
+    check_pair(var, vae)
     if (teacher_tokens is None) != (force_masks is None):
         raise ValueError("teacher_tokens and force_masks must be given together")
     if teacher_tokens is not None:
-        check_token_maps(teacher_tokens, patch_nums, var.V)
-        if len(force_masks) != SN:
-            raise ValueError(f"got {len(force_masks)} force masks for {SN} scales")
+        check_token_maps(teacher_tokens, var.patch_nums, var.V)
+        if len(force_masks) != len(var.patch_nums):
+            raise ValueError(f"got {len(force_masks)} force masks for {len(var.patch_nums)} scales")
 
+
+def _guided_condition(var: VAR, labels: torch.Tensor, class_weights: torch.Tensor | None,
+                      cond_BD: torch.Tensor | None) -> torch.Tensor:
+    """The (2B, D) condition embeddings: the conditional half (labels, a class mix or the given ``cond_BD``'s), then
+    the unconditional half (the null class)."""
+    B = labels.shape[0]
     null = torch.full_like(labels, var.num_classes)
     if cond_BD is not None:
         if cond_BD.ndim != 2 or cond_BD.shape[0] != 2 * B:
             raise ValueError(f"cond_BD must have shape (2B, D) = ({2 * B}, {var.D}), got {tuple(cond_BD.shape)}")
-    elif class_weights is not None:
+        return cond_BD
+    if class_weights is not None:
         uncond = F.one_hot(null, var.num_classes + 1).to(class_weights)
-        cond_BD = var.class_condition(class_weights=torch.cat((class_weights.to(device), uncond), 0))
-    else:
-        cond_BD = var.class_condition(torch.cat((labels, null), dim=0))
-    sos = cond_BD
+        return var.class_condition(class_weights=torch.cat((class_weights.to(var.lvl_1L.device), uncond), 0))
+    return var.class_condition(torch.cat((labels, null), dim=0))
+
+
+# the tokens an edit keeps: per-scale (B, pn*pn) tokens and per-scale force masks (True = keep the given token)
+_Teacher = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg: float, top_k: int, top_p: float,
+                     more_smooth: bool, generator: torch.Generator | None, teacher: _Teacher | None,
+                     return_raw_logits: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The official ``autoregressive_infer_cfg`` loop over the scales, KV-cached: returns the final f_hat
+    (B, Cvae, p, p), the per-scale tokens and, if asked, the raw logits of both CFG halves per scale.
+    ``teacher``: None, or the per-scale tokens and force masks to keep."""
+    patch_nums, SN = var.patch_nums, len(var.patch_nums)
     lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
-    next_token_map = (sos.unsqueeze(1).expand(2 * B, var.first_l, -1) + var.pos_start.expand(2 * B, var.first_l, -1)
-                      + lvl_pos[:, :var.first_l])
-    emb = vae.quantize.embedding
-    f_hat = sos.new_zeros(B, var.Cvae, patch_nums[-1], patch_nums[-1])
+    next_token_map = (cond_BD.unsqueeze(1).expand(2 * B, var.first_l, -1)
+                      + var.pos_start.expand(2 * B, var.first_l, -1) + lvl_pos[:, :var.first_l])
+    f_hat = cond_BD.new_zeros(B, var.Cvae, patch_nums[-1], patch_nums[-1])
     tokens: list[torch.Tensor] = []
     raw: list[torch.Tensor] = []
     cur_L = 0
@@ -186,19 +216,8 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
             logits_BlV = var.step(next_token_map, cond_BD)
             if return_raw_logits:
                 raw.append(logits_BlV.clone())
-            t = cfg * ratio
-            logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-            idx_Bl = sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
-            if not more_smooth:
-                h = emb(idx_Bl)
-            else:
-                gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h = gumbel_softmax(logits_BlV.mul(1 + ratio), tau=gum_t, generator=generator) @ emb.weight.unsqueeze(0)
-            if teacher_tokens is not None:
-                force = force_masks[si].to(device).view(B if force_masks[si].shape[0] == B else 1, pn * pn)
-                gt = teacher_tokens[si].to(device)
-                h = torch.where(force.unsqueeze(-1), emb(gt), h)
-                idx_Bl = torch.where(force, gt, idx_Bl)
+            h, idx_Bl = _scale_tokens(var, vae, logits_BlV, B, si, ratio, cfg=cfg, top_k=top_k, top_p=top_p,
+                                      more_smooth=more_smooth, generator=generator, teacher=teacher)
             tokens.append(idx_Bl)
             h_BChw = h.transpose_(1, 2).reshape(B, var.Cvae, pn, pn)
             f_hat, next_map = vae.quantize.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
@@ -208,8 +227,32 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
                 next_token_map = next_token_map.repeat(2, 1, 1)  # the unconditional half sees the guided map
     finally:
         var.kv_caching(False)
-    images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
-    return SampleOutput(images=images, tokens=tokens, labels=labels, raw_logits=raw)
+    return f_hat, tokens, raw
+
+
+def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: int, ratio: float, *, cfg: float,
+                  top_k: int, top_p: float, more_smooth: bool, generator: torch.Generator | None,
+                  teacher: _Teacher | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale's tokens from the (2B, l, V) logits of both CFG halves: guided (ramp ``cfg * ratio``), top-k /
+    top-p sampled, the given tokens kept where the teacher's force mask says so. Returns their embeddings
+    (B, l, Cvae; Gumbel-blended with ``more_smooth``) and indices (B, l)."""
+    emb = vae.quantize.embedding
+    t = cfg * ratio
+    logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+    idx_Bl = sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+    if not more_smooth:
+        h = emb(idx_Bl)
+    else:
+        gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
+        h = gumbel_softmax(logits_BlV.mul(1 + ratio), tau=gum_t, generator=generator) @ emb.weight.unsqueeze(0)
+    if teacher is not None:
+        device, pn = var.lvl_1L.device, var.patch_nums[si]
+        teacher_tokens, force_masks = teacher
+        force = force_masks[si].to(device).view(B if force_masks[si].shape[0] == B else 1, pn * pn)
+        gt = teacher_tokens[si].to(device)
+        h = torch.where(force.unsqueeze(-1), emb(gt), h)
+        idx_Bl = torch.where(force, gt, idx_Bl)
+    return h, idx_Bl
 
 
 @contextlib.contextmanager
