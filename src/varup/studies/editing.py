@@ -300,10 +300,6 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
     """
     from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_write_json, write_provenance
-    from varup.data.subsets import balanced_subset
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
-    from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()
     for t in tasks:
@@ -311,16 +307,72 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
             raise ValueError(f"unknown task {t!r} (expected one of {TASKS})")
     dev = resolve_device(device)
     out_dir = Path(out_dir)
+    vae, nets, cache = _load_downstream(models, tokenizer, tokens_dir, dev)
+    inp = _downstream_inputs(cache, vae, n_images, edit_target, dev)
+    boxes = {"outpaint": tuple(outpaint_box), "inpaint": tuple(inpaint_box),
+             "edit": tuple(edit_box if edit_box is not None else inpaint_box)}
+    sampling = {"n_samples": n_samples, "seed": seed, "cfg": cfg, "top_k": top_k, "top_p": top_p,
+                "more_smooth": more_smooth}
+    summary: dict = {"dataset": dataset_name, "methods": list(models), "models": {k: str(p) for k, p in models.items()},
+                     "tokenizer": str(tokenizer), "tokens_dir": str(tokens_dir),
+                     "data_dir": None if data_dir is None else str(data_dir), "split": "val",
+                     "images": {"rows": [int(r) for r in inp.rows], "labels": inp.labels.tolist(),
+                                "classes": [inp.names[int(c)] for c in inp.labels]},
+                     "sampling": {**sampling, "top_k": min(int(top_k), vae.V), "seed_rule": _SEED_RULE},
+                     "protocol": _EDIT_PROTOCOL, "tasks": {}}
+    for task in tasks:
+        summary["tasks"][task] = _downstream_task(nets, vae, inp, task, boxes[task], out_dir, dataset_name, sampling)
+    summary["wall_s"] = round(time.time() - t0, 2)
+    out_json = out_dir / f"downstream_{dataset_name}.json"
+    atomic_write_json(out_json, summary)
+    write_provenance(out_json, config={k: v for k, v in summary.items() if k != "tasks"}, seed=seed, device=str(dev),
+                     started=t0)
+    return summary
+
+
+_SEED_RULE = ("derive_seed(seed, task, val_row, sample_index), one generator per (image, sample), identical for "
+              "every method")
+_EDIT_PROTOCOL = ("official VAR zero-shot edit semantics: force masks from a box at latent resolution, "
+                  "bilinearly downsampled per scale (>0.5 kept; scales with <=3 tokens always kept); "
+                  "out-/in-painting with the null class, editing = class-conditional in-painting "
+                  "with the target class; inputs shown are tokenizer reconstructions of the cached "
+                  "val token maps; samples keep the input's pixels in the kept latent cells "
+                  "(composited after decoding)")
+
+
+def _load_downstream(models: Mapping[str, str | os.PathLike], tokenizer, tokens_dir, dev: torch.device):
+    """The tokenizer, the models (name -> VAR) and the val token cache, on ``dev``, checked to belong together."""
+    from varup.models.checkpoint import load_model
+    from varup.models.vqvae import load_vqvae
+    from varup.tokenizer.tokens import TokenCache
+
     vae = load_vqvae(tokenizer).to(dev)
     nets = {k: load_model(p).to(dev) for k, p in models.items()}
     cache = TokenCache(tokens_dir, "val")
-    if cache.patch_nums != tuple(vae.patch_nums) or cache.vocab_size != vae.V:
-        raise ValueError(f"token cache {tokens_dir} (patch_nums {cache.patch_nums}, V {cache.vocab_size}) was not "
-                         f"made by this tokenizer (patch_nums {tuple(vae.patch_nums)}, V {vae.V})")
+    cache.check_made_by(vae)
     for k, m in nets.items():
         check_pair(m, vae)
         if m.num_classes != cache.num_classes:
             raise ValueError(f"model {k!r} has {m.num_classes} classes, the token cache {cache.num_classes}")
+    return vae, nets, cache
+
+
+@dataclass
+class _Inputs:
+    """The edited images of :func:`run_downstream`."""
+    rows: np.ndarray  # their val rows of the token cache
+    labels: torch.Tensor  # (B,) their classes
+    targets: torch.Tensor  # (B,) the classes 'edit' edits them to
+    tokens: list[torch.Tensor]  # their per-scale token maps, on the device
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]: their tokenizer reconstructions, on the CPU
+    names: list[str]  # the class names
+    num_classes: int
+
+
+def _downstream_inputs(cache, vae: VQVAE, n_images: int, edit_target, dev: torch.device) -> _Inputs:
+    """``n_images`` class-balanced val images of the token cache: tokens, reconstructions and edit targets."""
+    from varup.data.subsets import balanced_subset
+
     rows = balanced_subset(cache.labels, n_images)
     tok = torch.from_numpy(np.asarray(cache.tokens[rows]).astype(np.int64)).to(dev)
     labels = torch.from_numpy(cache.labels[rows].astype(np.int64))
@@ -335,50 +387,31 @@ def run_downstream(models: Mapping[str, str | os.PathLike], tokenizer: str | os.
         targets = torch.full_like(labels, int(edit_target))
     else:
         targets = torch.as_tensor(edit_target, dtype=torch.long).reshape(-1)
-    boxes = {"outpaint": tuple(outpaint_box), "inpaint": tuple(inpaint_box),
-             "edit": tuple(edit_box if edit_box is not None else inpaint_box)}
-    summary: dict = {"dataset": dataset_name, "methods": list(models), "models": {k: str(p) for k, p in models.items()},
-                     "tokenizer": str(tokenizer), "tokens_dir": str(tokens_dir),
-                     "data_dir": None if data_dir is None else str(data_dir), "split": "val",
-                     "images": {"rows": [int(r) for r in rows], "labels": labels.tolist(),
-                                "classes": [names[int(c)] for c in labels]},
-                     "sampling": {"n_samples": n_samples, "seed": seed, "cfg": cfg, "top_k": min(int(top_k), vae.V),
-                                  "top_p": top_p, "more_smooth": more_smooth,
-                                  "seed_rule": "derive_seed(seed, task, val_row, sample_index), one generator per "
-                                               "(image, sample), identical for every method"},
-                     "protocol": ("official VAR zero-shot edit semantics: force masks from a box at latent resolution, "
-                                  "bilinearly downsampled per scale (>0.5 kept; scales with <=3 tokens always kept); "
-                                  "out-/in-painting with the null class, editing = class-conditional in-painting "
-                                  "with the target class; inputs shown are tokenizer reconstructions of the cached "
-                                  "val token maps; samples keep the input's pixels in the kept latent cells "
-                                  "(composited after decoding)"),
-                     "tasks": {}}
-    for task in tasks:
-        box = boxes[task]
-        row_labels = [names[int(c)] for c in labels]
-        kw = {}
-        if task == "edit":
-            kw["target_labels"] = targets
-            row_labels = [f"{names[int(a)]} → {names[int(b)]}" for a, b in zip(labels, targets)]
-        name = f"downstream_{dataset_name}_{task}"
-        log.info("%s: %d images x %d samples x %d methods", name, len(rows), n_samples, len(nets))
-        res = downstream_figure(nets, vae, tokens, labels, inputs, task, out_dir, name, row_labels=row_labels,
-                                title=f"{dataset_name}: {TASK_TITLES[task]}", box=box, n_samples=n_samples,
-                                seed=seed, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                                image_ids=[int(r) for r in rows], **kw)
-        summary["tasks"][task] = {
-            "box_yxyx": list(box), "kept": "inside the box" if task == "outpaint" else "outside the box",
-            "box_cells_yxyx": _cells(keep_mask(vae.patch_nums, task, box), task),
-            "labels_used": res["labels"].tolist(), "null_class": C,
-            "target_classes": [names[int(c)] for c in targets] if task == "edit" else None,
-            "seeds": res["seeds"], "figure": [str(out_dir / f"{name}.png"), str(out_dir / f"{name}.pdf")],
-        }
-    summary["wall_s"] = round(time.time() - t0, 2)
-    out_json = out_dir / f"downstream_{dataset_name}.json"
-    atomic_write_json(out_json, summary)
-    write_provenance(out_json, config={k: v for k, v in summary.items() if k != "tasks"}, seed=seed, device=str(dev),
-                     started=t0)
-    return summary
+    return _Inputs(rows=rows, labels=labels, targets=targets, tokens=tokens, images=inputs, names=names,
+                   num_classes=C)
+
+
+def _downstream_task(nets: Mapping[str, VAR], vae: VQVAE, inp: _Inputs, task: str, box: tuple, out_dir: Path,
+                     dataset_name: str, sampling: dict) -> dict:
+    """One task's figure over every model, and its record in the summary."""
+    names, labels, targets = inp.names, inp.labels, inp.targets
+    row_labels = [names[int(c)] for c in labels]
+    kw = {}
+    if task == "edit":
+        kw["target_labels"] = targets
+        row_labels = [f"{names[int(a)]} → {names[int(b)]}" for a, b in zip(labels, targets)]
+    name = f"downstream_{dataset_name}_{task}"
+    log.info("%s: %d images x %d samples x %d methods", name, len(inp.rows), sampling["n_samples"], len(nets))
+    res = downstream_figure(nets, vae, inp.tokens, labels, inp.images, task, out_dir, name, row_labels=row_labels,
+                            title=f"{dataset_name}: {TASK_TITLES[task]}", box=box, **sampling,
+                            image_ids=[int(r) for r in inp.rows], **kw)
+    return {
+        "box_yxyx": list(box), "kept": "inside the box" if task == "outpaint" else "outside the box",
+        "box_cells_yxyx": _cells(keep_mask(vae.patch_nums, task, box), task),
+        "labels_used": res["labels"].tolist(), "null_class": inp.num_classes,
+        "target_classes": [names[int(c)] for c in targets] if task == "edit" else None,
+        "seeds": res["seeds"], "figure": [str(out_dir / f"{name}.png"), str(out_dir / f"{name}.pdf")],
+    }
 
 
 def _cells(keep: torch.Tensor, task: str) -> list[float] | None:

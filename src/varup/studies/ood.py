@@ -136,9 +136,7 @@ def run_ood(model: str | os.PathLike, tokenizer: str | os.PathLike, id_tokens_di
     var = load_model(model).to(dev)
     id_c, ood_c = TokenCache(id_tokens_dir, "val"), TokenCache(ood_tokens_dir, "ood")
     for c in (id_c, ood_c):
-        if c.patch_nums != tuple(vae.patch_nums) or c.vocab_size != vae.V:
-            raise ValueError(f"token cache {c.dir} (patch_nums {c.patch_nums}, V {c.vocab_size}) was not made by this "
-                             f"tokenizer (patch_nums {tuple(vae.patch_nums)}, V {vae.V})")
+        c.check_made_by(vae)
     sha = [c.meta.get("tokenizer_sha256") for c in (id_c, ood_c)]
     if all(sha) and sha[0] != sha[1]:
         raise ValueError(f"ID and OOD token caches were made by different tokenizers ({sha[0][:12]} vs {sha[1][:12]})")

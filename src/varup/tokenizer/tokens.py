@@ -68,6 +68,14 @@ class TokenCache:
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
 
+    def check_made_by(self, vae: VQVAE, tokenizer: str | os.PathLike | None = None) -> None:
+        """ValueError unless this cache holds ``vae``'s tokens (the same scales and vocabulary); ``tokenizer``, the
+        tokenizer's path, names it in the message."""
+        if self.patch_nums != tuple(vae.patch_nums) or self.vocab_size != vae.V:
+            by = "this tokenizer" if tokenizer is None else f"tokenizer {tokenizer}"
+            raise ValueError(f"token cache {self.dir} (patch_nums {self.patch_nums}, V {self.vocab_size}) was not "
+                             f"made by {by} (patch_nums {tuple(vae.patch_nums)}, V {vae.V})")
+
 
 @torch.no_grad()
 def encode_split(vae: VQVAE, get_image: Callable[[int, dict], torch.Tensor], labels: Sequence[int], out_dir: str | os.PathLike,

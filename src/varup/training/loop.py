@@ -258,9 +258,7 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
     work.mkdir(parents=True, exist_ok=True)
     vae = load_vqvae(tokenizer, map_location="cpu")
     cache = TokenCache(tokens_dir, "train")
-    if tuple(cache.patch_nums) != tuple(vae.patch_nums) or cache.vocab_size != vae.V:
-        raise ValueError(f"token cache {tokens_dir} (patch_nums {cache.patch_nums}, V {cache.vocab_size}) was not "
-                         f"made by tokenizer {tokenizer} (patch_nums {vae.patch_nums}, V {vae.V})")
+    cache.check_made_by(vae, tokenizer)
     refs = load_references(references) if references else None
     torch.manual_seed(spec.seed)  # identical initialisation on every rank
     model, cond_of = _build(spec, vae, cache, tokens_dir, captions, text_encoder_weights, dev)
