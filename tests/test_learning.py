@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from test_e2e import REPO, smk
+from tinydag import REPO, smk
 
 pytestmark = pytest.mark.slow
 

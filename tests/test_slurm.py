@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from test_e2e import REPO, tiny_config
+from tinydag import REPO, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
