@@ -279,6 +279,25 @@ def peak_tflops(ceilings: dict | None, amp: torch.dtype | None, override: float 
     return (t, f"measured {name} matmul") if t else (None, "none")
 
 
+def _peak_for(ceilings: dict | None, amp: torch.dtype | None, peak: float | None, dev: torch.device):
+    """The MFU denominator (:func:`peak_tflops`), the matmul ceiling measured here in the run's dtype when neither a
+    ``ceilings`` record nor a ``peak`` override is given."""
+    if ceilings is None and not peak:
+        ceilings = ceilings_benchmark(dev, dtypes=(_dtype_name(amp),))
+    return peak_tflops(ceilings, amp, peak)
+
+
+def _time_calls(call: Callable[[], None], dev: torch.device, o: dict) -> tuple[list[float], float]:
+    """``o['warmup']`` untimed calls of ``call``, then ``o['repeats']`` timed ones: their seconds and the peak
+    memory (GiB) over the timed calls."""
+    for _ in range(max(o["warmup"], 0)):
+        call()
+    sync(dev)
+    reset_peak_memory(dev)
+    t = timeit(call, dev, 0, o["repeats"])
+    return t, peak_memory_gb(dev)
+
+
 # ------------------------------------------------------------------------------------------- train
 def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch_nums: Sequence[int] = OFFICIAL_PN,
                     vocab: int = 4096, z_channels: int = 32, num_classes: int = 1000, width: int | None = None,
@@ -300,9 +319,7 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
     if plain:
         precision, compile = "fp32", False
     amp = autocast_dtype(precision, dev)
-    if ceilings is None and not peak:
-        ceilings = ceilings_benchmark(dev, dtypes=(_dtype_name(amp),))
-    pk, pk_src = peak_tflops(ceilings, amp, peak)
+    pk, pk_src = _peak_for(ceilings, amp, peak, dev)
     patch_nums = tuple(patch_nums)
     L = sum(p * p for p in patch_nums)
     torch.manual_seed(seed)
@@ -314,37 +331,11 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
     losses = {"ce_only": UncertaintyLoss(LossConfig(), patch_nums, refs).to(dev),  # the baseline as trained
               "full_objective": UncertaintyLoss(LossConfig(lambda_2nd=0.002, lambda_se=0.01), patch_nums, refs).to(dev)}
     lab = torch.randint(0, num_classes, (batch,), device=dev)
-    vcfg = None
-    if plain:
-        vcfg = vqvae_config(vae, dev, vocab, z_channels, patch_nums)
-        tok_model = VQVAE(vcfg).freeze().to(dev)
-        quant = tok_model.quantize
-        R = vcfg.resolution
-        img = torch.rand(batch, 3, R, R, device=dev).mul_(2).sub_(1)
-    else:
-        quant = MultiScaleQuantizer(VQVAEConfig(vocab_size=vocab, z_channels=z_channels, patch_nums=patch_nums)).to(dev)
-        quant.requires_grad_(False)
-        tok = torch.randint(0, vocab, (batch, L), device=dev)
-
-    def make_step(lf: UncertaintyLoss) -> Callable[[], None]:
-        def step() -> None:
-            if plain:
-                idx = tok_model.img_to_idxBl(img)
-                y = torch.cat(idx, dim=1)
-            else:
-                idx, y = split_tokens(tok, patch_nums), tok
-            x = quant.idxBl_to_var_input(idx)
-            with autocast(dev, amp):
-                logits = net(lab, x)
-            loss = lf(logits, y).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-        return step
-
-    times, mem = time_interleaved({k: make_step(lf) for k, lf in losses.items()}, dev, o["warmup"], o["repeats"])
+    vcfg = vqvae_config(vae, dev, vocab, z_channels, patch_nums) if plain else None
+    quant, tokens_of_step = _train_feed(vcfg, dev, batch, vocab, z_channels, patch_nums)
+    steps = {k: _train_step(model, net, opt, lf, lab, quant, tokens_of_step, dev, amp, grad_clip)
+             for k, lf in losses.items()}
+    times, mem = time_interleaved(steps, dev, o["warmup"], o["repeats"])
     flops = var_train_flops(depth, batch, patch_nums, vocab, z_channels, width)
     mode = "plain" if plain else ("compile" if compile else "fast")
     out: dict = {"benchmark": "train", "mode": mode, **env_info(dev), "depth": depth, "width": model.C,
@@ -358,21 +349,60 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
                  "encode_tflop_per_step": vqvae_encode_flops(vcfg, batch) / 1e12 if plain else 0.0,
                  "peak_tflops": pk, "peak_source": pk_src}
     for name in losses:
-        t = statistics.median(times[name])
-        short = "ce" if name == "ce_only" else "full"
-        out[f"{name}_s"] = t
-        out[f"{name}_times_s"] = times[name]
-        out[f"imgs_per_s_{short}"] = batch / t
-        out[f"tokens_per_s_{short}"] = batch * L / t
-        out[f"tflops_{short}"] = flops / t / 1e12
-        out[f"mfu_{short}"] = flops / t / 1e12 / pk if pk else None
-        out[f"{name}_peak_mem_gb"] = mem[name]
+        out.update(_step_figures(name, times[name], mem[name], batch, L, flops, pk))
     out["ratio_full_vs_ce"] = out["full_objective_s"] / out["ce_only_s"]
-    del model, net, opt, quant, losses
-    if plain:
-        del tok_model
+    del model, net, opt, quant, losses, steps, tokens_of_step
     _release(dev)
     return out
+
+
+def _train_feed(vcfg: VQVAEConfig | None, dev: torch.device, batch: int, vocab: int, z_channels: int,
+                patch_nums: tuple[int, ...]) -> tuple[MultiScaleQuantizer, Callable[[], tuple[list, torch.Tensor]]]:
+    """The quantiser that makes the teacher-forcing input and what gives a step its (per-scale tokens, targets):
+    with a tokenizer config (plain mode), its VQVAE encoding random images inside the step; without, fixed random
+    token rows (the token cache)."""
+    if vcfg is not None:
+        tok_model = VQVAE(vcfg).freeze().to(dev)
+        R = vcfg.resolution
+        img = torch.rand(batch, 3, R, R, device=dev).mul_(2).sub_(1)
+
+        def encode() -> tuple[list, torch.Tensor]:
+            idx = tok_model.img_to_idxBl(img)
+            return idx, torch.cat(idx, dim=1)
+        return tok_model.quantize, encode
+    quant = MultiScaleQuantizer(VQVAEConfig(vocab_size=vocab, z_channels=z_channels, patch_nums=patch_nums)).to(dev)
+    quant.requires_grad_(False)
+    tok = torch.randint(0, vocab, (batch, sum(p * p for p in patch_nums)), device=dev)
+    return quant, lambda: (split_tokens(tok, patch_nums), tok)
+
+
+def _train_step(model: VAR, net, opt: torch.optim.Optimizer, lf: UncertaintyLoss, lab: torch.Tensor,
+                quant: MultiScaleQuantizer, tokens_of_step: Callable[[], tuple[list, torch.Tensor]], dev: torch.device,
+                amp: torch.dtype | None, grad_clip: float) -> Callable[[], None]:
+    """One timed training step with the objective ``lf``: tokens, teacher-forcing input, forward, backward,
+    clipping, AdamW."""
+    def step() -> None:
+        idx, y = tokens_of_step()
+        x = quant.idxBl_to_var_input(idx)
+        with autocast(dev, amp):
+            logits = net(lab, x)
+        loss = lf(logits, y).total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+    return step
+
+
+def _step_figures(name: str, times: list[float], mem: float, batch: int, L: int, flops: float,
+                  pk: float | None) -> dict:
+    """The figures of one objective's step (``name``: ce_only or full_objective) from its timed repeats."""
+    t = statistics.median(times)
+    short = "ce" if name == "ce_only" else "full"
+    return {f"{name}_s": t, f"{name}_times_s": times, f"imgs_per_s_{short}": batch / t,
+            f"tokens_per_s_{short}": batch * L / t, f"tflops_{short}": flops / t / 1e12,
+            f"mfu_{short}": flops / t / 1e12 / pk if pk else None, f"{name}_peak_mem_gb": mem}
 
 
 def step_benchmark(depth: int, batch: int, *, patch_nums=OFFICIAL_PN, vocab: int = 4096, z_channels: int = 32,
@@ -405,9 +435,7 @@ def sample_benchmark(depth: int | None = None, batch: int | None = None, *, patc
     o = _defaults(dev, depth=depth, sample_batch=batch, warmup=warmup, repeats=repeats)
     depth, batch = o["depth"], o["sample_batch"]
     amp = autocast_dtype(precision, dev)
-    if ceilings is None and not peak:
-        ceilings = ceilings_benchmark(dev, dtypes=(_dtype_name(amp),))
-    pk, pk_src = peak_tflops(ceilings, amp, peak)
+    pk, pk_src = _peak_for(ceilings, amp, peak, dev)
     patch_nums = tuple(patch_nums)
     torch.manual_seed(seed)
     model = _build_var(depth, width, vocab, z_channels, num_classes, patch_nums).init_weights().to(dev).eval()
@@ -420,12 +448,7 @@ def sample_benchmark(depth: int | None = None, batch: int | None = None, *, patc
         with torch.inference_mode(), autocast(dev, amp):
             sample(model, tok_model, labels, cfg=cfg, top_k=k, top_p=top_p, generator=make_generator(seed, dev))
 
-    for _ in range(max(o["warmup"], 0)):
-        call()
-    sync(dev)
-    reset_peak_memory(dev)
-    t = timeit(call, dev, 0, o["repeats"])
-    mem = peak_memory_gb(dev)
+    t, mem = _time_calls(call, dev, o)
     f_var = var_sampling_flops(depth, batch, patch_nums, vocab, cfg=True, z_channels=z_channels, width=width)
     f_q = quantizer_sampling_flops(batch, patch_nums, z_channels)
     f_dec = vqvae_decode_flops(vcfg, batch)
@@ -458,9 +481,7 @@ def encode_benchmark(batch: int | None = None, *, resolution: int | None = None,
     o = _defaults(dev, encode_batch=batch, warmup=warmup, repeats=repeats)
     batch = o["encode_batch"]
     amp = autocast_dtype(precision, dev)
-    if ceilings is None and not peak:
-        ceilings = ceilings_benchmark(dev, dtypes=(_dtype_name(amp),))
-    pk, pk_src = peak_tflops(ceilings, amp, peak)
+    pk, pk_src = _peak_for(ceilings, amp, peak, dev)
     vcfg = vqvae_config(vae, dev, vocab, z_channels, patch_nums)
     if resolution and resolution != vcfg.resolution:
         side, rem = divmod(resolution, vcfg.downsample)
@@ -477,12 +498,7 @@ def encode_benchmark(batch: int | None = None, *, resolution: int | None = None,
         with torch.inference_mode(), autocast(dev, amp):
             tok_model.img_to_idxBl(img)
 
-    for _ in range(max(o["warmup"], 0)):
-        call()
-    sync(dev)
-    reset_peak_memory(dev)
-    t = timeit(call, dev, 0, o["repeats"])
-    mem = peak_memory_gb(dev)
+    t, mem = _time_calls(call, dev, o)
     tm = statistics.median(t)
     flops = vqvae_encode_flops(vcfg, batch)
     out = {"benchmark": "encode", "mode": _vae_kind(vae, dev), **env_info(dev), "depth": None, "batch": batch,
