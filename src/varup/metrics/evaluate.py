@@ -78,7 +78,7 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     from varup.metrics.codebook import codebook_stats
     from varup.metrics.diversity import mean_pairwise_ssim
     from varup.metrics.features import extract_features, load_features
-    from varup.metrics.fidelity import clean_fid_features, clean_fid_from_features, fidelity_metrics
+    from varup.metrics.fidelity import clean_fid_features, clean_fid_from_features
     from varup.metrics.inception import load_inception
     from varup.models.checkpoint import load_model
     from varup.models.vqvae import load_vqvae
@@ -96,11 +96,7 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     ext = load_inception(inception_json, dev)
     gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc="sample features")
     real, real_meta = load_features(real_features_path)
-    fid = fidelity_metrics(gen, real, kid_subsets=params.get("kid_subsets", 100),
-                           kid_subset_size=params.get("kid_subset_size", 1000),
-                           prc_neighborhood=params.get("prc_neighborhood", 3),
-                           prdc_nearest_k=params.get("prdc_nearest_k", 5),
-                           isc_unavailable_reason=info.get("isc_unavailable_reason"))
+    fid = _fidelity(gen, real, params, info)
 
     res: dict = {"n_samples": int(len(images)), "fidelity": fid,
                  "inception": {k: info.get(k) for k in ("source", "sha256", "isc_available", "isc_unavailable_reason",
@@ -139,6 +135,18 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     return res
 
 
+def _fidelity(gen, real, params: dict, info: dict) -> dict:
+    """:func:`varup.metrics.fidelity.fidelity_metrics` of generated against real features, with the ``metrics``
+    settings in ``params`` and the Inception weights' ``info``."""
+    from varup.metrics.fidelity import fidelity_metrics
+
+    return fidelity_metrics(gen, real, kid_subsets=params.get("kid_subsets", 100),
+                            kid_subset_size=params.get("kid_subset_size", 1000),
+                            prc_neighborhood=params.get("prc_neighborhood", 3),
+                            prdc_nearest_k=params.get("prdc_nearest_k", 5),
+                            isc_unavailable_reason=info.get("isc_unavailable_reason"))
+
+
 def score_sets(sets_json, out_json, *, real_features_path, inception_json, params: dict, device: str = "auto") -> dict:
     """Fill ``fidelity`` of every image set listed in a study's JSON (DropPath sweep rates or entanglement mixes):
     one Inception pass per set, scored against the real features — for a class mix, only the real images of the
@@ -146,7 +154,6 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
     from varup.base.runtime import resolve_device
     from varup.config.sizes import min_set_size
     from varup.metrics.features import extract_features, load_features
-    from varup.metrics.fidelity import fidelity_metrics
     from varup.metrics.inception import load_inception
 
     t0 = time.time()
@@ -168,11 +175,7 @@ def score_sets(sets_json, out_json, *, real_features_path, inception_json, param
         with np.load(Path(sets_json).parent / e["set"]) as z:
             images = z["images"]
         gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc=e["set"])
-        e["fidelity"] = fidelity_metrics(gen, ref, kid_subsets=params.get("kid_subsets", 100),
-                                         kid_subset_size=params.get("kid_subset_size", 1000),
-                                         prc_neighborhood=params.get("prc_neighborhood", 3),
-                                         prdc_nearest_k=params.get("prdc_nearest_k", 5),
-                                         isc_unavailable_reason=info.get("isc_unavailable_reason"))
+        e["fidelity"] = _fidelity(gen, ref, params, info)
         e["fidelity"]["n_real"] = int(len(ref["pool"]))
     rec["inception"] = {k: info.get(k) for k in ("source", "sha256", "isc_available", "isc_unavailable_reason")}
     atomic_write_json(out_json, rec)
