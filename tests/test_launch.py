@@ -41,7 +41,10 @@ def test_the_batch_shells_stripped_environment_is_refused_with_advice():
 
 
 def _cfg(**train):
-    return {"train": {"gpus": 1, "nodes": 1, **train}, "cluster": {}}
+    """The toy config, validated (so with the schema's cluster defaults), with these train settings."""
+    cfg = vs.load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
+    cfg["train"].update(train)
+    return cfg
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 8])
@@ -55,7 +58,7 @@ def test_training_resources_scale_with_the_gpus_of_a_node(gpus):
 
 def test_multi_node_training_starts_the_launcher_once_per_node():
     cfg = _cfg(gpus=4, nodes=3)
-    cfg["cluster"] = {"train_cpus_per_gpu": 6, "train_mem_mb_per_gpu": 1000, "gpu_partition": "a100"}
+    cfg["cluster"].update(train_cpus_per_gpu=6, train_mem_mb_per_gpu=1000, gpu_partition="a100")
     cmd, res = vcl.train_launch(cfg)
     assert res == {"slurm_partition": "a100", "cpus_per_task": 24, "mem_mb": 4000, "runtime": 2880, "nodes": 3,
                    "tasks": 3, "mpi": "srun", "slurm_extra": "--gpus-per-task=4"}

@@ -70,7 +70,9 @@ def test_uncertainty_tables_print_one_seed_without_plus_minus():
 
 
 # ------------------------------------------------------------------------------------------ tables.py
-CFG = {"datasets": {"shapes": {"kind": "toy"}}, "model": {"depths": [2]}, "methods": {"baseline": {}, "ours": {}}}
+# the shape of varup.config.reporting.report_config (what the tables rule passes)
+CFG = {"datasets": {"shapes": {"kind": "toy"}}, "model": {"depths": [2]}, "methods": {"baseline": {}, "ours": {}},
+       "experiments": {}, "metrics": {"toy_features": {"enabled": True}}, "uncertainty": {"enabled": False}}
 
 
 def _write(path, obj):

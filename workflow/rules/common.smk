@@ -88,6 +88,11 @@ def ds(w):
     return config["datasets"][w.dataset]
 
 
+def preprocess_of(w):
+    """A dataset's preprocess section; none (the section has no schema default): the images as they are."""
+    return ds(w).get("preprocess", {})
+
+
 def required_dirs(*keys):
     """An input function that checks, when the DAG is built, that the folders a job reads (config keys, formatted
     with its wildcards) exist: a placeholder path fails here, naming the key, not in a queued job. No input file."""
@@ -128,14 +133,14 @@ def tokenizer_file(w):
 
 def tokenizer_gate_file(w):
     """The gate's JSON where the dataset has a tokenizer gate (toy datasets), else nothing: encoding waits for it."""
-    return [f"{RES}/{w.dataset}/tokenizer/gate.json"] if ds(w).get("tokenizer_gate") else []
+    return [f"{RES}/{w.dataset}/tokenizer/gate.json"] if ds(w)["tokenizer_gate"] else []
 
 
 def weights_source(name):
     """(url, sha256 or None, config key of the sha256) of a file fetched into resources/weights/."""
     for tname, tok in config["tokenizers"].items():
         if tok["kind"] == "official" and _stem(tok["url"]) == name:
-            return tok["url"], tok.get("sha256"), f"tokenizers.{tname}.sha256"
+            return tok["url"], tok["sha256"], f"tokenizers.{tname}.sha256"
     if name.startswith("var_d") and name[5:].isdigit():
         d = name[5:]
         w = config["weights"]
@@ -143,8 +148,13 @@ def weights_source(name):
     raise ValueError(f"no download source configured for resources/weights/{name}.pth")
 
 
+def warm_start(dataset):
+    """train.warm_start of a dataset's runs (a train key: no schema default; not set, the trainer starts from scratch)."""
+    return bool(plan.train_settings(config, dataset).get("warm_start"))
+
+
 def warm_start_file(w):
-    if not plan.train_settings(config, w.dataset).get("warm_start"):
+    if not warm_start(w.dataset):
         return []
     return [f"{RSC}/weights/var_d{w.depth}.pth"]
 
@@ -161,20 +171,20 @@ def shards_of(w):
 
 def qualitative_params(w):
     s = plan.sample_settings(config, w.dataset)
-    q_ = s.get("qualitative", {})
-    return {"n_per_class": q_.get("n_per_class", 8), "batch_size": s["batch_size"], "cfg": q_.get("cfg", 3.0),
-            "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
+    q_ = s["qualitative"]
+    return {"n_per_class": q_["n_per_class"], "batch_size": s["batch_size"], "cfg": q_["cfg"],
+            "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s["more_smooth"]}
 
 
 GPU = cluster.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
 CPU = cluster.cluster_resources(config, gpu=False)
 TRAIN_CMD, TRAIN_RES = cluster.train_launch(config)
-TRAIN_STOP_S = int(config["train"].get("stop_before_limit_s", 600))  # train.stop_before_limit_s (a resource)
+TRAIN_STOP_S = int(config["train"]["stop_before_limit_s"])  # a resource
 EXPERIMENTS = config["experiments"]
 TABLES = ["table2", "table7", "codebook_calibration", "overhead", "loss_references"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
     ["figure4"] if "figure4" in EXPERIMENTS else []
 )
-UNC = config.get("uncertainty", {})
+UNC = config["uncertainty"]
 UNC_RUNS = plan.uncertainty_runs(config)
 MODE_RUNS = plan.mode_runs(config)
 TOY_RUNS = plan.toy_runs(config)
@@ -199,9 +209,8 @@ def cfg_sweep_files(name):
 
 
 def downstream_files():
-    d = EXPERIMENTS.get("downstream", {})
     return [f"{RES}/figures/downstream_{ds_}_d{depth}_{t}.{e}" for ds_, depth in DOWNSTREAM
-            for t in d.get("tasks", ["outpaint", "inpaint", "edit"]) for e in ("png", "pdf")]
+            for t in EXPERIMENTS["downstream"]["tasks"] for e in ("png", "pdf")]
 
 
 def prefetch_files():
@@ -210,10 +219,10 @@ def prefetch_files():
     out += [f"{RSC}/datasets/{d}/archive.json" for d in kinds("afhq") if d != "__none__"]
     out += sorted({tokenizer_file(type("W", (), {"dataset": d})) for d in DATASETS
                    if plan.tokenizer_of(config, d)[1]["kind"] == "official"})
-    out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if plan.train_settings(config, r.dataset).get("warm_start")})
+    out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if warm_start(r.dataset)})
     if TEXT_ON:  # CLIP weights: VAR-CLIP's text encoder and CMMD's image encoder, where configured
         out += text_encoder_weights(None)
-        if PROMPTS.get("cmmd", {}).get("features") == "clip":
+        if PROMPTS["cmmd"]["features"] == "clip":
             out.append(clip_file("ViT-L-14-336"))
     if LM_ON:  # the LM arm: dolly-15k and the hub models (base, MAUVE featurizer)
         out += [] if lmr.is_toy(config) else [f"{RSC}/dolly/databricks-dolly-15k.jsonl"]
@@ -231,12 +240,12 @@ def tables_and_figures():
 
 def bench_args():
     """Command-line options of `python -m varup.bench.suite all` from the config's bench section."""
-    b = config.get("bench", {})
+    b = config["bench"]
     opts = {"depth": "--depth", "batch": "--batch", "sample_batch": "--sample-batch", "encode_batch": "--encode-batch",
             "repeats": "--repeats", "warmup": "--warmup"}
-    args = [f"{flag} {int(b[k])}" for k, flag in opts.items() if b.get(k) is not None]
-    args += ["--compile"] if b.get("compile") else []
-    args += [] if b.get("plain", True) else ["--skip-plain"]
+    args = [f"{flag} {int(b[k])}" for k, flag in opts.items() if b[k] is not None]
+    args += ["--compile"] if b["compile"] else []
+    args += [] if b["plain"] else ["--skip-plain"]
     return " ".join(args)
 
 
@@ -249,7 +258,7 @@ def inception_metric_params():
 def toy_metric_params(w):
     """Reference set (the one real_features uses) and metric settings of the toy-feature rules."""
     m = config["metrics"]
-    return {"split": ds(w).get("metrics_real_split", "val"), "max_images": m["real_max_images"],
+    return {"split": ds(w)["metrics_real_split"], "max_images": m["real_max_images"],
             "resolution": ds(w)["resolution"], "batch_size": m["batch_size"],
             **{k: m[k] for k in ("kid_subsets", "kid_subset_size", "prc_neighborhood", "prdc_nearest_k")}}
 
@@ -263,14 +272,14 @@ def toy_floor_params(w):
 
 def unc_mask_dir(w):
     """The folder of object masks for this run's MC-dropout mean images (uncertainty.mask_dirs), or None."""
-    root = UNC.get("mask_dirs", {}).get(w.dataset)
+    root = UNC["mask_dirs"].get(w.dataset)
     return os.path.join(root, f"d{w.depth}", w.method, f"seed{w.seed}") if root else None
 
 
 def unc_common(w):
     """Sampling settings shared by the uncertainty studies of a dataset."""
     s = plan.sample_settings(config, w.dataset)
-    return {"cfg": s["cfg"], "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s.get("more_smooth", False)}
+    return {"cfg": s["cfg"], "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s["more_smooth"]}
 
 
 # The λ study (workflow/rules/lambda_study.smk): its (point, run) pairs and the files it scores.
@@ -291,8 +300,8 @@ import varup.config.textplan as vt
 TEXT_ON = vt.text_enabled(config)
 if TEXT_ON:
     vt.check_text(config)
-TEXT = config.get("text", {})
-PROMPTS = TEXT.get("prompts", {})
+TEXT = config["text"]
+PROMPTS = TEXT["prompts"]
 TEXT_RUNS = list(vt.text_runs(config)) if TEXT_ON else []
 STUDY_RUNS = vt.study_runs(config) if TEXT_ON else []
 PROMPT_TABLES = ["prompt_droppath", "prompt_entanglement", "prompt_descriptiveness"]
@@ -304,12 +313,12 @@ def clip_file(name):
 
 
 def text_encoder_weights(w):
-    return [clip_file(TEXT["encoder"]["arch"])] if TEXT.get("encoder", {}).get("kind") == "clip" else []
+    return [clip_file(TEXT["encoder"]["arch"])] if TEXT["encoder"]["kind"] == "clip" else []
 
 
 def cmmd_inputs(w):
     """The CMMD feature network: CLIP ViT-L/14@336 (standard CMMD) or the toy mode classifier (toy-CMMD)."""
-    if PROMPTS.get("cmmd", {}).get("features") == "clip":
+    if PROMPTS["cmmd"]["features"] == "clip":
         return {"clip": clip_file("ViT-L-14-336")}
     return {"classifier": f"{RES}/{w.dataset}/mode_classifier.pt"}
 
@@ -326,7 +335,7 @@ def study_model(w):
 import varup.config.lmplan as lmr
 
 LM_ON = lmr.lm_enabled(config)
-LM = config.get("lm", {})
+LM = config["lm"]
 if LM_ON:
     lmr.check_lm(config)
 LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]

@@ -10,7 +10,7 @@ rule data_toy:
         directory(f"{RES}/{{dataset}}/data"),
     params:
         code=code_of("data-toy"),
-        gen=lambda w: q(ds(w).get("generator", {})),
+        gen=lambda w: q(ds(w)["generator"]),
         res=lambda w: ds(w)["resolution"],
     wildcard_constraints:
         dataset="|".join(kinds("toy")),
@@ -31,7 +31,7 @@ rule fetch_archive:
         f"{RSC}/datasets/{{dataset}}/archive.json",
     params:
         url=lambda w: ds(w)["download"]["url"],
-        sha=lambda w: ds(w)["download"].get("sha256") or "",
+        sha=lambda w: ds(w)["download"]["sha256"] or "",
         key=lambda w: f"datasets.{w.dataset}.download.sha256",
     wildcard_constraints:
         dataset="|".join(kinds("afhq")),
@@ -78,7 +78,7 @@ rule data_imagenet100:
         root=lambda w: ds(w)["root"],
         res=lambda w: ds(w)["resolution"],
         verify=lambda w: "--verify" if ds(w)["verify"] else "",
-        cap=lambda w: f"--max-per-class {ds(w)['max_per_class']}" if ds(w).get("max_per_class") else "",
+        cap=lambda w: f"--max-per-class {ds(w)['max_per_class']}" if ds(w)["max_per_class"] else "",
     wildcard_constraints:
         dataset="|".join(kinds("imagenet100")),
     resources:

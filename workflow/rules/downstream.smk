@@ -33,7 +33,7 @@ rule encode_ood:
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
-        pre=lambda w: q(ds(w).get("preprocess", {})),
+        pre=lambda w: q(preprocess_of(w)),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
     threads: SERIAL_THREADS
@@ -61,8 +61,8 @@ rule ood_eval:
     params:
         code=code_of("ood"),
         device=GPU_DEVICE,
-        n=EXPERIMENTS.get("ood", {}).get("max_images", 2000),
-        mode=EXPERIMENTS.get("ood", {}).get("class_mode", "null"),
+        n=lambda w: EXPERIMENTS["ood"]["max_images"],
+        mode=lambda w: EXPERIMENTS["ood"]["class_mode"],
         id_dir=lambda w, input: os.path.dirname(input.id_tokens),
         ood_dir=lambda w, input: os.path.dirname(input.ood_tokens),
     threads: THREADS
@@ -90,7 +90,7 @@ rule downstream:
         [report(f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}", caption="../report/downstream.rst",
                 category="Figures", labels={"figure": f"downstream {t}"}) if e == "png"
          else f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
-         for t in EXPERIMENTS.get("downstream", {}).get("tasks", []) for e in ("png", "pdf")],
+         for t in (EXPERIMENTS["downstream"]["tasks"] if "downstream" in EXPERIMENTS else []) for e in ("png", "pdf")],
         summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
         prov=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json.prov.json",
     params:

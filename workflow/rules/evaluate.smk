@@ -15,7 +15,7 @@ rule inception_weights:
         out=lambda w, output: os.path.dirname(output[0]),
         url=f"--url {config['metrics']['inception']['url']}" if "url" in config["metrics"]["inception"] else "",
         sha=f"--sha256 {config['metrics']['inception']['sha256']}" if "sha256" in config["metrics"]["inception"] else "",
-        fallback="" if config["metrics"]["inception"].get("allow_fallback", True) else "--no-fallback",
+        fallback="" if config["metrics"]["inception"]["allow_fallback"] else "--no-fallback",
     log:
         f"{RES}/logs/inception_weights.log",
     benchmark:
@@ -40,7 +40,7 @@ rule real_features:
     params:
         code=code_of("real-features"),
         device=GPU_DEVICE,
-        split=lambda w: ds(w).get("metrics_real_split", "val"),
+        split=lambda w: ds(w)["metrics_real_split"],
         res=lambda w: ds(w)["resolution"],
         n=config["metrics"]["real_max_images"],
         clean_n=config["metrics"]["clean_fid"]["max_images"] if config["metrics"]["clean_fid"]["enabled"] else 0,

@@ -14,8 +14,8 @@ rule lm_dolly:
         f"{RSC}/dolly/databricks-dolly-15k.jsonl",
     params:
         code=code_of("lm-dolly"),
-        url=LM.get("corpus", {}).get("url", lmr.DOLLY_URL),
-        sha=LM.get("corpus", {}).get("sha256") or "",
+        url=LM["corpus"].get("url", lmr.DOLLY_URL),  # no schema default: LM is a parameter of lm_tables
+        sha=LM["corpus"]["sha256"] or "",
     log:
         f"{RES}/logs/lm/dolly_fetch.log",
     benchmark:
@@ -35,7 +35,7 @@ rule lm_weights:
         part=lm_hub_part,
         spec=lambda w: LM[lm_hub_part(w)],
         files=lambda w: q(lmr.hub_files(config, lm_hub_part(w))),
-        sha=lambda w: q(LM[lm_hub_part(w)].get("sha256", {})),
+        sha=lambda w: q(LM[lm_hub_part(w)]["sha256"]),
         out=lambda w, output: os.path.dirname(output[0]),
     log:
         f"{RES}/logs/lm/weights_{{repo}}.log",
@@ -92,7 +92,7 @@ rule lm_pretrain:
         code=code_of("lm-pretrain"),
         device=GPU_DEVICE,
         corpus=lambda w, input: os.path.dirname(input[0]),
-        model=q(LM["base"].get("model", {})),
+        model=q(LM["base"]["model"]),
         train=lambda w: q(lmr.pretrain_spec(config, featurizer=w.which == "featurizer")),
         template=lambda w: shlex.quote(lmr.template(config)),
         work=lambda w, output: os.path.dirname(output.curve),
@@ -124,7 +124,7 @@ rule lm_refs:
         base=lambda w, input: lm_folder(input.base),
         corpus=lambda w, input: os.path.dirname(input.corpus),
         params=q(LM["references"]),
-        train=q(LM.get("train", {})),
+        train=q(LM["train"]),
     threads: THREADS
     resources:
         **GPU,
@@ -159,7 +159,7 @@ rule lm_sft:
         base=lambda w, input: lm_folder(input.base),
         corpus=lambda w, input: os.path.dirname(input.corpus),
         train=lambda w: q(lmr.sft_spec(config, lmr.LMRun(w.method, int(w.seed)))),
-        dtype=LM["base"].get("dtype", "float32"),
+        dtype=LM["base"]["dtype"],
         work=lambda w, output: os.path.dirname(output.curve),
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
     threads: THREADS
@@ -193,8 +193,8 @@ rule lm_generate:
         code=code_of("lm-generate"),
         device=GPU_DEVICE,
         model=lambda w, input: lm_folder(input.model),
-        decode=q(LM.get("generate", {})),
-        dtype=LM["base"].get("dtype", "float32"),
+        decode=q(LM["generate"]),
+        dtype=LM["base"]["dtype"],
     threads: THREADS
     resources:
         **GPU,
@@ -223,7 +223,7 @@ rule lm_score:
         code=code_of("lm-score"),
         device=GPU_DEVICE,
         featurizer=lambda w, input: lm_folder(input.featurizer),
-        score=q(LM.get("score", {})),
+        score=q(LM["score"]),
         label=shlex.quote(lmr.featurizer_label(config)),
         toy="--toy" if lmr.is_toy(config) else "",
     threads: THREADS

@@ -15,7 +15,7 @@ rule captions:
         npz=f"{RES}/{{dataset}}/captions/captions.npz",
     params:
         code=code_of("captions"),
-        spec=lambda w: q(TEXT.get("captions", {"kind": "toy"})),
+        spec=lambda w: q(TEXT["captions"]),
         out=lambda w, output: os.path.dirname(output.json),
     resources:
         **CPU,
@@ -89,8 +89,8 @@ rule prompt_reference:
     params:
         code=code_of("prompt-reference"),
         device=GPU_DEVICE,
-        per=PROMPTS.get("real_per_group", 8),
-        kind=PROMPTS.get("cmmd", {}).get("features", "toy"),
+        per=PROMPTS["real_per_group"],
+        kind=PROMPTS["cmmd"]["features"],
         net=lambda w, input: cmmd_flags(input),
     threads: THREADS
     resources:

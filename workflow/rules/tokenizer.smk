@@ -33,8 +33,8 @@ rule tokenizer_train:
         code=code_of("tokenizer-train"),
         device=GPU_DEVICE,
         vq=lambda w: q(plan.tokenizer_of(config, w.dataset)[1]["vqvae"]),
-        train=lambda w: q(plan.tokenizer_of(config, w.dataset)[1].get("train", {})),
-        pre=lambda w: q(ds(w).get("preprocess", {})),
+        train=lambda w: q(plan.tokenizer_of(config, w.dataset)[1]["train"]),
+        pre=lambda w: q(preprocess_of(w)),
         res=lambda w: ds(w)["resolution"],
         work=lambda w, output: os.path.dirname(output.model),
     threads: SERIAL_THREADS
@@ -65,9 +65,9 @@ rule tokenizer_gate:
         code=code_of("tokenizer-gate"),
         device=GPU_DEVICE,
         bound=lambda w: ds(w)["tokenizer_gate"]["max_class_error"],
-        split=lambda w: ds(w)["tokenizer_gate"].get("split", "val"),
+        split=lambda w: ds(w)["tokenizer_gate"]["split"],
         key=lambda w: f"datasets.{w.dataset}.tokenizer_gate.max_class_error",
-        pre=lambda w: q(ds(w).get("preprocess", {})),
+        pre=lambda w: q(preprocess_of(w)),
         res=lambda w: ds(w)["resolution"],
     threads: SERIAL_THREADS
     resources:
@@ -100,8 +100,8 @@ rule encode:
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
-        pre=lambda w: q(ds(w).get("preprocess", {})),
-        variants=lambda w: q(ds(w).get("token_variants", [{}])),
+        pre=lambda w: q(preprocess_of(w)),
+        variants=lambda w: q(ds(w)["token_variants"]),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
     threads: SERIAL_THREADS
@@ -133,7 +133,7 @@ rule references:
         k=config["references"]["num_clusters"],
         support_k=config["references"]["support_k"],
         seed=config["references"]["cluster_seed"],
-        tau=("" if config["references"].get("tau") is None else f"--tau {config['references']['tau']}"),
+        tau=("" if config["references"]["tau"] is None else f"--tau {config['references']['tau']}"),
         tokens=lambda w, input: os.path.dirname(input.tokens),
     resources:
         **CPU,

@@ -14,8 +14,8 @@ rule mc_dropout:
     params:
         code=code_of("mc-dropout"),
         device=GPU_DEVICE,
-        p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rate": UNC.get("mc_rate", 0.1),
-                       "classes": UNC.get("classes", [0]), "seeds": UNC.get("sample_seeds", [0]),
+        p=lambda w: q({**unc_common(w), "T": UNC["T"], "rate": UNC["mc_rate"],
+                       "classes": UNC["classes"], "seeds": UNC["sample_seeds"],
                        "mask_dir": unc_mask_dir(w)}),
     threads: THREADS
     resources:
@@ -43,10 +43,10 @@ rule uncertainty_sets:
     params:
         code=code_of("uncertainty-sets"),
         device=GPU_DEVICE,
-        p=lambda w: q({**unc_common(w), "T": UNC.get("T", 50), "rates": UNC.get("sweep_rates"),
-                       "n_per_class": UNC.get("sweep_n_per_class", 50), "mixes": UNC.get("entanglement_mixes"),
-                       "n_mix": UNC.get("entanglement_n", 100), "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
-                       "sigma_seeds": UNC.get("sample_seeds", [0]), "classes": UNC.get("classes", [0])}),
+        p=lambda w: q({**unc_common(w), "T": UNC["T"], "rates": UNC["sweep_rates"],
+                       "n_per_class": UNC["sweep_n_per_class"], "mixes": UNC["entanglement_mixes"],
+                       "n_mix": UNC["entanglement_n"], "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
+                       "sigma_seeds": UNC["sample_seeds"], "classes": UNC["classes"]}),
         sweep_dir=lambda w, output: os.path.dirname(output.sweep),
         mix_dir=lambda w, output: os.path.dirname(output.mix),
     threads: THREADS
@@ -102,8 +102,8 @@ rule mode_classifier:
     params:
         code=code_of("mode-classifier"),
         device=GPU_DEVICE,
-        epochs=UNC.get("mode_classifier", {}).get("epochs", 6),
-        seed=UNC.get("mode_classifier", {}).get("seed", 0),
+        epochs=UNC["mode_classifier"]["epochs"],
+        seed=UNC["mode_classifier"]["seed"],
     threads: SERIAL_THREADS
     resources:
         **GPU,

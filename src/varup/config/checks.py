@@ -1,5 +1,6 @@
 """What the JSON schema cannot say: cross-references between sections, sample sizes each metric needs,
-folders a job reads. Run by :func:`varup.config.schema.validate` after the schema, before any job starts."""
+folders a job reads. Run by :func:`varup.config.schema.validate` after the schema has filled in its defaults, before
+any job starts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,10 +22,10 @@ def check_cross_references(cfg: dict) -> None:
         if ds["kind"] in ("folder", "imagenet100") and "root" not in ds:
             problems.append(f"datasets/{name}/root: required for kind {ds['kind']!r}")
         if ds["kind"] == "toy" and "num_classes" in ds:
-            n = len(ds.get("generator", {}).get("shapes", ["circle", "square", "triangle", "cross"]))
+            n = len(ds["generator"]["shapes"])
             if ds["num_classes"] != n:
                 problems.append(f"datasets/{name}/num_classes: {ds['num_classes']} but the generator has {n} shapes")
-        if ds.get("tokenizer_gate") and ds["kind"] != "toy":
+        if ds["tokenizer_gate"] and ds["kind"] != "toy":
             problems.append(f"datasets/{name}/tokenizer_gate: needs the toy mode classifier, so only kind 'toy' "
                             f"can have it (this dataset is {ds['kind']!r})")
     for name, tok in cfg["tokenizers"].items():
@@ -32,28 +33,28 @@ def check_cross_references(cfg: dict) -> None:
             problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
     for name, d in cfg["datasets"].items():
         for key in LAUNCH_KEYS:
-            if key in d.get("train", {}):
+            if key in (d.get("train") or {}):  # a dataset's train section is optional (no override)
                 problems.append(f"datasets/{name}/train/{key}: set {key} at the top level (train/{key}); it sizes the "
                                 f"training rule for every dataset")
-    ex = cfg.get("experiments", {})
+    ex = cfg["experiments"]
     for key in ("figure4", "ood", "downstream"):
         if key in ex and ex[key]["dataset"] not in cfg["datasets"]:
             problems.append(f"experiments/{key}/dataset: {ex[key]['dataset']!r} is not defined under datasets")
     if "figure4" in ex:
         f4 = ex["figure4"]
-        if int(f4["depth"]) not in cfg["model"]["depths"] and f4.get("cfg"):
+        if int(f4["depth"]) not in cfg["model"]["depths"] and f4["cfg"]:
             problems.append(f"experiments/figure4/depth: {f4['depth']} is not in model/depths, so the cfg sweep has "
                             f"no trained runs to sample")
-        for m in f4.get("cfg_methods", []):
+        for m in f4["cfg_methods"]:
             if m not in cfg["methods"]:
                 problems.append(f"experiments/figure4/cfg_methods: {m!r} is not defined under methods")
-        base = f4.get("base_method", "ours")
+        base = f4["base_method"]
         if base not in cfg["methods"]:
             problems.append(f"experiments/figure4/base_method: {base!r} is not defined under methods")
     problems += _lambda_study_problems(cfg)
     problems += _checkpoint_problems(cfg)
     if "downstream" in ex:
-        missing = [m for m in ex["downstream"].get("methods", ["baseline", "ours"]) if m not in cfg["methods"]]
+        missing = [m for m in ex["downstream"]["methods"] if m not in cfg["methods"]]
         if missing:
             problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
     problems += _uncertainty_problems(cfg)
@@ -63,7 +64,7 @@ def check_cross_references(cfg: dict) -> None:
 
 
 def _lambda_study_problems(cfg: dict) -> list[str]:
-    ls = cfg.get("experiments", {}).get("lambda_study")
+    ls = cfg["experiments"].get("lambda_study")
     if not ls:
         return []
     out = []
@@ -73,8 +74,8 @@ def _lambda_study_problems(cfg: dict) -> list[str]:
     if d["kind"] != "toy":
         out.append(f"experiments/lambda_study/dataset: {ls['dataset']!r} is not a toy dataset; the study scores mode "
                    f"coverage, which needs known modes (on real data use experiments/figure4)")
-    if ls.get("baseline", "baseline") not in ls["points"]:
-        out.append(f"experiments/lambda_study/baseline: {ls.get('baseline', 'baseline')!r} is not one of the points "
+    if ls["baseline"] not in ls["points"]:
+        out.append(f"experiments/lambda_study/baseline: {ls['baseline']!r} is not one of the points "
                    f"{sorted(ls['points'])}")
     if ls.get("depth") and int(ls["depth"]) not in cfg["model"]["depths"]:
         out.append(f"experiments/lambda_study/depth: {ls['depth']} is not in model/depths")
@@ -82,7 +83,9 @@ def _lambda_study_problems(cfg: dict) -> list[str]:
 
 
 def _checkpoint_problems(cfg: dict) -> list[str]:
-    """A checkpoint is written only after a finite-loss check: ckpt_every must be a multiple of the check interval."""
+    """A checkpoint is written only after a finite-loss check: ckpt_every must be a multiple of the check interval.
+    Train keys have no schema defaults (a run's specification holds only the keys a config sets): unset, they are
+    the trainer's (varup.training.loop.OptimConfig, which checks the same when a run starts)."""
     out = []
     for where, t in [("train", cfg["train"])] + [(f"datasets/{n}/train", deep_merge(cfg["train"], d.get("train")))
                                                   for n, d in cfg["datasets"].items() if d.get("train")]:
@@ -99,19 +102,19 @@ def _uncertainty_problems(cfg: dict) -> list[str]:
     if not uncertainty_enabled(cfg):
         return []
     u = cfg["uncertainty"]
-    m = cfg.get("metrics", {})
-    need = min_set_size(m.get("prc_neighborhood", 3), m.get("prdc_nearest_k", 5))
+    m = cfg["metrics"]
+    need = min_set_size(m["prc_neighborhood"], m["prdc_nearest_k"])
     problems = []
-    sizes = {"uncertainty/sweep_n_per_class": u.get("sweep_n_per_class", 0) * len(u.get("classes", [])),
-             "uncertainty/entanglement_n": u.get("entanglement_n", 0)}
+    sizes = {"uncertainty/sweep_n_per_class": u["sweep_n_per_class"] * len(u["classes"]),
+             "uncertainty/entanglement_n": u["entanglement_n"]}
     for key, n in sizes.items():
         if n < need:
             problems.append(f"{key}: its image sets hold {n} images, fewer than the {need} that "
                             f"metrics/prdc_nearest_k and metrics/prc_neighborhood need")
-    for name in u.get("mask_dirs", {}):
+    for name in u["mask_dirs"]:
         if name not in cfg["datasets"]:
             problems.append(f"uncertainty/mask_dirs/{name}: not a dataset defined under datasets")
-    untrained = [s for s in u.get("run_seeds") or [] if s not in cfg["seeds"]]
+    untrained = [s for s in u.get("run_seeds") or [] if s not in cfg["seeds"]]  # no run_seeds: the first seed
     if untrained:
         problems.append(f"uncertainty/run_seeds: {untrained} not in seeds {cfg['seeds']}: the studies run on trained "
                         f"runs only, so these seeds would have none (choose run_seeds among seeds)")
@@ -122,12 +125,12 @@ def _uncertainty_class_problems(cfg: dict) -> list[str]:
     """Every class the studies sample (uncertainty/classes/<i>, uncertainty/entanglement_mixes/<i>/<j>) must exist in
     the datasets they run on; each bad value is named by its own key."""
     u = cfg["uncertainty"]
-    where = [(f"uncertainty/classes/{i}", c) for i, c in enumerate(u.get("classes", []))]
-    where += [(f"uncertainty/entanglement_mixes/{i}/{j}", c) for i, mix in enumerate(u.get("entanglement_mixes", []))
+    where = [(f"uncertainty/classes/{i}", c) for i, c in enumerate(u["classes"])]
+    where += [(f"uncertainty/entanglement_mixes/{i}/{j}", c) for i, mix in enumerate(u["entanglement_mixes"])
               for j, c in enumerate(mix)]
     problems = []
     for name in sorted({r.dataset for r in main_runs(cfg)}):
-        n_cls = cfg["datasets"][name].get("num_classes")
+        n_cls = cfg["datasets"][name].get("num_classes")  # none given: the classes are the data's
         problems += [f"{key}: class {c} is out of range for datasets/{name} ({n_cls} classes: 0 to {n_cls - 1})"
                      for key, c in where if n_cls is not None and c >= n_cls]
     return problems
@@ -138,8 +141,10 @@ def _folder_problems(cfg: dict) -> list[str]:
     checks it)."""
     out = []
     for name, ds in cfg["datasets"].items():
-        root = Path(str(ds.get("root", ""))).expanduser()
-        if ds["kind"] == "folder" and "num_classes" in ds and "root" in ds and root.is_dir():
+        if ds["kind"] != "folder" or "num_classes" not in ds or "root" not in ds:
+            continue
+        root = Path(str(ds["root"])).expanduser()
+        if root.is_dir():
             problem = num_classes_problem(f"datasets/{name}/num_classes", ds["num_classes"], root, folder_classes(root))
             out += [problem] if problem else []
     return out

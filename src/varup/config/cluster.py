@@ -1,4 +1,5 @@
-"""Cluster and device policy of the rules: the ``--device`` of a job, Slurm resources, the training launch."""
+"""Cluster and device policy of the rules: the ``--device`` of a job, Slurm resources, the training launch. Each
+function reads a validated config (:func:`varup.config.schema.validate`), whose schema defaults are filled in."""
 from __future__ import annotations
 
 
@@ -6,17 +7,17 @@ def job_device(cfg: dict, gpu_rule: bool) -> str:
     """The ``--device`` of a rule's job: the configured device, where ``auto`` becomes ``auto:any`` with
     ``allow_cpu_fallback`` and ``auto:gpu`` for a GPU rule (which then refuses the CPU in a Slurm job;
     :func:`varup.base.runtime.resolve_device`)."""
-    dev = cfg.get("device", "auto")
+    dev = cfg["device"]
     if dev != "auto":
         return dev
-    return "auto:any" if cfg.get("allow_cpu_fallback") else ("auto:gpu" if gpu_rule else "auto")
+    return "auto:any" if cfg["allow_cpu_fallback"] else ("auto:gpu" if gpu_rule else "auto")
 
 
 def cluster_resources(cfg: dict, gpu: bool) -> dict:
     """Slurm partition/account resources from ``cluster`` (only the ones set)."""
-    c = cfg.get("cluster", {})
-    part = (c.get("gpu_partition") or c.get("partition")) if gpu else c.get("partition")
-    return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c.get("account"))) if v}
+    c = cfg["cluster"]
+    part = (c["gpu_partition"] or c["partition"]) if gpu else c["partition"]
+    return {k: v for k, v in (("slurm_partition", part), ("slurm_account", c["account"])) if v}
 
 
 #: train keys that say how a run is launched (processes, nodes, time-limit margin), not what it computes: they
@@ -33,11 +34,11 @@ def train_launch(cfg: dict) -> tuple[str, dict]:
     (:mod:`varup.base.launch`); ``{cpus}`` in the command is the rule's ``cpus_per_task`` resource. CPUs and memory
     scale with the GPUs of a node (``cluster.train_cpus_per_gpu``, ``cluster.train_mem_mb_per_gpu``). No ``--signal`` is requested: the trainer stops itself
     ``train.stop_before_limit_s`` before the time limit (:class:`varup.base.runtime.SlurmClock`)."""
-    t, c = cfg["train"], cfg.get("cluster", {})
-    g, k = int(t.get("gpus", 1)), int(t.get("nodes", 1))
+    t, c = cfg["train"], cfg["cluster"]
+    g, k = int(t["gpus"]), int(t["nodes"])
     res = cluster_resources(cfg, gpu=True)
-    res.update(cpus_per_task=g * int(c.get("train_cpus_per_gpu", 8)), mem_mb=g * int(c.get("train_mem_mb_per_gpu", 60000)),
-               runtime=int(c.get("train_runtime_min", 2880)))
+    res.update(cpus_per_task=g * int(c["train_cpus_per_gpu"]), mem_mb=g * int(c["train_mem_mb_per_gpu"]),
+               runtime=int(c["train_runtime_min"]))
     if k > 1:  # the job step lost the allocation's SLURM_* settings: srun is told the task's CPUs and GPUs again
         res.update(nodes=k, tasks=k, mpi="srun", slurm_extra=f"--gpus-per-task={g}")
         return (f"srun -n {k} --cpus-per-task={{cpus}} --gpus-per-task={g} python -m varup.base.launch "

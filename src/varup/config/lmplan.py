@@ -37,7 +37,7 @@ class LMRun:
 
 
 def lm_enabled(cfg: dict) -> bool:
-    return bool(cfg.get("lm", {}).get("enabled"))
+    return bool(cfg["lm"]["enabled"])
 
 
 def lm_methods(cfg: dict) -> dict[str, dict]:
@@ -48,7 +48,7 @@ def lm_methods(cfg: dict) -> dict[str, dict]:
 def lm_runs(cfg: dict) -> list[LMRun]:
     """Every generation set of Table 6: the zero-shot base (per seed: the generation seed) and each method x seed."""
     seeds = cfg["lm"]["seeds"]
-    zs = [LMRun(ZERO_SHOT, s) for s in seeds] if cfg["lm"].get("zero_shot", True) else []
+    zs = [LMRun(ZERO_SHOT, s) for s in seeds] if cfg["lm"]["zero_shot"] else []
     return zs + [LMRun(m, s) for m in lm_methods(cfg) for s in seeds]
 
 
@@ -57,7 +57,7 @@ def is_toy(cfg: dict) -> bool:
 
 
 def template(cfg: dict) -> str:
-    t = cfg["lm"].get("template", "dolly")
+    t = cfg["lm"]["template"]
     return TOY_TEMPLATE if cfg["lm"]["base"]["kind"] == "toy" and t == "dolly" else t
 
 
@@ -73,13 +73,13 @@ def hub_files(cfg: dict, part: str) -> list[str]:
 
 def sft_spec(cfg: dict, run: LMRun) -> dict:
     """The SFT settings of one run: ``lm.train`` with the run's seed and its method's loss."""
-    return {**cfg["lm"].get("train", {}), "seed": run.seed, "loss": dict(lm_methods(cfg)[run.method])}
+    return {**cfg["lm"]["train"], "seed": run.seed, "loss": dict(lm_methods(cfg)[run.method])}
 
 
 def pretrain_spec(cfg: dict, featurizer: bool = False) -> dict:
-    t = dict(cfg["lm"]["base"].get("train", {}))
+    t = dict(cfg["lm"]["base"]["train"])
     if featurizer:
-        t["seed"] = cfg["lm"]["featurizer"].get("seed", 100)
+        t["seed"] = cfg["lm"]["featurizer"]["seed"]
     return t
 
 

@@ -45,37 +45,42 @@ def method_with_loss(cfg: dict, loss: dict, new_name: str) -> str:
     return next((m for m, spec in cfg["methods"].items() if spec == loss), new_name)
 
 
+def figure4_seeds(cfg: dict) -> list[int]:
+    """The training seeds of Figure 4's grid and CFG sweep: ``experiments.figure4.seeds``, else the first seed."""
+    return [int(s) for s in cfg["experiments"]["figure4"].get("seeds") or cfg["seeds"][:1]]
+
+
 def grid_points(cfg: dict) -> dict[tuple[float, float], str]:
     """Figure 4's lambda_2nd x lambda_se grid -> the method that trains each point: an existing method when its
     loss is identical (e.g. (0, 0) is the baseline), else a derived ``grid_l1-*_l2-*`` method."""
-    f4 = cfg.get("experiments", {}).get("figure4")
+    f4 = cfg["experiments"].get("figure4")
     if not f4:
         return {}
-    base = cfg["methods"][f4.get("base_method", "ours")]
+    base = cfg["methods"][f4["base_method"]]
     out = {}
-    for a in f4.get("lambda_2nd", []):
-        for b in f4.get("lambda_se", []):
+    for a in f4["lambda_2nd"]:
+        for b in f4["lambda_se"]:
             out[(a, b)] = method_with_loss(cfg, {**base, "lambda_2nd": a, "lambda_se": b}, grid_method(a, b))
     return out
 
 
 def ablation_methods(cfg: dict) -> dict[str, dict]:
     """The extra methods Figure 4's grid needs (points not already trained as a configured method)."""
-    f4 = cfg.get("experiments", {}).get("figure4")
+    f4 = cfg["experiments"].get("figure4")
     if not f4:
         return {}
-    base = cfg["methods"][f4.get("base_method", "ours")]
+    base = cfg["methods"][f4["base_method"]]
     return {m: {**base, "lambda_2nd": a, "lambda_se": b} for (a, b), m in grid_points(cfg).items()
             if m not in cfg["methods"]}
 
 
 def ablation_runs(cfg: dict) -> Iterator[Run]:
-    f4 = cfg.get("experiments", {}).get("figure4")
+    f4 = cfg["experiments"].get("figure4")
     if not f4:
         return
     for method in ablation_methods(cfg):
-        for seed in f4.get("seeds", [cfg["seeds"][0]]):
-            yield Run(f4["dataset"], int(f4["depth"]), method, int(seed))
+        for seed in figure4_seeds(cfg):
+            yield Run(f4["dataset"], int(f4["depth"]), method, seed)
 
 
 def runs(cfg: dict) -> Iterator[Run]:
@@ -90,23 +95,23 @@ def runs(cfg: dict) -> Iterator[Run]:
 def lambda_points(cfg: dict) -> dict[str, str]:
     """The λ study's points -> the method that trains each: a configured method when its loss is identical
     (so e.g. the baseline's seeds 0 and 1 are the default run's), else a derived ``lam_<point>`` method."""
-    ls = cfg.get("experiments", {}).get("lambda_study")
+    ls = cfg["experiments"].get("lambda_study")
     if not ls:
         return {}
     return {name: method_with_loss(cfg, loss, f"lam_{name}") for name, loss in ls["points"].items()}
 
 
 def lambda_methods(cfg: dict) -> dict[str, dict]:
-    ls = cfg.get("experiments", {}).get("lambda_study")
+    ls = cfg["experiments"].get("lambda_study")
     return {m: dict(ls["points"][p]) for p, m in lambda_points(cfg).items() if m not in cfg["methods"]}
 
 
 def lambda_runs(cfg: dict) -> list[tuple[str, Run]]:
     """(point, run) for every point x seed of the λ study."""
-    ls = cfg.get("experiments", {}).get("lambda_study")
+    ls = cfg["experiments"].get("lambda_study")
     if not ls:
         return []
-    depth = int(ls.get("depth") or cfg["model"]["depths"][0])
+    depth = int(ls.get("depth") or cfg["model"]["depths"][0])  # no depth: the first of model.depths
     return [(p, Run(ls["dataset"], depth, m, int(s))) for p, m in lambda_points(cfg).items() for s in ls["seeds"]]
 
 
@@ -116,29 +121,28 @@ def all_methods(cfg: dict) -> dict[str, dict]:
 
 def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:
     """Figure 4's classifier-free-guidance sweep: (run, cfg) pairs sampled and scored at another CFG scale."""
-    f4 = cfg.get("experiments", {}).get("figure4")
-    if not f4 or not f4.get("cfg"):
+    f4 = cfg["experiments"].get("figure4")
+    if not f4:
         return []
-    seeds = f4.get("seeds", [cfg["seeds"][0]])
-    return [(Run(f4["dataset"], int(f4["depth"]), m, int(s)), float(c))
-            for m in f4.get("cfg_methods", ["baseline", "ours"]) for s in seeds for c in f4["cfg"]]
+    return [(Run(f4["dataset"], int(f4["depth"]), m, s), float(c))
+            for m in f4["cfg_methods"] for s in figure4_seeds(cfg) for c in f4["cfg"]]
 
 
 def ood_runs(cfg: dict) -> list[Run]:
-    o = cfg.get("experiments", {}).get("ood")
+    o = cfg["experiments"].get("ood")
     return [r for r in main_runs(cfg) if o and r.dataset == o["dataset"]]
 
 
 def downstream_pairs(cfg: dict) -> list[tuple[str, int]]:
-    d = cfg.get("experiments", {}).get("downstream")
+    d = cfg["experiments"].get("downstream")
     if not d:
         return []
-    return [(d["dataset"], int(d.get("depth", cfg["model"]["depths"][0])))]
+    return [(d["dataset"], int(d.get("depth") or cfg["model"]["depths"][0]))]  # no depth: the first of model.depths
 
 
 def train_settings(cfg: dict, dataset: str) -> dict:
     out = deep_merge(cfg["train"], cfg["datasets"][dataset].get("train"))
-    out.setdefault("precision", cfg.get("precision", "auto"))
+    out.setdefault("precision", cfg["precision"])
     return out
 
 
@@ -150,12 +154,12 @@ def model_settings(cfg: dict, depth: int) -> dict:
     m = cfg["model"]
     return {
         "depth": depth,
-        "embed_dim": m.get("width_per_depth", 64) * depth,
-        "num_heads": m.get("heads") or depth,
-        "mlp_ratio": m.get("mlp_ratio", 4.0),
-        "drop_path_rate": m.get("drop_path_rate"),
-        "cond_drop_rate": m.get("cond_drop_rate", 0.1),
-        "attn_l2_norm": m.get("attn_l2_norm", True),
+        "embed_dim": m["width_per_depth"] * depth,
+        "num_heads": m["heads"] or depth,  # null: as many heads as blocks (official)
+        "mlp_ratio": m["mlp_ratio"],
+        "drop_path_rate": m["drop_path_rate"],
+        "cond_drop_rate": m["cond_drop_rate"],
+        "attn_l2_norm": m["attn_l2_norm"],
     }
 
 
@@ -172,23 +176,15 @@ def tokenizer_of(cfg: dict, dataset: str) -> tuple[str, dict]:
     return name, cfg["tokenizers"][name]
 
 
-def patch_nums_of(cfg: dict, dataset: str) -> list[int]:
-    _, tok = tokenizer_of(cfg, dataset)
-    if tok["kind"] == "official":
-        return list(tok.get("vqvae", {}).get("patch_nums", [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]))
-    return list(tok["vqvae"]["patch_nums"])
-
-
 def uncertainty_enabled(cfg: dict) -> bool:
-    u = cfg.get("uncertainty")
-    return bool(u) and u.get("enabled", True)
+    return bool(cfg["uncertainty"]["enabled"])
 
 
 def uncertainty_runs(cfg: dict) -> list[Run]:
     """Runs that get the MC-dropout, DropPath-sweep and entanglement studies."""
     if not uncertainty_enabled(cfg):
         return []
-    seeds = cfg["uncertainty"].get("run_seeds") or [cfg["seeds"][0]]
+    seeds = cfg["uncertainty"].get("run_seeds") or cfg["seeds"][:1]  # no run_seeds: the first seed
     return [r for r in main_runs(cfg) if r.seed in seeds]
 
 
@@ -200,7 +196,7 @@ def mode_runs(cfg: dict) -> list[Run]:
 
 
 def toy_metrics_enabled(cfg: dict) -> bool:
-    return bool(cfg.get("metrics", {}).get("toy_features", {}).get("enabled", True))
+    return bool(cfg["metrics"]["toy_features"]["enabled"])
 
 
 def toy_runs(cfg: dict) -> list[Run]:

@@ -11,10 +11,10 @@ def report_config(cfg: dict) -> dict:
     rest (threads, paths, sizes) changes no table, so editing it re-runs none."""
     return {"datasets": {n: {"kind": d["kind"]} for n, d in cfg["datasets"].items()},
             "model": {"depths": cfg["model"]["depths"]}, "methods": cfg["methods"], "seeds": cfg["seeds"],
-            "experiments": cfg.get("experiments", {}),
+            "experiments": cfg["experiments"],
             "metrics": {"toy_features": {"enabled": toy_metrics_enabled(cfg)}},
             "uncertainty": ({"enabled": True, "run_seeds": cfg["uncertainty"].get("run_seeds")}
-                            if uncertainty_enabled(cfg) else {})}
+                            if uncertainty_enabled(cfg) else {"enabled": False})}
 
 
 def report_requested(argv) -> bool:

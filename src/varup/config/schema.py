@@ -16,6 +16,7 @@ import yaml
 
 from varup.config.checks import check_cross_references
 from varup.config.errors import ConfigError
+from varup.config.keys import deep_merge
 
 # The JSON schema ships inside the package (pyproject package-data), so an installed varup validates too.
 DEFAULT_SCHEMA = resources.files("varup.config").joinpath("schema.yaml")
@@ -24,8 +25,9 @@ def _format_path(path) -> str:
     return "/".join(str(p) for p in path) or "<top level>"
 
 
-def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_defaults: bool = True) -> dict:
-    """Validate against the JSON schema, filling schema defaults; raise ConfigError naming every bad key."""
+def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> dict:
+    """Validate against the JSON schema, filling schema defaults; raise ConfigError naming every bad key. Everything
+    downstream (the checks, the run plans, the workflow) reads the config this returns, with every default present."""
     import jsonschema
 
     schema = read_schema(schema_path)
@@ -35,8 +37,7 @@ def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA, set_def
     if errors:
         lines = [f"  {_format_path(e.absolute_path)}: {e.message}{_text_hint(e)}" for e in errors]
         raise ConfigError("invalid configuration:\n" + "\n".join(lines))
-    if set_defaults:
-        _fill_defaults(cfg, schema, schema)
+    _fill_defaults(cfg, schema, schema)
     check_cross_references(cfg)
     return cfg
 
@@ -101,13 +102,15 @@ def read_schema(schema_path=DEFAULT_SCHEMA) -> dict:
 
 
 def _resolve(node: dict, root: dict) -> dict:
+    """The node a ``$ref`` points at, with the keys written beside the ``$ref`` merged in (deeply, so a section can add
+    defaults to some of the referenced properties: the top-level ``train`` and ``sample``)."""
     while "$ref" in node:
         ref = node["$ref"]
         assert ref.startswith("#/")
         target = root
         for part in ref[2:].split("/"):
             target = target[part]
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        node = deep_merge(target, {k: v for k, v in node.items() if k != "$ref"})
     return node
 
 

@@ -33,7 +33,7 @@ class TextRun:
 
 
 def text_enabled(cfg: dict) -> bool:
-    return bool(cfg.get("text", {}).get("enabled"))
+    return bool(cfg["text"]["enabled"])
 
 
 def text_dataset(cfg: dict) -> str:
@@ -69,7 +69,7 @@ def text_run_spec(cfg: dict, run: Run) -> dict:
     """:func:`varup.config.plan.run_spec` of the class-conditional run, with ``text.train`` merged into its optimiser
     settings and the text settings (encoder, null condition) added."""
     spec = run_spec(cfg, run)
-    spec["optim"] = deep_merge(spec["optim"], cfg["text"].get("train") or {})
+    spec["optim"] = deep_merge(spec["optim"], cfg["text"]["train"])
     spec["text"] = {"encoder": encoder_spec(cfg), "null_condition": cfg["text"]["null_condition"]}
     return spec
 
@@ -77,16 +77,16 @@ def text_run_spec(cfg: dict, run: Run) -> dict:
 def clip_source(cfg: dict, file: str, key: str) -> str:
     """``--url …`` / ``--sha256 …`` of a CLIP weights file when the config overrides the registry's (a mirror):
     ``text.encoder`` for the text tower (ViT-L-14.pt), ``text.prompts.cmmd`` for CMMD's (ViT-L-14-336px.pt)."""
-    t = cfg.get("text", {})
-    section = t.get("encoder", {}) if file == "ViT-L-14.pt" else t.get("prompts", {}).get("cmmd", {})
-    return f"--{key} {section[key]}" if section.get(key) else ""
+    t = cfg["text"]
+    section = t["encoder"] if file == "ViT-L-14.pt" else t["prompts"]["cmmd"]
+    return f"--{key} {section[key]}" if section.get(key) else ""  # not set: the registry's
 
 
 def prompt_problems(cfg: dict) -> list[str]:
     """Why the configured text arm cannot run: unknown dataset or method, or (toy captions and encoder) prompt
     words outside the toy caption grammar's vocabulary, which the toy text encoder could not read."""
-    t = cfg.get("text", {})
-    if not t.get("enabled"):
+    t = cfg["text"]
+    if not t["enabled"]:
         return []
     problems = []
     ds = text_dataset(cfg)
@@ -97,10 +97,10 @@ def prompt_problems(cfg: dict) -> list[str]:
     if problems or t["captions"]["kind"] != "toy" or t["encoder"]["kind"] != "toy":
         return problems
     d = cfg["datasets"][ds]
-    if d.get("kind") != "toy":
-        return [f"text/captions/kind: toy captions need a toy dataset; datasets/{ds} is {d.get('kind')!r}"]
-    g = d.get("generator", {})
-    known = TOY_FUNCTION_WORDS | set(g.get("shapes", [])) | set(g.get("colours", [])) | set(g.get("sizes", []))
+    if d["kind"] != "toy":
+        return [f"text/captions/kind: toy captions need a toy dataset; datasets/{ds} is {d['kind']!r}"]
+    g = d["generator"]
+    known = TOY_FUNCTION_WORDS | set(g["shapes"]) | set(g["colours"]) | set(g["sizes"])
     known |= {"plain", "striped"}
     p = t["prompts"]
     prompts = [("text/prompts/droppath/prompt", p["droppath"]["prompt"])]

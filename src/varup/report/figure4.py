@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 from varup.base.utils import read_json
-from varup.config.plan import Run, cfg_sweep, grid_points
+from varup.config.plan import Run, cfg_sweep, figure4_seeds, grid_points
 from varup.report.tablefmt import mean_std
 
 
 def figure4_data(cfg: dict, results: Path) -> pd.DataFrame:
     """Figure 4's numbers: FID over the lambda grid and over the CFG sweep (read, not written)."""
     f4 = cfg["experiments"]["figure4"]
-    seeds = f4.get("seeds", [cfg["seeds"][0]])
+    seeds = figure4_seeds(cfg)
     rows = []
     for (a, b), method in grid_points(cfg).items():
         ms = [read_json(results / Run(f4["dataset"], int(f4["depth"]), method, s).path / "metrics.json") for s in seeds]

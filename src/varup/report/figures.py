@@ -241,7 +241,7 @@ def make_figures(cfg: dict, results: str | Path, out: str | Path, device: str = 
     results, out = Path(results), Path(out)
     samples_figure(cfg, results, out)
     training_curves_figure(cfg, results, out)
-    if cfg.get("experiments", {}).get("figure4"):
+    if cfg["experiments"].get("figure4"):
         figure4(cfg, results, out)
     if uncertainty_enabled(cfg):
         uncertainty_figures(cfg, results, out)

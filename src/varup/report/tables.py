@@ -701,9 +701,9 @@ def make_tables(cfg: dict, results: str | Path, out: str | Path, only: str | Non
     if uncertainty_enabled(cfg):
         uncertainty_tables(cfg, results, out)
     fns = [table2, table7, codebook_calibration, overhead, loss_references_table]
-    if cfg.get("experiments", {}).get("ood"):
+    if cfg["experiments"].get("ood"):
         fns.append(table3)
-    if cfg.get("experiments", {}).get("figure4"):
+    if cfg["experiments"].get("figure4"):
         fns.append(figure4_table)
     if toy_runs(cfg):
         fns.append(toy_metrics_table)
