@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from varup.config.textplan import prompt_problems
+from varup.config.textplan import text_problems
 from varup.data.captions import (
     CaptionTable,
     build_caption_table,
@@ -132,9 +132,9 @@ def test_config_prompts_outside_the_toy_grammar_are_rejected_naming_the_key():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
     cfg["text"]["enabled"] = True
-    assert prompt_problems(cfg) == []
+    assert text_problems(cfg) == []
     cfg["text"]["prompts"]["entanglement"] = ["a circle", "a circle or a teddy"]
-    problems = prompt_problems(cfg)
+    problems = text_problems(cfg)
     assert len(problems) == 1 and problems[0].startswith("text/prompts/entanglement/1") and "teddy" in problems[0]
     cfg["text"]["methods"] = ["baseline", "nope"]
-    assert any(p.startswith("text/methods/1") for p in prompt_problems(cfg))
+    assert any(p.startswith("text/methods/1") for p in text_problems(cfg))

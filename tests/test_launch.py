@@ -68,7 +68,7 @@ def test_multi_node_training_starts_the_launcher_once_per_node():
 
 def test_launch_keys_are_not_part_of_the_run_specification():
     cfg = vs.load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
-    run = next(vp.runs(cfg))
+    run = vp.runs(cfg)[0]
     a = vp.run_spec(cfg, run)
     cfg["train"].update(gpus=4, nodes=2, stop_before_limit_s=60)
     assert vp.run_spec(cfg, run) == a

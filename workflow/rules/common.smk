@@ -294,18 +294,22 @@ def lambda_entries():
              **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
 
 
-# The text arm and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight files, CMMD inputs.
+# The text arm, the text-conditioned VAR, and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight
+# files, CMMD inputs. Like the LM arm's below: its problems stop the DAG here, naming the key; no runs when it is off.
 import varup.config.textplan as vt
 
-TEXT_ON = vt.text_enabled(config)
-if TEXT_ON:
-    vt.check_text(config)
 TEXT = config["text"]
+TEXT_ON = vt.text_enabled(config)
+vt.check_text(config)
+TEXT_RUNS = vt.text_runs(config)
+STUDY_RUNS = vt.study_runs(config)
 PROMPTS = TEXT["prompts"]
-TEXT_RUNS = list(vt.text_runs(config)) if TEXT_ON else []
-STUDY_RUNS = vt.study_runs(config) if TEXT_ON else []
 PROMPT_TABLES = ["prompt_droppath", "prompt_entanglement", "prompt_descriptiveness"]
 CLIP_FILES = {"ViT-L-14": "ViT-L-14.pt", "ViT-L-14-336": "ViT-L-14-336px.pt"}  # varup.models.clip.CLIP_WEIGHTS
+
+
+def text_run_of(w):
+    return vt.TextRun(w.dataset, int(w.depth), w.method, int(w.seed))
 
 
 def clip_file(name):
@@ -331,15 +335,18 @@ def study_model(w):
     return f"{RES}/{w.dataset}/{w.fam}d{w.depth}/{w.method}/seed{w.seed}/model.pt"
 
 
-# The language-model arm (lm.smk; varup.config.lmplan): Table 6's runs.
+# The LM arm (lm.smk; varup.config.lmplan): Table 6's runs.
 import varup.config.lmplan as lmr
 
-LM_ON = lmr.lm_enabled(config)
 LM = config["lm"]
-if LM_ON:
-    lmr.check_lm(config)
-LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]
-LM_RUNS = lmr.lm_runs(config) if LM_ON else []
+LM_ON = lmr.lm_enabled(config)
+lmr.check_lm(config)
+LM_RUNS = lmr.lm_runs(config)
+LM_METHODS = list(lmr.lm_methods(config)) if LM_ON else ["baseline"]  # (a wildcard constraint needs one)
+
+
+def lm_run_of(w):
+    return lmr.LMRun(w.method, int(w.seed))
 
 
 def lm_part_input(part):

@@ -158,7 +158,7 @@ rule lm_sft:
         device=GPU_DEVICE,
         base=lambda w, input: lm_folder(input.base),
         corpus=lambda w, input: os.path.dirname(input.corpus),
-        train=lambda w: q(lmr.sft_spec(config, lmr.LMRun(w.method, int(w.seed)))),
+        train=lambda w: q(lmr.lm_run_spec(config, lm_run_of(w))),
         dtype=LM["base"]["dtype"],
         work=lambda w, output: os.path.dirname(output.curve),
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),

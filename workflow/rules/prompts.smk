@@ -65,7 +65,7 @@ use rule train as train_text with:
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
-        spec=lambda w: q(vt.text_run_spec(config, run_of(w))),
+        spec=lambda w: q(vt.text_run_spec(config, text_run_of(w))),
         tokens=lambda w, input: os.path.dirname(input.tokens),
         work=lambda w, output: os.path.dirname(output.curve),
         warm="",

@@ -1,5 +1,12 @@
-"""The text arm's configuration (``lm:``) as the Snakefile reads it: which runs exist, each job's settings, and the
-checks a schema cannot make (raised at DAG build, naming the key).
+"""The run plan of the LM arm: the paper's Table 6, supervised fine-tuning of a causal language model with
+cross-entropy and with the objective, scored by MAUVE and Self-BLEU (config ``lm``; target ``lm_study``). Imported
+by the workflow when the DAG is built.
+
+Its shape is that of every arm's plan (:mod:`varup.config.plan` for the image arm, :mod:`varup.config.textplan` for
+the text arm): a frozen run record whose ``path`` is where the run's results live under ``results/<experiment>/``
+(:class:`LMRun`), :func:`lm_enabled`, :func:`lm_runs` (every run; none when the arm is off), :func:`lm_run_spec`
+(the specification its SFT job records) and :func:`lm_problems` / :func:`check_lm` (what the schema cannot say,
+raised at DAG build, naming the key).
 
 Paths (under ``results/<experiment>/lm/``): ``corpus/`` (train.jsonl, eval.jsonl, toy: pretrain.txt), ``base/`` and
 ``featurizer/`` (toy models; hub models live under ``resources/hf/<repo>``), ``refs.pt``, and per run
@@ -28,6 +35,8 @@ TOY_TEMPLATE = "### instruction : {instruction} ### response :"
 
 @dataclass(frozen=True)
 class LMRun:
+    """One generation set of Table 6: an SFT run (method x seed), or the zero-shot base model (method ``zero_shot``,
+    the seed that of its generations)."""
     method: str
     seed: int
 
@@ -46,7 +55,10 @@ def lm_methods(cfg: dict) -> dict[str, dict]:
 
 
 def lm_runs(cfg: dict) -> list[LMRun]:
-    """Every generation set of Table 6: the zero-shot base (per seed: the generation seed) and each method x seed."""
+    """Every generation set of Table 6 (none when the arm is off): the zero-shot base (per seed: the generation
+    seed) and each method x seed."""
+    if not lm_enabled(cfg):
+        return []
     seeds = cfg["lm"]["seeds"]
     zs = [LMRun(ZERO_SHOT, s) for s in seeds] if cfg["lm"]["zero_shot"] else []
     return zs + [LMRun(m, s) for m in lm_methods(cfg) for s in seeds]
@@ -71,12 +83,13 @@ def hub_files(cfg: dict, part: str) -> list[str]:
     return p.get("files") or DEFAULT_FILES.get(p["repo"], DEFAULT_FILES["Qwen/Qwen1.5-0.5B"])
 
 
-def sft_spec(cfg: dict, run: LMRun) -> dict:
-    """The SFT settings of one run: ``lm.train`` with the run's seed and its method's loss."""
+def lm_run_spec(cfg: dict, run: LMRun) -> dict:
+    """The complete specification of one run's SFT job: ``lm.train`` with the run's seed and its method's loss."""
     return {**cfg["lm"]["train"], "seed": run.seed, "loss": dict(lm_methods(cfg)[run.method])}
 
 
 def pretrain_spec(cfg: dict, featurizer: bool = False) -> dict:
+    """The pre-training settings of the toy base model (or, with another seed, of the toy MAUVE featurizer)."""
     t = dict(cfg["lm"]["base"]["train"])
     if featurizer:
         t["seed"] = cfg["lm"]["featurizer"]["seed"]
@@ -89,7 +102,9 @@ def featurizer_label(cfg: dict) -> str:
 
 
 def lm_problems(cfg: dict) -> list[str]:
-    """What the schema cannot say about ``lm:``."""
+    """Why the configured LM arm cannot run (none when it is off): what the schema cannot say about ``lm``."""
+    if not lm_enabled(cfg):
+        return []
     lm, out = cfg["lm"], []
     toy_corpus = lm["corpus"]["kind"] == "toy"
     if lm["base"]["kind"] == "toy" and not toy_corpus:
@@ -109,11 +124,8 @@ def lm_problems(cfg: dict) -> list[str]:
 
 
 def check_lm(cfg: dict) -> None:
+    """Raise ConfigError naming every problem of :func:`lm_problems`."""
     problems = lm_problems(cfg)
     if problems:
-        raise ConfigError("the language-model arm's configuration is invalid:\n  " + "\n  ".join(problems))
+        raise ConfigError("the LM arm's configuration is invalid:\n  " + "\n  ".join(problems))
 
-
-__all__ = ["LMRun", "ZERO_SHOT", "DEFAULT_FILES", "DOLLY_URL", "TOY_TEMPLATE", "lm_enabled", "lm_methods", "lm_runs",
-           "is_toy", "template", "hub_dir", "hub_files", "sft_spec", "pretrain_spec", "featurizer_label",
-           "lm_problems", "check_lm"]

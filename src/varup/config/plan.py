@@ -1,10 +1,16 @@
 """The run plan of the image arm: which training runs exist (main, ablation, lambda study, cfg sweep, OOD,
 uncertainty, modes) and the complete per-job settings of each. A *run* is one training job (dataset, depth, method,
-seed); its results live under ``results/{experiment}/{dataset}/d{depth}/{method}/seed{seed}/``."""
+seed); its results live under ``results/{experiment}/{dataset}/d{depth}/{method}/seed{seed}/``.
+
+Its shape is that of every arm's plan (:mod:`varup.config.textplan` for the text arm, :mod:`varup.config.lmplan` for
+the LM arm): a frozen run record whose ``path`` is where the run's results live (:class:`Run`), :func:`runs` (every
+training run) and :func:`run_spec` (the specification its training job records). The image arm is always on and its
+problems are the configuration's own (:mod:`varup.config.checks`, run by :func:`varup.config.schema.validate`), so
+it has no ``*_enabled`` or ``check_*`` of its own.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 from varup.config.cluster import LAUNCH_KEYS
 from varup.config.keys import deep_merge
@@ -13,6 +19,7 @@ from varup.config.keys import deep_merge
 # ---------------------------------------------------------------------------------------------- runs
 @dataclass(frozen=True)
 class Run:
+    """One training run of the image arm: a class-conditional VAR trained with a method's loss."""
     dataset: str
     depth: int
     method: str
@@ -23,13 +30,10 @@ class Run:
         return f"{self.dataset}/d{self.depth}/{self.method}/seed{self.seed}"
 
 
-def main_runs(cfg: dict) -> Iterator[Run]:
+def main_runs(cfg: dict) -> list[Run]:
     """Table 2: every dataset x depth x method x seed."""
-    for ds in cfg["datasets"]:
-        for depth in cfg["model"]["depths"]:
-            for method in cfg["methods"]:
-                for seed in cfg["seeds"]:
-                    yield Run(ds, int(depth), method, int(seed))
+    return [Run(ds, int(depth), method, int(seed)) for ds in cfg["datasets"] for depth in cfg["model"]["depths"]
+            for method in cfg["methods"] for seed in cfg["seeds"]]
 
 
 def _num(v: float) -> str:
@@ -74,22 +78,18 @@ def ablation_methods(cfg: dict) -> dict[str, dict]:
             if m not in cfg["methods"]}
 
 
-def ablation_runs(cfg: dict) -> Iterator[Run]:
+def ablation_runs(cfg: dict) -> list[Run]:
+    """The runs of Figure 4's grid points that no configured method trains."""
     f4 = cfg["experiments"].get("figure4")
     if not f4:
-        return
-    for method in ablation_methods(cfg):
-        for seed in figure4_seeds(cfg):
-            yield Run(f4["dataset"], int(f4["depth"]), method, seed)
+        return []
+    return [Run(f4["dataset"], int(f4["depth"]), method, seed) for method in ablation_methods(cfg)
+            for seed in figure4_seeds(cfg)]
 
 
-def runs(cfg: dict) -> Iterator[Run]:
-    """Every training job: Table 2's runs, then Figure 4's grid (without duplicates)."""
-    seen = set()
-    for r in (*main_runs(cfg), *ablation_runs(cfg)):
-        if r not in seen:
-            seen.add(r)
-            yield r
+def runs(cfg: dict) -> list[Run]:
+    """Every training run: Table 2's, then Figure 4's grid (without duplicates)."""
+    return list(dict.fromkeys((*main_runs(cfg), *ablation_runs(cfg))))
 
 
 def lambda_points(cfg: dict) -> dict[str, str]:

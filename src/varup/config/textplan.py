@@ -1,14 +1,19 @@
-"""The text arm's runs from the validated config: which runs, their training specification, and the checks that
-the prompt study's prompts can be taken before any job starts (imported by the workflow at DAG build).
+"""The run plan of the text arm: the text-conditioned VAR (VAR-CLIP layout) and the companion study's prompt
+experiments (config ``text``; target ``prompt_study``). Imported by the workflow when the DAG is built.
 
-A text run is ``{dataset}/text_d{depth}/{method}/seed{seed}``: the text-conditioned VAR (VAR-CLIP layout) trained
-on the dataset's caption table with a method's loss; the prompt study also uses the class-conditional runs
+Its shape is that of every arm's plan (:mod:`varup.config.plan` for the image arm, :mod:`varup.config.lmplan` for
+the LM arm): a frozen run record whose ``path`` is where the run's results live under ``results/<experiment>/``
+(:class:`TextRun`), :func:`text_enabled`, :func:`text_runs` (every run; none when the arm is off),
+:func:`text_run_spec` (the specification its training job records) and :func:`text_problems` /
+:func:`check_text` (what the schema cannot say, before any job starts).
+
+A text run is ``{dataset}/text_d{depth}/{method}/seed{seed}``: the text-conditioned VAR trained on the dataset's
+caption table with a method's loss. The prompt study also samples the class-conditional runs
 ``{dataset}/d{depth}/{method}/seed{seed}`` of the same depth, methods and seeds (family ``var``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 from varup.base.text import words_of
 from varup.config.errors import ConfigError
@@ -22,14 +27,18 @@ TOY_FUNCTION_WORDS = {"a", "or", "on", "background", "shape"}
 
 @dataclass(frozen=True)
 class TextRun:
-    family: str  # "text" (the text-conditioned VAR) or "var" (the class-conditional one)
-    run: Run
+    """One run of the text arm (family ``text``), or the class-conditional run of the same dataset, depth, method
+    and seed that the prompt study compares it with (family ``var``, an image-arm run)."""
+    dataset: str
+    depth: int
+    method: str
+    seed: int
+    family: str = "text"
 
     @property
     def path(self) -> str:
-        r = self.run
         prefix = "text_" if self.family == "text" else ""
-        return f"{r.dataset}/{prefix}d{r.depth}/{r.method}/seed{r.seed}"
+        return f"{self.dataset}/{prefix}d{self.depth}/{self.method}/seed{self.seed}"
 
 
 def text_enabled(cfg: dict) -> bool:
@@ -37,19 +46,23 @@ def text_enabled(cfg: dict) -> bool:
 
 
 def text_dataset(cfg: dict) -> str:
-    return cfg["text"].get("dataset") or next(iter(cfg["datasets"]))
+    return cfg["text"].get("dataset") or next(iter(cfg["datasets"]))  # no dataset: the first
 
 
 def text_methods(cfg: dict) -> list[str]:
-    return list(cfg["text"].get("methods") or cfg["methods"])
+    return list(cfg["text"].get("methods") or cfg["methods"])  # no methods: every method
 
 
-def text_runs(cfg: dict, family: str = "text") -> Iterator[TextRun]:
+def text_runs(cfg: dict, family: str = "text") -> list[TextRun]:
+    """Every run of the text arm (text.methods x text.seeds at text.depth; none when the arm is off); with family
+    ``var``, the class-conditional runs the prompt study compares them with."""
+    if not text_enabled(cfg):
+        return []
     t = cfg["text"]
-    depth = t.get("depth") or cfg["model"]["depths"][0]
-    for method in text_methods(cfg):
-        for seed in t.get("seeds") or cfg["seeds"][:1]:
-            yield TextRun(family, Run(text_dataset(cfg), int(depth), method, int(seed)))
+    depth = int(t.get("depth") or cfg["model"]["depths"][0])  # no depth: the first of model.depths
+    seeds = t.get("seeds") or cfg["seeds"][:1]  # no seeds: the first seed
+    return [TextRun(text_dataset(cfg), depth, method, int(seed), family)
+            for method in text_methods(cfg) for seed in seeds]
 
 
 def study_runs(cfg: dict) -> list[TextRun]:
@@ -65,10 +78,11 @@ def encoder_spec(cfg: dict) -> dict:
     return {"kind": "clip", "arch": e["arch"]}
 
 
-def text_run_spec(cfg: dict, run: Run) -> dict:
-    """:func:`varup.config.plan.run_spec` of the class-conditional run, with ``text.train`` merged into its optimiser
+def text_run_spec(cfg: dict, run: TextRun) -> dict:
+    """The complete specification of one text run's training job: :func:`varup.config.plan.run_spec` of the
+    class-conditional run of the same dataset, depth, method and seed, with ``text.train`` merged into its optimiser
     settings and the text settings (encoder, null condition) added."""
-    spec = run_spec(cfg, run)
+    spec = run_spec(cfg, Run(run.dataset, run.depth, run.method, run.seed))
     spec["optim"] = deep_merge(spec["optim"], cfg["text"]["train"])
     spec["text"] = {"encoder": encoder_spec(cfg), "null_condition": cfg["text"]["null_condition"]}
     return spec
@@ -82,9 +96,9 @@ def clip_source(cfg: dict, file: str, key: str) -> str:
     return f"--{key} {section[key]}" if section.get(key) else ""  # not set: the registry's
 
 
-def prompt_problems(cfg: dict) -> list[str]:
-    """Why the configured text arm cannot run: unknown dataset or method, or (toy captions and encoder) prompt
-    words outside the toy caption grammar's vocabulary, which the toy text encoder could not read."""
+def text_problems(cfg: dict) -> list[str]:
+    """Why the configured text arm cannot run (none when it is off): unknown dataset or method, or (toy captions and
+    encoder) prompt words outside the toy caption grammar's vocabulary, which the toy text encoder could not read."""
     t = cfg["text"]
     if not t["enabled"]:
         return []
@@ -114,10 +128,8 @@ def prompt_problems(cfg: dict) -> list[str]:
 
 
 def check_text(cfg: dict) -> None:
-    problems = prompt_problems(cfg)
+    """Raise ConfigError naming every problem of :func:`text_problems`."""
+    problems = text_problems(cfg)
     if problems:
         raise ConfigError("the text arm's configuration is invalid:\n  " + "\n  ".join(problems))
 
-
-__all__ = ["FAMILY_NAMES", "TextRun", "text_enabled", "text_dataset", "text_methods", "text_runs", "study_runs",
-           "encoder_spec", "text_run_spec", "prompt_problems", "check_text", "clip_source"]

@@ -309,12 +309,12 @@ def prompt_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
     from varup.config.textplan import FAMILY_NAMES, study_runs
 
     results = Path(results)
-    runs_ = [r for r in study_runs(cfg) if r.run.seed == study_runs(cfg)[0].run.seed]
+    runs_ = [r for r in study_runs(cfg) if r.seed == study_runs(cfg)[0].seed]
     panels = []
     for r in runs_:
         d = results / r.path / "prompts"
         with np.load(d / "sigma.npz") as z:
-            panels.append((f"{FAMILY_NAMES[r.family]} {r.run.method}", read_json(d / "sets.json"),
+            panels.append((f"{FAMILY_NAMES[r.family]} {r.method}", read_json(d / "sets.json"),
                            {k: z[k] for k in z.files}))
     vmax = prompt_sigma_figure(panels, out, name="prompt_sigma")
     log.info("prompt σ figure: %d runs, σ scale 0..%.3f", len(panels), vmax)
