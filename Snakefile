@@ -61,7 +61,7 @@ rule prompt_study:
 
 
 rule lm_study:
-    """The paper's language-model experiment, Table 6 (config lm; not part of all)."""
+    """The LM arm, the paper's Table 6 (config lm; not part of all)."""
     input:
         [f"{RES}/tables/table6.{e}" for e in ("csv", "md", "tex", "html")] if LM_ON else [],
         [f"{RES}/figures/lm_modes.{e}" for e in ("png", "pdf")] if LM_ON else [],

@@ -1,4 +1,4 @@
-"""The language-model arm's library: the objective on an LM's logits, its references from an embedding matrix, the
+"""The LM arm's library: the objective on an LM's logits, its references from an embedding matrix, the
 toy grammar's modes, SFT data and resumption, generation and the mode scores."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The text arm's DAG end to end on a tiny toy config (`snakemake lm_study`), asserting on Table 6; the paper
-config's text jobs in a dry run; the arm's configuration errors name their keys."""
+"""The LM arm's DAG end to end on a tiny toy config (`snakemake lm_study`), asserting on Table 6; the paper
+config's LM jobs in a dry run; the arm's configuration errors name their keys."""
 from __future__ import annotations
 
 import os
@@ -65,7 +65,7 @@ def test_lm_study_builds_table_6_with_every_row(tmp_path):
     assert len(curve) == 3 and '"l2nd": 0.0' not in curve[-1]  # the objective's terms were on
 
 
-def test_the_paper_configs_text_jobs_plan_with_qwen_and_dolly(tmp_path):
+def test_the_paper_configs_lm_jobs_plan_with_qwen_and_dolly(tmp_path):
     r = _smk(tmp_path, REPO / "config" / "paper.yaml", "-n", "lm_study", "--config", f"results_dir={tmp_path}/r",
              f"resources_dir={tmp_path}/rsc")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

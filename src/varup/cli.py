@@ -203,7 +203,7 @@ def cmd_prompt_scores(a) -> None:
                       params=a.params, classifier=a.classifier, clip_weights=a.clip_weights, device=a.device)
 
 
-# ------------------------------------------------------------------------------------ language-model arm
+# ---------------------------------------------------------------------------------------- LM arm
 def cmd_lm_corpus(a) -> None:
     if a.kind == "toy":
         from varup.lm.grammar import make_corpus
@@ -282,8 +282,8 @@ def add_fetch_args(p) -> None:
 
 
 def add_lm_commands(cmd) -> None:
-    """The paper's language-model experiment (varup.lm): Table 6."""
-    p = cmd("lm-corpus", cmd_lm_corpus, "write the text arm's corpus: the toy grammar or dolly-15k's split")
+    """The LM arm (varup.lm): the paper's Table 6."""
+    p = cmd("lm-corpus", cmd_lm_corpus, "write the LM arm's corpus: the toy grammar or dolly-15k's split")
     p.add_argument("--kind", choices=("toy", "dolly"), required=True)
     p.add_argument("--source", default=None, help="dolly: the fetched databricks-dolly-15k.jsonl")
     p.add_argument("--params", type=_json, default={}, help="lm.corpus settings (JSON)")

@@ -1,4 +1,4 @@
-# The paper's language-model experiment (Table 6; varup.lm): its own target `snakemake lm_study` (config `lm`; not
+# The LM arm (the paper's Table 6; varup.lm): its own target `snakemake lm_study` (config `lm`; not
 # part of all). Corpus (the toy grammar, or dolly-15k fetched) -> base model (toy: pre-trained here; hub: Qwen1.5
 # fetched) -> references from its embedding matrix -> SFT per method x seed (same torchrun/Slurm launch as the image
 # trainer) -> generations for the held-out prompts (and the zero-shot base's) -> MAUVE / Self-BLEU / toy modes ->

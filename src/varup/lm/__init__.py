@@ -1,4 +1,4 @@
-"""The LM arm (the paper's language-model experiment, Table 6): supervised fine-tuning of a causal LM with cross-entropy and with
+"""The LM arm (the paper's Table 6): supervised fine-tuning of a causal LM with cross-entropy and with
 the uncertainty-preserving objective, generation for held-out prompts, MAUVE and Self-BLEU.
 
 * :mod:`varup.lm.grammar` — the offline corpus: a seeded grammar of instruction/response pairs with known modes.

@@ -1,4 +1,4 @@
-"""The text arm's offline corpus: a seeded grammar of instruction/response pairs whose modes are known.
+"""The LM arm's offline corpus: a seeded grammar of instruction/response pairs whose modes are known.
 
 Every instruction of the grammar has a finite set of correct responses (its *modes*), each with a fixed
 probability (Zipf-like weights over the modes, so some modes are rare); a model's generations can therefore be

@@ -1,4 +1,4 @@
-"""The text arm's stages as the CLI runs them (one function per Snakemake rule): corpus, toy base model and featurizer
+"""The LM arm's stages as the CLI runs them (one function per Snakemake rule): corpus, toy base model and featurizer
 pre-training, the objective's references, SFT. Each reads and writes the files documented in :mod:`varup.lm`."""
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ def prompt_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
     log.info("prompt σ figure: %d runs, σ scale 0..%.3f", len(panels), vmax)
 
 
-# --------------------------------------------------------------------------------------- language-model arm
+# ---------------------------------------------------------------------------------------- LM arm
 LM_CURVES = [("SFT cross-entropy $L_{CE}$ (response tokens)", "nats / token", "linear", [("", lambda r: r["ce"], "-")]),
              ("predictive entropy", "nats / token", "linear", [("", lambda r: r["pred_entropy"], "-")])]
 
@@ -375,7 +375,7 @@ def lm_figures(cfg: dict, results: str | Path, out: str | Path) -> None:
         _mode_panel(ax, text, scores, colours, train_freq.get(text))
     if texts:
         axes[1, 0].legend(fontsize=6)
-    fig.suptitle("Language-model arm: SFT curves; generated vs true mode frequencies per instruction", fontsize=10)
+    fig.suptitle("LM arm: SFT curves; generated vs true mode frequencies per instruction", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out, "lm_modes")
     plt.close(fig)
