@@ -42,9 +42,9 @@ if reporting.report_requested(sys.argv) and (why := reporting.unfinished_report(
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True
 
 
 rule lambda_study:

@@ -7,19 +7,19 @@ rule bench:
     output:
         json=f"{RES}/bench/bench.json",
         md=f"{RES}/bench/bench.md",
-    params:
-        code=code_of("varup.bench.suite"),
-        device=GPU_DEVICE,
-        args=bench_args(),
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/bench/bench.log",
     benchmark:
         f"{RES}/benchmarks/bench/bench.tsv"
     conda:
         CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("varup.bench.suite"),
+        device=GPU_DEVICE,
+        args=bench_args(),
     shell:
         "python -m varup.bench.suite all --threads {threads} --device {params.device} {params.args}"
         " --json {output.json} --markdown {output.md} > {log} 2>&1"

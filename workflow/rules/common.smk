@@ -20,13 +20,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 try:
     from varup.config import checks, cluster, plan, reporting, schema
 except ImportError as e:
-    raise WorkflowError(f"{e}: {sys.executable} runs Snakemake but lacks what varup.config needs (pyyaml, "
-                        "jsonschema); run `bash scripts/setup.sh`, or `pip install -c requirements.lock pyyaml jsonschema`")
+    raise WorkflowError(
+        f"{e}: {sys.executable} runs Snakemake but lacks what varup.config needs (pyyaml, "
+        "jsonschema); run `bash scripts/setup.sh`, or `pip install -c requirements.lock pyyaml jsonschema`"
+    )
 
 # Validated (and completed with schema defaults) before any job starts; a bad key stops here, named.
 schema.validate(config)
 
 import varup.config.ownership as own
+
 # code_of("<varup subcommand>") is the fingerprint of the code that command runs: the rules that run the library
 # record it as the parameter `code`, so editing that code re-runs them ("params changed") and what depends on them
 # (varup.base.codehash).
@@ -56,6 +59,7 @@ SERIAL_THREADS = config["serial_threads"]
 # or where GPUs were allocated, unless allow_cpu_fallback (varup.config.cluster.job_device, varup.base.runtime.resolve_device)
 DEVICE = cluster.job_device(config, gpu_rule=False)
 GPU_DEVICE = cluster.job_device(config, gpu_rule=True)
+
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
 # (put first on PATH here, so the jobs need no activated environment); with --sdm conda, the environment's own
@@ -172,8 +176,14 @@ def shards_of(w):
 def qualitative_params(w):
     s = plan.sample_settings(config, w.dataset)
     q_ = s["qualitative"]
-    return {"n_per_class": q_["n_per_class"], "batch_size": s["batch_size"], "cfg": q_["cfg"],
-            "top_k": s["top_k"], "top_p": s["top_p"], "more_smooth": s["more_smooth"]}
+    return {
+        "n_per_class": q_["n_per_class"],
+        "batch_size": s["batch_size"],
+        "cfg": q_["cfg"],
+        "top_k": s["top_k"],
+        "top_p": s["top_p"],
+        "more_smooth": s["more_smooth"],
+    }
 
 
 GPU = cluster.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
@@ -181,19 +191,25 @@ CPU = cluster.cluster_resources(config, gpu=False)
 TRAIN_CMD, TRAIN_RES = cluster.train_launch(config)
 TRAIN_STOP_S = int(config["train"]["stop_before_limit_s"])  # a resource
 EXPERIMENTS = config["experiments"]
-TABLES = ["table2", "table7", "codebook_calibration", "overhead", "loss_references"] + (["table3"] if "ood" in EXPERIMENTS else []) + (
-    ["figure4"] if "figure4" in EXPERIMENTS else []
+TABLES = (
+    ["table2", "table7", "codebook_calibration", "overhead", "loss_references"]
+    + (["table3"] if "ood" in EXPERIMENTS else [])
+    + (["figure4"] if "figure4" in EXPERIMENTS else [])
 )
 UNC = config["uncertainty"]
 UNC_RUNS = plan.uncertainty_runs(config)
 MODE_RUNS = plan.mode_runs(config)
 TOY_RUNS = plan.toy_runs(config)
 TOY_DATASETS = sorted({r.dataset for r in TOY_RUNS})
-TABLES += (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglement"] if UNC_RUNS else []) + (
-    ["mode_coverage"] if MODE_RUNS else []
-) + (["toy_metrics"] if TOY_RUNS else [])
-FIGURES = ["samples", "training_curves"] + (["figure4"] if "figure4" in EXPERIMENTS else []) + (
-    ["mc_dropout_sigma", "droppath_sweep"] if UNC_RUNS else []
+TABLES += (
+    (["uncertainty_droppath", "uncertainty_region", "uncertainty_entanglement"] if UNC_RUNS else [])
+    + (["mode_coverage"] if MODE_RUNS else [])
+    + (["toy_metrics"] if TOY_RUNS else [])
+)
+FIGURES = (
+    ["samples", "training_curves"]
+    + (["figure4"] if "figure4" in EXPERIMENTS else [])
+    + (["mc_dropout_sigma", "droppath_sweep"] if UNC_RUNS else [])
 )
 CFG_SWEEP = plan.cfg_sweep(config)
 OOD_RUNS = plan.ood_runs(config)
@@ -209,16 +225,25 @@ def cfg_sweep_files(name):
 
 
 def downstream_files():
-    return [f"{RES}/figures/downstream_{ds_}_d{depth}_{t}.{e}" for ds_, depth in DOWNSTREAM
-            for t in EXPERIMENTS["downstream"]["tasks"] for e in ("png", "pdf")]
+    return [
+        f"{RES}/figures/downstream_{ds_}_d{depth}_{t}.{e}"
+        for ds_, depth in DOWNSTREAM
+        for t in EXPERIMENTS["downstream"]["tasks"]
+        for e in ("png", "pdf")
+    ]
 
 
 def prefetch_files():
     """Everything the chosen config downloads (datasets, official weights, Inception weights)."""
     out = [f"{RSC}/inception/inception.json"]
     out += [f"{RSC}/datasets/{d}/archive.json" for d in kinds("afhq") if d != "__none__"]
-    out += sorted({tokenizer_file(type("W", (), {"dataset": d})) for d in DATASETS
-                   if plan.tokenizer_of(config, d)[1]["kind"] == "official"})
+    out += sorted(
+        {
+            tokenizer_file(type("W", (), {"dataset": d}))
+            for d in DATASETS
+            if plan.tokenizer_of(config, d)[1]["kind"] == "official"
+        }
+    )
     out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if warm_start(r.dataset)})
     if TEXT_ON:  # CLIP weights: VAR-CLIP's text encoder and CMMD's image encoder, where configured
         out += text_encoder_weights(None)
@@ -241,8 +266,14 @@ def tables_and_figures():
 def bench_args():
     """Command-line options of `python -m varup.bench.suite all` from the config's bench section."""
     b = config["bench"]
-    opts = {"depth": "--depth", "batch": "--batch", "sample_batch": "--sample-batch", "encode_batch": "--encode-batch",
-            "repeats": "--repeats", "warmup": "--warmup"}
+    opts = {
+        "depth": "--depth",
+        "batch": "--batch",
+        "sample_batch": "--sample-batch",
+        "encode_batch": "--encode-batch",
+        "repeats": "--repeats",
+        "warmup": "--warmup",
+    }
     args = [f"{flag} {int(b[k])}" for k, flag in opts.items() if b[k] is not None]
     args += ["--compile"] if b["compile"] else []
     args += [] if b["plain"] else ["--skip-plain"]
@@ -258,16 +289,23 @@ def inception_metric_params():
 def toy_metric_params(w):
     """Reference set (the one real_features uses) and metric settings of the toy-feature rules."""
     m = config["metrics"]
-    return {"split": ds(w)["metrics_real_split"], "max_images": m["real_max_images"],
-            "resolution": ds(w)["resolution"], "batch_size": m["batch_size"],
-            **{k: m[k] for k in ("kid_subsets", "kid_subset_size", "prc_neighborhood", "prdc_nearest_k")}}
+    return {
+        "split": ds(w)["metrics_real_split"],
+        "max_images": m["real_max_images"],
+        "resolution": ds(w)["resolution"],
+        "batch_size": m["batch_size"],
+        **{k: m[k] for k in ("kid_subsets", "kid_subset_size", "prc_neighborhood", "prdc_nearest_k")},
+    }
 
 
 def toy_floor_params(w):
     """toy_metric_params plus the floor set: n_per_class images per class (a run's sample size) of floor_split."""
     t = config["metrics"]["toy_features"]
-    return {**toy_metric_params(w), "floor_split": t["floor_split"],
-            "n_per_class": plan.sample_settings(config, w.dataset)["n_per_class"]}
+    return {
+        **toy_metric_params(w),
+        "floor_split": t["floor_split"],
+        "n_per_class": plan.sample_settings(config, w.dataset)["n_per_class"],
+    }
 
 
 def unc_mask_dir(w):
@@ -285,13 +323,25 @@ def unc_common(w):
 # The λ study (workflow/rules/lambda_study.smk): its (point, run) pairs and the files it scores.
 LAMBDA = EXPERIMENTS.get("lambda_study")
 LAMBDA_RUNS = plan.lambda_runs(config)
-LAMBDA_FILES = {"mode_coverage": "mode_coverage.json", "toy_metrics": "toy_metrics.json",
-                "samples": "samples.npz", "summary": "train/summary.json"}
+LAMBDA_FILES = {
+    "mode_coverage": "mode_coverage.json",
+    "toy_metrics": "toy_metrics.json",
+    "samples": "samples.npz",
+    "summary": "train/summary.json",
+}
 
 
 def lambda_entries():
-    return [{"point": p, "seed": r.seed, "run": r.path, "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
-             **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()}} for p, r in LAMBDA_RUNS]
+    return [
+        {
+            "point": p,
+            "seed": r.seed,
+            "run": r.path,
+            "tokens_meta": f"{RES}/{r.dataset}/tokens/meta.json",
+            **{k: f"{RES}/{r.path}/{f}" for k, f in LAMBDA_FILES.items()},
+        }
+        for p, r in LAMBDA_RUNS
+    ]
 
 
 # The text arm, the text-conditioned VAR, and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight

@@ -6,18 +6,18 @@ rule data_ood:
         required_dirs("experiments.ood.source.root"),
     output:
         directory(f"{RES}/{{dataset}}/ood_data"),
-    params:
-        code=code_of("prepare-ood"),
-        src=lambda w: q(EXPERIMENTS["ood"]["source"]),
-        res=lambda w: ds(w)["resolution"],
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/data/{{dataset}}_ood.log",
     benchmark:
         f"{RES}/benchmarks/data/{{dataset}}_ood.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("prepare-ood"),
+        src=lambda w: q(EXPERIMENTS["ood"]["source"]),
+        res=lambda w: ds(w)["resolution"],
     shell:
         "varup prepare-ood --source {params.src} --out {output} --resolution {params.res} > {log} 2>&1"
 
@@ -30,21 +30,21 @@ rule encode_ood:
         meta=f"{RES}/{{dataset}}/ood_tokens/meta.json",
         tokens=f"{RES}/{{dataset}}/ood_tokens/ood_tokens.npy",
         side=multiext(f"{RES}/{{dataset}}/ood_tokens/", "ood_labels.npy", "ood_source.npy"),
-    params:
-        code=code_of("encode"),
-        device=GPU_DEVICE,
-        pre=lambda w: q(preprocess_of(w)),
-        res=lambda w: ds(w)["resolution"],
-        out=lambda w, output: os.path.dirname(output.meta),
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/encode/{{dataset}}_ood.log",
     benchmark:
         f"{RES}/benchmarks/encode/{{dataset}}_ood.tsv"
     conda:
         CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("encode"),
+        device=GPU_DEVICE,
+        pre=lambda w: q(preprocess_of(w)),
+        res=lambda w: ds(w)["resolution"],
+        out=lambda w, output: os.path.dirname(output.meta),
     shell:
         "varup encode --threads {threads} --device {params.device} --data {input.data} --tokenizer {input.tokenizer}"
         " --resolution {params.res} --preprocess {params.pre} --splits val:ood --out {params.out} >> {log} 2>&1"
@@ -58,6 +58,15 @@ rule ood_eval:
         ood_tokens=f"{RES}/{{dataset}}/ood_tokens/meta.json",
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/ood.json",
+    log:
+        f"{RES}/logs/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("ood"),
         device=GPU_DEVICE,
@@ -65,15 +74,6 @@ rule ood_eval:
         mode=lambda w: EXPERIMENTS["ood"]["class_mode"],
         id_dir=lambda w, input: os.path.dirname(input.id_tokens),
         ood_dir=lambda w, input: os.path.dirname(input.ood_tokens),
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/ood/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup ood --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
         " --id-tokens {params.id_dir} --ood-tokens {params.ood_dir} --max-images {params.n} --class-mode {params.mode}"
@@ -82,17 +82,38 @@ rule ood_eval:
 
 rule downstream:
     input:
-        models=lambda w: [f"{RES}/{w.dataset}/d{w.depth}/{m}/seed{config['seeds'][0]}/model.pt"
-                          for m in EXPERIMENTS["downstream"]["methods"]],
+        models=lambda w: [
+            f"{RES}/{w.dataset}/d{w.depth}/{m}/seed{config['seeds'][0]}/model.pt"
+            for m in EXPERIMENTS["downstream"]["methods"]
+        ],
         tokenizer=tokenizer_file,
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
     output:
-        [report(f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}", caption="../report/downstream.rst",
-                category="Figures", labels={"figure": f"downstream {t}"}) if e == "png"
-         else f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
-         for t in (EXPERIMENTS["downstream"]["tasks"] if "downstream" in EXPERIMENTS else []) for e in ("png", "pdf")],
+        [
+            (
+                report(
+                    f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}",
+                    caption="../report/downstream.rst",
+                    category="Figures",
+                    labels={"figure": f"downstream {t}"},
+                )
+                if e == "png"
+                else f"{RES}/figures/downstream_{{dataset}}_d{{depth}}_{t}.{e}"
+            )
+            for t in (EXPERIMENTS["downstream"]["tasks"] if "downstream" in EXPERIMENTS else [])
+            for e in ("png", "pdf")
+        ],
         summary=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json",
         prov=f"{RES}/figures/downstream_{{dataset}}_d{{depth}}.json.prov.json",
+    log:
+        f"{RES}/logs/downstream/{{dataset}}_d{{depth}}.log",
+    benchmark:
+        f"{RES}/benchmarks/downstream/{{dataset}}_d{{depth}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("downstream"),
         device=GPU_DEVICE,
@@ -100,15 +121,6 @@ rule downstream:
         p=lambda w: q(EXPERIMENTS["downstream"]),
         tokens=lambda w, input: os.path.dirname(input.tokens),
         out=lambda w, output: os.path.dirname(output.summary),
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/downstream/{{dataset}}_d{{depth}}.log",
-    benchmark:
-        f"{RES}/benchmarks/downstream/{{dataset}}_d{{depth}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup downstream --threads {threads} --device {params.device} --models {params.models}"
         " --tokenizer {input.tokenizer} --tokens {params.tokens} --params {params.p} --out-dir {params.out}"

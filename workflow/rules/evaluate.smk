@@ -3,6 +3,7 @@
 # Toy datasets also get FD/KID/PR in the mode classifier's feature space (toy_metrics) and, once per dataset, the
 # same metrics between two disjoint real sets (toy_metrics_floor).
 
+
 localrules:
     inception_weights,
 
@@ -10,18 +11,18 @@ localrules:
 rule inception_weights:
     output:
         f"{RSC}/inception/inception.json",
-    params:
-        code=code_of("inception"),
-        out=lambda w, output: os.path.dirname(output[0]),
-        url=f"--url {config['metrics']['inception']['url']}" if "url" in config["metrics"]["inception"] else "",
-        sha=f"--sha256 {config['metrics']['inception']['sha256']}" if "sha256" in config["metrics"]["inception"] else "",
-        fallback="" if config["metrics"]["inception"]["allow_fallback"] else "--no-fallback",
     log:
         f"{RES}/logs/inception_weights.log",
     benchmark:
         f"{RES}/benchmarks/inception_weights.tsv"
     conda:
         CONDA_ENV
+    params:
+        code=code_of("inception"),
+        out=lambda w, output: os.path.dirname(output[0]),
+        url=f"--url {config['metrics']['inception']['url']}" if "url" in config["metrics"]["inception"] else "",
+        sha=f"--sha256 {config['metrics']['inception']['sha256']}" if "sha256" in config["metrics"]["inception"] else "",
+        fallback="" if config["metrics"]["inception"]["allow_fallback"] else "--no-fallback",
     shell:
         "varup inception --out-dir {params.out} {params.url} {params.sha} {params.fallback} > {log} 2>&1"
 
@@ -31,12 +32,24 @@ rule real_features:
         data=f"{RES}/{{dataset}}/data",
         inception=f"{RSC}/inception/inception.json",
     output:
+        # the clean-FID features have provenance when they are computed (clean_fid enabled)
+        **(
+            {"clean_prov": f"{RES}/{{dataset}}/real_clean_features.npy.prov.json"}
+            if config["metrics"]["clean_fid"]["enabled"]
+            else {}
+        ),
         feats=f"{RES}/{{dataset}}/real_features.npz",
         clean=f"{RES}/{{dataset}}/real_clean_features.npy",
         prov=f"{RES}/{{dataset}}/real_features.npz.prov.json",
-        # the clean-FID features have provenance when they are computed (clean_fid enabled)
-        **({"clean_prov": f"{RES}/{{dataset}}/real_clean_features.npy.prov.json"}
-           if config["metrics"]["clean_fid"]["enabled"] else {}),
+    log:
+        f"{RES}/logs/real_features/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/real_features/{{dataset}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("real-features"),
         device=GPU_DEVICE,
@@ -45,15 +58,6 @@ rule real_features:
         n=config["metrics"]["real_max_images"],
         clean_n=config["metrics"]["clean_fid"]["max_images"] if config["metrics"]["clean_fid"]["enabled"] else 0,
         bs=config["metrics"]["batch_size"],
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/real_features/{{dataset}}.log",
-    benchmark:
-        f"{RES}/benchmarks/real_features/{{dataset}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup real-features --threads {threads} --device {params.device} --data {input.data} --split {params.split}"
         " --resolution {params.res} --inception {input.inception} --max-images {params.n} --batch-size {params.bs}"
@@ -71,20 +75,20 @@ rule evaluate:
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/metrics.json",
-    params:
-        code=code_of("evaluate"),
-        device=GPU_DEVICE,
-        p=lambda w: q(inception_metric_params()),
-        tokens=lambda w, input: os.path.dirname(input.tokens),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("evaluate"),
+        device=GPU_DEVICE,
+        p=lambda w: q(inception_metric_params()),
+        tokens=lambda w, input: os.path.dirname(input.tokens),
     shell:
         "varup evaluate --threads {threads} --device {params.device} --samples {input.samples} --real-features {input.real}"
         " --inception {input.inception} --model {input.model} --tokenizer {input.tokenizer} --tokens {params.tokens}"
@@ -102,12 +106,12 @@ use rule evaluate as evaluate_cfg with:
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/metrics.json",
-    wildcard_constraints:
-        cfgv=r"[0-9.]+",
     log:
         f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.tsv"
+    wildcard_constraints:
+        cfgv=r"[0-9.]+",
 
 
 rule toy_metrics:
@@ -117,19 +121,19 @@ rule toy_metrics:
         data=f"{RES}/{{dataset}}/data",
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/toy_metrics.json",
-    params:
-        code=code_of("toy-metrics"),
-        device=DEVICE,
-        p=lambda w: q(toy_metric_params(w)),
-    threads: THREADS
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_toy.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_toy.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **CPU,
+    params:
+        code=code_of("toy-metrics"),
+        device=DEVICE,
+        p=lambda w: q(toy_metric_params(w)),
     shell:
         "varup toy-metrics --threads {threads} --device {params.device} --classifier {input.classifier}"
         " --samples {input.samples} --data {input.data} --params {params.p}"
@@ -145,20 +149,20 @@ rule toy_metrics_floor:
         tokenizer=tokenizer_file,
     output:
         f"{RES}/{{dataset}}/toy_metrics_floor.json",
-    params:
-        code=code_of("toy-metrics-floor"),
-        device=GPU_DEVICE,
-        p=lambda w: q(toy_floor_params(w)),
-        inception="" if config["metrics"]["toy_features"]["floor_inception"] else "--no-inception",
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/evaluate/{{dataset}}_toy_floor.log",
     benchmark:
         f"{RES}/benchmarks/evaluate/{{dataset}}_toy_floor.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("toy-metrics-floor"),
+        device=GPU_DEVICE,
+        p=lambda w: q(toy_floor_params(w)),
+        inception="" if config["metrics"]["toy_features"]["floor_inception"] else "--no-inception",
     shell:
         "varup toy-metrics-floor --threads {threads} --device {params.device} --classifier {input.classifier}"
         " --data {input.data} --dataset {wildcards.dataset} --inception {input.inception} --real-features {input.real}"

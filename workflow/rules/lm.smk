@@ -12,16 +12,16 @@ rule lm_dolly:
     """databricks-dolly-15k (sha256 pinned, or recorded on first download: lm.corpus.sha256)."""
     output:
         f"{RSC}/dolly/databricks-dolly-15k.jsonl",
-    params:
-        code=code_of("lm-dolly"),
-        url=LM["corpus"].get("url", lmr.DOLLY_URL),  # no schema default: LM is a parameter of lm_tables
-        sha=LM["corpus"]["sha256"] or "",
     log:
         f"{RES}/logs/lm/dolly_fetch.log",
     benchmark:
         f"{RES}/benchmarks/lm/dolly_fetch.tsv"
     conda:
         CONDA_ENV
+    params:
+        code=code_of("lm-dolly"),
+        url=LM["corpus"].get("url", lmr.DOLLY_URL),  # no schema default: LM is a parameter of lm_tables
+        sha=LM["corpus"]["sha256"] or "",
     shell:
         "varup lm-dolly --url {params.url} --sha256 '{params.sha}' --key lm/corpus/sha256 --out {output} > {log} 2>&1"
 
@@ -30,6 +30,12 @@ rule lm_weights:
     """A hub model's files (lm.base / lm.featurizer: repo, revision, files; sha256 pinned or recorded on first use)."""
     output:
         f"{RSC}/hf/{{repo}}/varup_fetch.json",
+    log:
+        f"{RES}/logs/lm/weights_{{repo}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/weights_{{repo}}.tsv"
+    conda:
+        CONDA_ENV
     params:
         code=code_of("lm-fetch"),
         part=lm_hub_part,
@@ -37,12 +43,6 @@ rule lm_weights:
         files=lambda w: q(lmr.hub_files(config, lm_hub_part(w))),
         sha=lambda w: q(LM[lm_hub_part(w)]["sha256"]),
         out=lambda w, output: os.path.dirname(output[0]),
-    log:
-        f"{RES}/logs/lm/weights_{{repo}}.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/weights_{{repo}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup lm-fetch --repo {params.spec[repo]} --revision {params.spec[revision]} --endpoint {params.spec[endpoint]}"
         " --files {params.files} --sha256 {params.sha} --key lm/{params.part} --out-dir {params.out}"
@@ -57,6 +57,14 @@ rule lm_corpus:
         train=f"{RES}/lm/corpus/train.jsonl",
         eval=f"{RES}/lm/corpus/eval.jsonl",
         summary=f"{RES}/lm/corpus/summary.json",
+    log:
+        f"{RES}/logs/lm/corpus.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/corpus.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        **CPU,
     params:
         code=code_of("lm-corpus"),
         kind=LM["corpus"]["kind"],
@@ -64,14 +72,6 @@ rule lm_corpus:
         template=lambda w: shlex.quote(lmr.template(config)),
         source=lambda w, input: f"--source {input[0]}" if input else "",
         out=lambda w, output: os.path.dirname(output.train),
-    resources:
-        **CPU,
-    log:
-        f"{RES}/logs/lm/corpus.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/corpus.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup lm-corpus --kind {params.kind} {params.source} --params {params.params} --template {params.template}"
         " --out {params.out} > {log} 2>&1"
@@ -86,8 +86,17 @@ rule lm_pretrain:
         model=directory(f"{RES}/lm/{{which}}"),
         curve=f"{RES}/lm/{{which}}_train/metrics.jsonl",
         prov=f"{RES}/lm/{{which}}.prov.json",
+    log:
+        f"{RES}/logs/lm/pretrain_{{which}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/pretrain_{{which}}.tsv"
     wildcard_constraints:
         which="base|featurizer",
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("lm-pretrain"),
         device=GPU_DEVICE,
@@ -96,15 +105,6 @@ rule lm_pretrain:
         train=lambda w: q(lmr.pretrain_spec(config, featurizer=w.which == "featurizer")),
         template=lambda w: shlex.quote(lmr.template(config)),
         work=lambda w, output: os.path.dirname(output.curve),
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/lm/pretrain_{{which}}.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/pretrain_{{which}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup lm-pretrain --threads {threads} --device {params.device} --corpus {params.corpus} --model {params.model}"
         " --train {params.train} --template {params.template} --out {output.model} --work {params.work} >> {log} 2>&1"
@@ -119,21 +119,21 @@ rule lm_refs:
         refs=f"{RES}/lm/refs.pt",
         stats=f"{RES}/lm/refs.pt.json",
         prov=f"{RES}/lm/refs.pt.prov.json",
-    params:
-        code=code_of("lm-refs"),
-        base=lambda w, input: lm_folder(input.base),
-        corpus=lambda w, input: os.path.dirname(input.corpus),
-        params=q(LM["references"]),
-        train=q(LM["train"]),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/lm/refs.log",
     benchmark:
         f"{RES}/benchmarks/lm/refs.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("lm-refs"),
+        base=lambda w, input: lm_folder(input.base),
+        corpus=lambda w, input: os.path.dirname(input.corpus),
+        params=q(LM["references"]),
+        train=q(LM["train"]),
     shell:
         "varup lm-refs --threads {threads} --base {params.base} --corpus {params.corpus} --params {params.params}"
         " --train {params.train} --out {output.refs} > {log} 2>&1"
@@ -150,9 +150,19 @@ rule lm_sft:
         curve=f"{RES}/lm/{{method}}/seed{{seed}}/train/metrics.jsonl",
         summary=f"{RES}/lm/{{method}}/seed{{seed}}/train/summary.json",
         prov=f"{RES}/lm/{{method}}/seed{{seed}}/model.prov.json",
+    log:
+        f"{RES}/logs/lm/sft_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/sft_{{method}}_seed{{seed}}.tsv"
     wildcard_constraints:
         method="|".join(re.escape(m) for m in LM_METHODS),
         seed=r"\d+",
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **TRAIN_RES,
+        stop_before_limit_s=TRAIN_STOP_S,
     params:
         code=code_of("lm-sft"),
         device=GPU_DEVICE,
@@ -162,16 +172,6 @@ rule lm_sft:
         dtype=LM["base"]["dtype"],
         work=lambda w, output: os.path.dirname(output.curve),
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
-    threads: THREADS
-    resources:
-        **TRAIN_RES,
-        stop_before_limit_s=TRAIN_STOP_S,
-    log:
-        f"{RES}/logs/lm/sft_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/sft_{{method}}_seed{{seed}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "{params.launch} lm-sft --threads {threads} --device {params.device} --base {params.base}"
         " --corpus {params.corpus} --refs {input.refs} --train {params.train} --dtype {params.dtype}"
@@ -186,24 +186,24 @@ rule lm_generate:
     output:
         gens=f"{RES}/lm/{{method}}/seed{{seed}}/generations.jsonl",
         prov=f"{RES}/lm/{{method}}/seed{{seed}}/generations.jsonl.prov.json",
+    log:
+        f"{RES}/logs/lm/generate_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/generate_{{method}}_seed{{seed}}.tsv"
     wildcard_constraints:
         method="|".join(re.escape(m) for m in [lmr.ZERO_SHOT, *LM_METHODS]),
         seed=r"\d+",
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("lm-generate"),
         device=GPU_DEVICE,
         model=lambda w, input: lm_folder(input.model),
         decode=q(LM["generate"]),
         dtype=LM["base"]["dtype"],
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/lm/generate_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/generate_{{method}}_seed{{seed}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup lm-generate --threads {threads} --device {params.device} --model {params.model} --eval {input.eval}"
         " --decode {params.decode} --seed {wildcards.seed} --dtype {params.dtype} --out {output.gens} > {log} 2>&1"
@@ -217,8 +217,17 @@ rule lm_score:
         featurizer=lm_featurizer_input(),
     output:
         f"{RES}/lm/{{method}}/seed{{seed}}/scores.json",
+    log:
+        f"{RES}/logs/lm/score_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/lm/score_{{method}}_seed{{seed}}.tsv"
     wildcard_constraints:
         method="|".join(re.escape(m) for m in [lmr.ZERO_SHOT, *LM_METHODS]),
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("lm-score"),
         device=GPU_DEVICE,
@@ -226,15 +235,6 @@ rule lm_score:
         score=q(LM["score"]),
         label=shlex.quote(lmr.featurizer_label(config)),
         toy="--toy" if lmr.is_toy(config) else "",
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/lm/score_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/lm/score_{{method}}_seed{{seed}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup lm-score --threads {threads} --device {params.device} --generations {input.gens} --eval {input.eval}"
         " --featurizer {params.featurizer} --score {params.score} --label {params.label} {params.toy}"
@@ -250,27 +250,39 @@ rule lm_tables:
         corpus=f"{RES}/lm/corpus/summary.json",
     output:
         **{
-            f"table6_{e}": report(f"{RES}/tables/table6.{e}", caption="../report/table6.rst", category="Tables",
-                                  labels={"table": "table6"}) if e == "html" else f"{RES}/tables/table6.{e}"
+            f"table6_{e}": (
+                report(
+                    f"{RES}/tables/table6.{e}",
+                    caption="../report/table6.rst",
+                    category="Tables",
+                    labels={"table": "table6"},
+                )
+                if e == "html"
+                else f"{RES}/tables/table6.{e}"
+            )
             for e in ("csv", "md", "tex", "html")
         },
-        modes_png=report(f"{RES}/figures/lm_modes.png", caption="../report/lm_modes.rst", category="Figures",
-                         labels={"figure": "lm_modes"}),
+        modes_png=report(
+            f"{RES}/figures/lm_modes.png",
+            caption="../report/lm_modes.rst",
+            category="Figures",
+            labels={"figure": "lm_modes"},
+        ),
         modes_pdf=f"{RES}/figures/lm_modes.pdf",
-    params:
-        code=code_of("tables") + code_of("figures"),
-        cfg=lambda w: q({"lm": LM, "methods": config["methods"]}),
-        results=lambda w: RES,
-        tables=lambda w, output: os.path.dirname(output[0]),
-        figures=lambda w, output: os.path.dirname(output.modes_png),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/lm/tables.log",
     benchmark:
         f"{RES}/benchmarks/lm/tables.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("tables") + code_of("figures"),
+        cfg=lambda w: q({"lm": LM, "methods": config["methods"]}),
+        results=lambda w: RES,
+        tables=lambda w, output: os.path.dirname(output[0]),
+        figures=lambda w, output: os.path.dirname(output.modes_png),
     shell:
         "(varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only lm"
         " && varup figures --config {params.cfg} --results {params.results} --out {params.figures} --only lm)"

@@ -1,13 +1,17 @@
 # Stage 6: tables and figures (CPU-only, cheap) and their report entries.
 
+
 rule tables:
     input:
         metrics=run_files("metrics.json"),
         summaries=run_files("train/summary.json"),
         ood=[f"{RES}/{r.path}/ood.json" for r in OOD_RUNS],
         sweep=cfg_sweep_files("metrics.json"),
-        unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS
-             for f in ("mc_dropout.json", "sweep_scored.json", "entanglement_scored.json")],
+        unc=[
+            f"{RES}/{r.path}/uncertainty/{f}"
+            for r in UNC_RUNS
+            for f in ("mc_dropout.json", "sweep_scored.json", "entanglement_scored.json")
+        ],
         modes=[f"{RES}/{r.path}/mode_coverage.json" for r in MODE_RUNS],
         toy=[f"{RES}/{r.path}/toy_metrics.json" for r in TOY_RUNS],
         toy_floor=[f"{RES}/{d}/toy_metrics_floor.json" for d in TOY_DATASETS],
@@ -15,24 +19,27 @@ rule tables:
     output:
         # the report shows each table's HTML rendering (its viewer cannot display .md); .md and .tex are for papers
         **{
-            f"{t}_{ext}": report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables",
-                                 labels={"table": t}) if ext == "html" else f"{RES}/tables/{t}.{ext}"
+            f"{t}_{ext}": (
+                report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables", labels={"table": t})
+                if ext == "html"
+                else f"{RES}/tables/{t}.{ext}"
+            )
             for t in TABLES
             for ext in ("csv", "md", "tex", "html")
         },
-    params:
-        code=code_of("tables"),
-        cfg=lambda w: q(reporting.report_config(config)),
-        results=lambda w: RES,
-        out=lambda w, output: os.path.dirname(output[0]),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/tables.log",
     benchmark:
         f"{RES}/benchmarks/tables.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("tables"),
+        cfg=lambda w: q(reporting.report_config(config)),
+        results=lambda w: RES,
+        out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "varup tables --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
 
@@ -47,25 +54,28 @@ rule figures:
         tokens_meta=[f"{RES}/{d}/tokens/meta.json" for d in DATASETS],  # class names of the sample grids
     output:
         **{
-            f"{f}_{ext}": report(f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures",
-                                 labels={"figure": f}) if ext == "png" else f"{RES}/figures/{f}.{ext}"
+            f"{f}_{ext}": (
+                report(
+                    f"{RES}/figures/{f}.{ext}", caption=f"../report/{f}.rst", category="Figures", labels={"figure": f}
+                )
+                if ext == "png"
+                else f"{RES}/figures/{f}.{ext}"
+            )
             for f in FIGURES
             for ext in ("png", "pdf")
         },
-    params:
-        code=code_of("figures"),
-        cfg=lambda w: q(reporting.report_config(config)),
-        results=lambda w: RES,
-        out=lambda w, output: os.path.dirname(output[0]),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/figures.log",
     benchmark:
         f"{RES}/benchmarks/figures.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("figures"),
+        cfg=lambda w: q(reporting.report_config(config)),
+        results=lambda w: RES,
+        out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "varup figures --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
-
-

@@ -13,18 +13,18 @@ rule captions:
     output:
         json=f"{RES}/{{dataset}}/captions/captions.json",
         npz=f"{RES}/{{dataset}}/captions/captions.npz",
-    params:
-        code=code_of("captions"),
-        spec=lambda w: q(TEXT["captions"]),
-        out=lambda w, output: os.path.dirname(output.json),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/captions/{{dataset}}.log",
     benchmark:
         f"{RES}/benchmarks/captions/{{dataset}}.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("captions"),
+        spec=lambda w: q(TEXT["captions"]),
+        out=lambda w, output: os.path.dirname(output.json),
     shell:
         "varup captions --data {input} --spec {params.spec} --out {params.out} > {log} 2>&1"
 
@@ -33,18 +33,18 @@ rule clip_weights:
     """OpenAI CLIP weights (sha256-checked): ViT-L-14 (VAR-CLIP's text encoder), ViT-L-14-336 (CMMD)."""
     output:
         f"{RSC}/clip/{{file}}",
+    log:
+        f"{RES}/logs/clip_weights/{{file}}.log",
+    wildcard_constraints:
+        file="|".join(re.escape(f) for f in CLIP_FILES.values()),
+    conda:
+        CONDA_ENV
     params:
         code=code_of("clip-weights"),
         name=lambda w: next(n for n, f in CLIP_FILES.items() if f == w.file),
         url=lambda w: vt.clip_source(config, w.file, "url"),
         sha=lambda w: vt.clip_source(config, w.file, "sha256"),
         out=lambda w, output: os.path.dirname(output[0]),
-    wildcard_constraints:
-        file="|".join(re.escape(f) for f in CLIP_FILES.values()),
-    log:
-        f"{RES}/logs/clip_weights/{{file}}.log",
-    conda:
-        CONDA_ENV
     shell:
         "varup clip-weights --name {params.name} {params.url} {params.sha} --out-dir {params.out} > {log} 2>&1"
 
@@ -62,6 +62,10 @@ use rule train as train_text with:
         curve=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
         summary=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
         prov=f"{RES}/{{dataset}}/text_d{{depth}}/{{method}}/seed{{seed}}/model.pt.prov.json",
+    log:
+        f"{RES}/logs/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.tsv"
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
@@ -72,10 +76,6 @@ use rule train as train_text with:
         text=lambda w, input: f"--captions {os.path.dirname(input.captions)}"
         + (f" --text-encoder-weights {input.encoder}" if input.encoder else ""),
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
-    log:
-        f"{RES}/logs/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.tsv"
 
 
 rule prompt_reference:
@@ -86,21 +86,21 @@ rule prompt_reference:
         inception=f"{RSC}/inception/inception.json",
     output:
         f"{RES}/{{dataset}}/prompt_reference.npz",
-    params:
-        code=code_of("prompt-reference"),
-        device=GPU_DEVICE,
-        per=PROMPTS["real_per_group"],
-        kind=PROMPTS["cmmd"]["features"],
-        net=lambda w, input: cmmd_flags(input),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/prompts/{{dataset}}_reference.log",
     benchmark:
         f"{RES}/benchmarks/prompts/{{dataset}}_reference.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("prompt-reference"),
+        device=GPU_DEVICE,
+        per=PROMPTS["real_per_group"],
+        kind=PROMPTS["cmmd"]["features"],
+        net=lambda w, input: cmmd_flags(input),
     shell:
         "varup prompt-reference --threads {threads} --device {params.device} --data {input.data}"
         " --inception {input.inception} --per-group {params.per} --cmmd {params.kind} {params.net} --out {output}"
@@ -117,23 +117,23 @@ rule prompt_sets:
         encoder=lambda w: text_encoder_weights(w) if w.fam else [],
     output:
         f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/sets.json",
+    log:
+        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.log",
+    benchmark:
+        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
     wildcard_constraints:
         fam="(text_)?",
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("prompt-sets"),
         device=GPU_DEVICE,
         family=lambda w: "text" if w.fam else "var",
         params=q({k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd")}),
         weights=lambda w, input: f"--text-encoder-weights {input.encoder}" if input.encoder else "",
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.log",
-    benchmark:
-        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup prompt-sets --threads {threads} --device {params.device} --model {input.model}"
         " --tokenizer {input.tokenizer} --data {input.data} --family {params.family} --params {params.params}"
@@ -151,23 +151,23 @@ rule prompt_scores:
         modes=lambda w: [f"{RES}/{w.dataset}/mode_classifier.pt"] if ds(w)["kind"] == "toy" else [],
     output:
         f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/scores.json",
+    log:
+        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.log",
+    benchmark:
+        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.tsv"
     wildcard_constraints:
         fam="(text_)?",
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("prompt-scores"),
         device=GPU_DEVICE,
         params=lambda w: q(inception_metric_params()),
         net=lambda w, input: (f"--classifier {input.modes[0]}" if input.modes else "")
         + (f" --clip-weights {input.clip}" if "clip" in input.keys() else ""),
-    threads: THREADS
-    resources:
-        **GPU,
-    log:
-        f"{RES}/logs/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.log",
-    benchmark:
-        f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup prompt-scores --threads {threads} --device {params.device} --sets {input.sets}"
         " --reference {input.reference} --data {input.data} --inception {input.inception} --params {params.params}"
@@ -181,28 +181,37 @@ rule prompt_tables:
         sets=[f"{RES}/{r.path}/prompts/sets.json" for r in STUDY_RUNS],
     output:  # in the report of `snakemake --report <file> all prompt_study`
         **{
-            f"{t}_{e}": report(f"{RES}/tables/{t}.{e}", caption=f"../report/{t}.rst", category="Prompt study",
-                               labels={"table": t}) if e == "html" else f"{RES}/tables/{t}.{e}"
+            f"{t}_{e}": (
+                report(
+                    f"{RES}/tables/{t}.{e}", caption=f"../report/{t}.rst", category="Prompt study", labels={"table": t}
+                )
+                if e == "html"
+                else f"{RES}/tables/{t}.{e}"
+            )
             for t in PROMPT_TABLES
             for e in ("csv", "md", "tex", "html")
         },
-        sigma_png=report(f"{RES}/figures/prompt_sigma.png", caption="../report/prompt_sigma.rst",
-                         category="Prompt study", labels={"figure": "prompt_sigma"}),
+        sigma_png=report(
+            f"{RES}/figures/prompt_sigma.png",
+            caption="../report/prompt_sigma.rst",
+            category="Prompt study",
+            labels={"figure": "prompt_sigma"},
+        ),
         sigma_pdf=f"{RES}/figures/prompt_sigma.pdf",
-    params:
-        code=code_of("tables") + code_of("figures"),
-        cfg=lambda w: q({**reporting.report_config(config), "text": TEXT}),
-        results=lambda w: RES,
-        tables=lambda w, output: os.path.dirname(output[0]),
-        figures=lambda w, output: os.path.dirname(output.sigma_png),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/prompt_tables.log",
     benchmark:
         f"{RES}/benchmarks/prompt_tables.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("tables") + code_of("figures"),
+        cfg=lambda w: q({**reporting.report_config(config), "text": TEXT}),
+        results=lambda w: RES,
+        tables=lambda w, output: os.path.dirname(output[0]),
+        figures=lambda w, output: os.path.dirname(output.sigma_png),
     shell:
         "(varup tables --config {params.cfg} --results {params.results} --out {params.tables} --only prompts"
         " && varup figures --config {params.cfg} --results {params.results} --out {params.figures} --only prompts)"

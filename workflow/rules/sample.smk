@@ -7,21 +7,21 @@ rule sample_shard:
         tokenizer=tokenizer_file,
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples/shard{{shard}}of{{nshards}}.npz",
-    params:
-        code=code_of("sample"),
-        device=GPU_DEVICE,
-        p=lambda w: q(sample_params(w)),
-    wildcard_constraints:
-        nshards=r"\d+",
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_{{shard}}of{{nshards}}.log",
     benchmark:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_{{shard}}of{{nshards}}.tsv"
+    wildcard_constraints:
+        nshards=r"\d+",
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("sample"),
+        device=GPU_DEVICE,
+        p=lambda w: q(sample_params(w)),
     shell:
         "varup sample --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
         " --params {params.p} --seed {wildcards.seed} --shard {wildcards.shard} --num-shards {wildcards.nshards}"
@@ -33,16 +33,16 @@ rule merge_samples:
         shards_of,
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
-    params:
-        code=code_of("merge-samples"),
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_merge.log",
     benchmark:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_merge.tsv"
     conda:
         CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("merge-samples"),
     shell:
         "varup merge-samples --out {output} {input} > {log} 2>&1"
 
@@ -53,19 +53,19 @@ rule sample_qualitative:
         tokenizer=tokenizer_file,
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/qualitative.npz",
-    params:
-        code=code_of("sample"),
-        device=GPU_DEVICE,
-        p=lambda w: q(qualitative_params(w)),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_qualitative.log",
     benchmark:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_qualitative.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("sample"),
+        device=GPU_DEVICE,
+        p=lambda w: q(qualitative_params(w)),
     shell:
         "varup sample --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
         " --params {params.p} --seed {wildcards.seed} --out {output} > {log} 2>&1"
@@ -75,28 +75,31 @@ rule sample_qualitative:
 use rule sample_shard as sample_cfg_shard with:
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples/shard{{shard}}of{{nshards}}.npz",
-    params:
-        code=code_of("sample"),
-        device=GPU_DEVICE,
-        p=lambda w: q({**sample_params(w), "cfg": float(w.cfgv)}),
-    wildcard_constraints:
-        nshards=r"\d+",
-        cfgv=r"[0-9.]+",
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_{{shard}}of{{nshards}}.log",
     benchmark:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_{{shard}}of{{nshards}}.tsv"
+    wildcard_constraints:
+        nshards=r"\d+",
+        cfgv=r"[0-9.]+",
+    params:
+        code=code_of("sample"),
+        device=GPU_DEVICE,
+        p=lambda w: q({**sample_params(w), "cfg": float(w.cfgv)}),
 
 
 use rule merge_samples as merge_cfg_samples with:
     input:
-        lambda w: [f"{run_dir(w)}/cfg_sweep/cfg{w.cfgv}/samples/shard{i}of{n}.npz"
-                   for n in [plan.sample_settings(config, w.dataset)["shards"]] for i in range(n)],
+        lambda w: [
+            f"{run_dir(w)}/cfg_sweep/cfg{w.cfgv}/samples/shard{i}of{n}.npz"
+            for n in [plan.sample_settings(config, w.dataset)["shards"]]
+            for i in range(n)
+        ],
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples.npz",
-    wildcard_constraints:
-        cfgv=r"[0-9.]+",
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_merge.log",
     benchmark:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_merge.tsv"
+    wildcard_constraints:
+        cfgv=r"[0-9.]+",

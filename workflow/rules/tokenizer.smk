@@ -1,5 +1,6 @@
 # Stage 2: tokenizer -> token cache -> loss references (each computed once per dataset).
 
+
 localrules:
     fetch_weights,
 
@@ -7,16 +8,16 @@ localrules:
 rule fetch_weights:
     output:
         f"{RSC}/weights/{{name}}.pth",
-    params:
-        url=lambda w: weights_source(w.name)[0],
-        sha=lambda w: weights_source(w.name)[1] or "",
-        key=lambda w: weights_source(w.name)[2],
     log:
         f"{RES}/logs/fetch/{{name}}.log",
     benchmark:
         f"{RES}/benchmarks/fetch/{{name}}.tsv"
     conda:
         CONDA_ENV
+    params:
+        url=lambda w: weights_source(w.name)[0],
+        sha=lambda w: weights_source(w.name)[1] or "",
+        key=lambda w: weights_source(w.name)[2],
     shell:
         "varup fetch --url {params.url:q} --sha256 '{params.sha}' --key {params.key} --out {output} > {log} 2>&1"
 
@@ -29,6 +30,17 @@ rule tokenizer_train:
         summary=f"{RES}/{{dataset}}/tokenizer/summary.json",
         curve=f"{RES}/{{dataset}}/tokenizer/metrics.jsonl",
         prov=f"{RES}/{{dataset}}/tokenizer/vqvae.pt.prov.json",  # a sidecar goes with its result
+    log:
+        f"{RES}/logs/tokenizer/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/tokenizer/{{dataset}}.tsv"
+    priority: 50  # the critical path of the DAG goes first
+    conda:
+        CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
+        stop_before_limit_s=TRAIN_STOP_S,
     params:
         code=code_of("tokenizer-train"),
         device=GPU_DEVICE,
@@ -37,17 +49,6 @@ rule tokenizer_train:
         pre=lambda w: q(preprocess_of(w)),
         res=lambda w: ds(w)["resolution"],
         work=lambda w, output: os.path.dirname(output.model),
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
-        stop_before_limit_s=TRAIN_STOP_S,
-    priority: 50  # the critical path of the DAG goes first
-    log:
-        f"{RES}/logs/tokenizer/{{dataset}}.log",
-    benchmark:
-        f"{RES}/benchmarks/tokenizer/{{dataset}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup tokenizer-train --threads {threads} --device {params.device} --data {input.data} --resolution {params.res}"
         " --preprocess {params.pre} --vqvae {params.vq} --train {params.train} --out {output.model}"
@@ -61,6 +62,16 @@ rule tokenizer_gate:
         classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
     output:
         f"{RES}/{{dataset}}/tokenizer/gate.json",
+    log:
+        f"{RES}/logs/tokenizer/{{dataset}}_gate.log",
+    benchmark:
+        f"{RES}/benchmarks/tokenizer/{{dataset}}_gate.tsv"
+    priority: 45  # the critical path of the DAG goes first
+    conda:
+        CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("tokenizer-gate"),
         device=GPU_DEVICE,
@@ -69,16 +80,6 @@ rule tokenizer_gate:
         key=lambda w: f"datasets.{w.dataset}.tokenizer_gate.max_class_error",
         pre=lambda w: q(preprocess_of(w)),
         res=lambda w: ds(w)["resolution"],
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
-    priority: 45  # the critical path of the DAG goes first
-    log:
-        f"{RES}/logs/tokenizer/{{dataset}}_gate.log",
-    benchmark:
-        f"{RES}/benchmarks/tokenizer/{{dataset}}_gate.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup tokenizer-gate --threads {threads} --device {params.device} --tokenizer {input.tokenizer}"
         " --classifier {input.classifier} --data {input.data} --resolution {params.res} --preprocess {params.pre}"
@@ -95,8 +96,19 @@ rule encode:
         train=f"{RES}/{{dataset}}/tokens/train_tokens.npy",
         val=f"{RES}/{{dataset}}/tokens/val_tokens.npy",
         # written beside the tokens: removed with them (never left over from an older cache)
-        side=multiext(f"{RES}/{{dataset}}/tokens/", "train_labels.npy", "train_source.npy", "val_labels.npy",
-                      "val_source.npy"),
+        side=multiext(
+            f"{RES}/{{dataset}}/tokens/", "train_labels.npy", "train_source.npy", "val_labels.npy", "val_source.npy"
+        ),
+    log:
+        f"{RES}/logs/encode/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/encode/{{dataset}}.tsv"
+    priority: 40  # the critical path of the DAG goes first
+    conda:
+        CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
@@ -104,16 +116,6 @@ rule encode:
         variants=lambda w: q(ds(w)["token_variants"]),
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
-    priority: 40  # the critical path of the DAG goes first
-    log:
-        f"{RES}/logs/encode/{{dataset}}.log",
-    benchmark:
-        f"{RES}/benchmarks/encode/{{dataset}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup encode --threads {threads} --device {params.device} --data {input.data} --tokenizer {input.tokenizer}"
         " --resolution {params.res} --preprocess {params.pre} --variants {params.variants} --out {params.out}"
@@ -128,6 +130,15 @@ rule references:
         refs=f"{RES}/{{dataset}}/refs.pt",
         stats=f"{RES}/{{dataset}}/refs.json",
         prov=f"{RES}/{{dataset}}/refs.pt.prov.json",
+    log:
+        f"{RES}/logs/references/{{dataset}}.log",
+    benchmark:
+        f"{RES}/benchmarks/references/{{dataset}}.tsv"
+    priority: 40  # the critical path of the DAG goes first
+    conda:
+        CONDA_ENV
+    resources:
+        **CPU,
     params:
         code=code_of("references"),
         k=config["references"]["num_clusters"],
@@ -135,15 +146,6 @@ rule references:
         seed=config["references"]["cluster_seed"],
         tau=("" if config["references"]["tau"] is None else f"--tau {config['references']['tau']}"),
         tokens=lambda w, input: os.path.dirname(input.tokens),
-    resources:
-        **CPU,
-    priority: 40  # the critical path of the DAG goes first
-    log:
-        f"{RES}/logs/references/{{dataset}}.log",
-    benchmark:
-        f"{RES}/benchmarks/references/{{dataset}}.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup references --threads {threads} --tokenizer {input.tokenizer} --tokens {params.tokens}"
         " --num-clusters {params.k} --seed {params.seed} {params.tau} --support-k {params.support_k}"

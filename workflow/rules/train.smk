@@ -3,6 +3,7 @@
 # everything downstream of them. Training resumes from <run>/train/ckpt/last.pt after a kill or preemption, and
 # on Slurm it stops itself train.stop_before_limit_s before the time limit (checkpoint, exit 75, retry resumes).
 
+
 rule train:
     input:
         tokens=f"{RES}/{{dataset}}/tokens/meta.json",
@@ -14,6 +15,17 @@ rule train:
         curve=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/metrics.jsonl",
         summary=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/train/summary.json",
         prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt.prov.json",  # removed with model.pt
+    log:
+        f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
+    benchmark:
+        f"{RES}/benchmarks/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    priority: 30  # the critical path of the DAG goes first
+    conda:
+        CONDA_ENV
+    threads: THREADS
+    resources:
+        **TRAIN_RES,
+        stop_before_limit_s=TRAIN_STOP_S,  # a resource, not a parameter: a new margin re-trains nothing
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
@@ -23,17 +35,6 @@ rule train:
         warm=lambda w, input: f"--warm-start {input.warm}" if input.warm else "",
         text="",
         launch=lambda w, resources: TRAIN_CMD.format(cpus=resources.cpus_per_task),
-    threads: THREADS
-    resources:
-        **TRAIN_RES,
-        stop_before_limit_s=TRAIN_STOP_S,  # a resource, not a parameter: a new margin re-trains nothing
-    priority: 30  # the critical path of the DAG goes first
-    log:
-        f"{RES}/logs/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.log",
-    benchmark:
-        f"{RES}/benchmarks/train/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}.tsv"
-    conda:
-        CONDA_ENV
     shell:  # train_text (prompts.smk) runs the same command: params.warm and params.text add the flags of each
         "{params.launch} train --threads {threads} --device {params.device} --spec {params.spec} --tokens {params.tokens}"
         " --tokenizer {input.tokenizer} --refs {input.refs} --out {output.model} --work {params.work} {params.warm}"

@@ -1,6 +1,7 @@
 # Uncertainty and diversity studies: MC-Dropout sigma maps and region sigma, the DropPath-rate sweep, class
 # entanglement (runs of uncertainty.run_seeds), and mode coverage of every toy run's samples.
 
+
 rule mc_dropout:
     input:
         model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
@@ -11,21 +12,28 @@ rule mc_dropout:
         json=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json",
         npz=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.npz",
         prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/mc_dropout.json.prov.json",
-    params:
-        code=code_of("mc-dropout"),
-        device=GPU_DEVICE,
-        p=lambda w: q({**unc_common(w), "T": UNC["T"], "rate": UNC["mc_rate"],
-                       "classes": UNC["classes"], "seeds": UNC["sample_seeds"],
-                       "mask_dir": unc_mask_dir(w)}),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_mc.log",
     benchmark:
         f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_mc.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("mc-dropout"),
+        device=GPU_DEVICE,
+        p=lambda w: q(
+            {
+                **unc_common(w),
+                "T": UNC["T"],
+                "rate": UNC["mc_rate"],
+                "classes": UNC["classes"],
+                "seeds": UNC["sample_seeds"],
+                "mask_dir": unc_mask_dir(w),
+            }
+        ),
     shell:
         "varup mc-dropout --threads {threads} --device {params.device} --model {input.model} --tokenizer {input.tokenizer}"
         " --data {input.data} --params {params.p} --out {output.json} --out-npz {output.npz} > {log} 2>&1"
@@ -40,24 +48,33 @@ rule uncertainty_sets:
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json",
         sweep_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep/sweep.json.prov.json",
         mix_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement/entanglement.json.prov.json",
-    params:
-        code=code_of("uncertainty-sets"),
-        device=GPU_DEVICE,
-        p=lambda w: q({**unc_common(w), "T": UNC["T"], "rates": UNC["sweep_rates"],
-                       "n_per_class": UNC["sweep_n_per_class"], "mixes": UNC["entanglement_mixes"],
-                       "n_mix": UNC["entanglement_n"], "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
-                       "sigma_seeds": UNC["sample_seeds"], "classes": UNC["classes"]}),
-        sweep_dir=lambda w, output: os.path.dirname(output.sweep),
-        mix_dir=lambda w, output: os.path.dirname(output.mix),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_sets.log",
     benchmark:
         f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("uncertainty-sets"),
+        device=GPU_DEVICE,
+        p=lambda w: q(
+            {
+                **unc_common(w),
+                "T": UNC["T"],
+                "rates": UNC["sweep_rates"],
+                "n_per_class": UNC["sweep_n_per_class"],
+                "mixes": UNC["entanglement_mixes"],
+                "n_mix": UNC["entanglement_n"],
+                "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
+                "sigma_seeds": UNC["sample_seeds"],
+                "classes": UNC["classes"],
+            }
+        ),
+        sweep_dir=lambda w, output: os.path.dirname(output.sweep),
+        mix_dir=lambda w, output: os.path.dirname(output.mix),
     shell:
         "varup uncertainty-sets --threads {threads} --device {params.device} --model {input.model}"
         " --tokenizer {input.tokenizer} --params {params.p} --seed {wildcards.seed} --sweep-dir {params.sweep_dir}"
@@ -75,19 +92,19 @@ rule score_uncertainty_sets:
         mix=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json",
         sweep_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/sweep_scored.json.prov.json",
         mix_prov=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/uncertainty/entanglement_scored.json.prov.json",
-    params:
-        code=code_of("score-sets"),
-        device=GPU_DEVICE,
-        p=lambda w: q(inception_metric_params()),
-    threads: THREADS
-    resources:
-        **GPU,
     log:
         f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_score.log",
     benchmark:
         f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_score.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **GPU,
+    params:
+        code=code_of("score-sets"),
+        device=GPU_DEVICE,
+        p=lambda w: q(inception_metric_params()),
     shell:
         "varup score-sets --threads {threads} --device {params.device} --real-features {input.real}"
         " --inception {input.inception} --params {params.p} --sets {input.sweep} {input.mix}"
@@ -99,21 +116,21 @@ rule mode_classifier:
         data=f"{RES}/{{dataset}}/data",
     output:
         f"{RES}/{{dataset}}/mode_classifier.pt",
+    log:
+        f"{RES}/logs/uncertainty/{{dataset}}_mode_classifier.log",
+    benchmark:
+        f"{RES}/benchmarks/uncertainty/{{dataset}}_mode_classifier.tsv"
+    priority: 50  # the tokenizer gate needs it before encoding (the critical path)
+    conda:
+        CONDA_ENV
+    threads: SERIAL_THREADS
+    resources:
+        **GPU,
     params:
         code=code_of("mode-classifier"),
         device=GPU_DEVICE,
         epochs=UNC["mode_classifier"]["epochs"],
         seed=UNC["mode_classifier"]["seed"],
-    threads: SERIAL_THREADS
-    resources:
-        **GPU,
-    priority: 50  # the tokenizer gate needs it before encoding (the critical path)
-    log:
-        f"{RES}/logs/uncertainty/{{dataset}}_mode_classifier.log",
-    benchmark:
-        f"{RES}/benchmarks/uncertainty/{{dataset}}_mode_classifier.tsv"
-    conda:
-        CONDA_ENV
     shell:
         "varup mode-classifier --threads {threads} --device {params.device} --data {input.data}"
         " --epochs {params.epochs} --seed {params.seed} --out {output} > {log} 2>&1"
@@ -126,18 +143,18 @@ rule mode_coverage:
         data=f"{RES}/{{dataset}}/data",
     output:
         f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/mode_coverage.json",
-    params:
-        code=code_of("mode-coverage"),
-        device=DEVICE,
-    threads: THREADS
-    resources:
-        **CPU,
     log:
         f"{RES}/logs/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_modes.log",
     benchmark:
         f"{RES}/benchmarks/uncertainty/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_modes.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
+    resources:
+        **CPU,
+    params:
+        code=code_of("mode-coverage"),
+        device=DEVICE,
     shell:
         "varup mode-coverage --threads {threads} --device {params.device} --classifier {input.classifier}"
         " --samples {input.samples} --data {input.data} --run {wildcards.dataset}/{wildcards.depth}/{wildcards.method}/{wildcards.seed}"
