@@ -419,7 +419,7 @@ def cmd_inception(a) -> None:
 
 
 def cmd_real_features(a) -> None:
-    from varup.metrics.evaluate import real_features
+    from varup.metrics.reference import real_features
 
     real_features(a.data, a.split, a.resolution, a.inception, a.out, max_images=a.max_images,
                   clean_out=a.clean_out, clean_max_images=a.clean_max_images, batch_size=a.batch_size, device=a.device)
@@ -488,7 +488,7 @@ def cmd_uncertainty_sets(a) -> None:
 
 
 def cmd_score_sets(a) -> None:
-    from varup.metrics.evaluate import score_sets
+    from varup.metrics.sets import score_sets
 
     if len(a.sets) != len(a.out):
         raise SystemExit("score-sets: give one --out per --sets file")

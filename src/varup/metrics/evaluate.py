@@ -9,45 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from varup.base.utils import atomic_np_save, atomic_write_json, read_json, sha256_file, write_provenance
-from varup.data.subsets import balanced_subset, real_images
+from varup.base.utils import atomic_write_json, read_json, sha256_file, write_provenance
+from varup.data.subsets import balanced_subset
+from varup.metrics.fidelity import fidelity_with_settings
 
 log = logging.getLogger("varup.evaluate")
 
 UINT8_PROTOCOL = "round(x*255+0.5) clamp [0,255] (official demo truncates)"
-
-
-def real_features(data_dir, split: str, resolution: int, inception_json, out, *, max_images: int | None = None,
-                  clean_out=None, clean_max_images: int | None = None, batch_size: int = 64,
-                  device: str = "auto") -> None:
-    """Inception features of (a class-balanced subset of) a real split, saved once and reused by every run; with
-    ``clean_out`` also clean-fid's features of a (smaller) class-balanced subset."""
-    from varup.base.runtime import resolve_device
-    from varup.metrics.features import extract_features, save_features
-    from varup.metrics.fidelity import clean_fid_features
-    from varup.metrics.inception import load_inception
-
-    t0 = time.time()
-    dev = resolve_device(device)
-    images, labels = real_images(data_dir, split, resolution, max_images)
-    ext = load_inception(inception_json, dev)
-    feats = extract_features(images, ext, batch_size=batch_size, desc=f"real features ({split})")
-    meta = {"split": split, "n": int(len(images)), "labels": labels.tolist(), "resolution": resolution,
-            "inception": read_json(inception_json), "dataset": str(data_dir)}
-    save_features(out, feats, meta)
-    write_provenance(out, config=meta, started=t0)
-    if clean_out is not None and clean_max_images == 0:  # clean-FID disabled: an empty feature set
-        atomic_np_save(clean_out, np.zeros((0, 2048)))
-    elif clean_out is not None:
-        keep = balanced_subset(labels, clean_max_images)
-        clean = clean_fid_features(images[keep], inception_json, mode="clean", batch_size=batch_size, device=str(dev))
-        atomic_np_save(clean_out, clean)
-        write_provenance(clean_out, config={**meta, "labels": labels[keep].tolist(), "mode": "clean"}, started=t0)
 
 
 @torch.no_grad()
@@ -96,7 +68,7 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     ext = load_inception(inception_json, dev)
     gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc="sample features")
     real, real_meta = load_features(real_features_path)
-    fid = _fidelity(gen, real, params, info)
+    fid = fidelity_with_settings(gen, real, params, info)
 
     res: dict = {"n_samples": int(len(images)), "fidelity": fid,
                  "inception": {k: info.get(k) for k in ("source", "sha256", "isc_available", "isc_unavailable_reason",
@@ -135,49 +107,3 @@ def evaluate_run(*, samples, real_features_path, inception_json, model, tokenize
     return res
 
 
-def _fidelity(gen, real, params: dict, info: dict) -> dict:
-    """:func:`varup.metrics.fidelity.fidelity_metrics` of generated against real features, with the ``metrics``
-    settings in ``params`` and the Inception weights' ``info``."""
-    from varup.metrics.fidelity import fidelity_metrics
-
-    return fidelity_metrics(gen, real, kid_subsets=params.get("kid_subsets", 100),
-                            kid_subset_size=params.get("kid_subset_size", 1000),
-                            prc_neighborhood=params.get("prc_neighborhood", 3),
-                            prdc_nearest_k=params.get("prdc_nearest_k", 5),
-                            isc_unavailable_reason=info.get("isc_unavailable_reason"))
-
-
-def score_sets(sets_json, out_json, *, real_features_path, inception_json, params: dict, device: str = "auto") -> dict:
-    """Fill ``fidelity`` of every image set listed in a study's JSON (DropPath sweep rates or entanglement mixes):
-    one Inception pass per set, scored against the real features — for a class mix, only the real images of the
-    mixed classes."""
-    from varup.base.runtime import resolve_device
-    from varup.config.sizes import min_set_size
-    from varup.metrics.features import extract_features, load_features
-    from varup.metrics.inception import load_inception
-
-    t0 = time.time()
-    rec = read_json(sets_json)
-    entries = rec.get("rates") or rec.get("mixes") or []
-    info = read_json(inception_json)
-    ext = load_inception(inception_json, resolve_device(device))
-    real, meta = load_features(real_features_path)
-    real_labels = np.asarray(meta["labels"])
-    need = min_set_size(params.get("prc_neighborhood", 3), params.get("prdc_nearest_k", 5))
-    for e in entries:
-        ref = real
-        if "mix" in e:  # against the real images of the mixed classes
-            keep = np.isin(real_labels, e["mix"])
-            ref = {k: (v[keep] if v is not None else None) for k, v in real.items()}
-        if len(ref["pool"]) < need:  # before the Inception pass of the set
-            raise ValueError(f"{sets_json}: set {e['set']!r} is scored against {len(ref['pool'])} real images of "
-                             f"classes {e.get('mix')}, fewer than {need}; raise metrics/real_max_images")
-        with np.load(Path(sets_json).parent / e["set"]) as z:
-            images = z["images"]
-        gen = extract_features(images, ext, batch_size=params.get("batch_size", 64), desc=e["set"])
-        e["fidelity"] = _fidelity(gen, ref, params, info)
-        e["fidelity"]["n_real"] = int(len(ref["pool"]))
-    rec["inception"] = {k: info.get(k) for k in ("source", "sha256", "isc_available", "isc_unavailable_reason")}
-    atomic_write_json(out_json, rec)
-    write_provenance(out_json, config=params, started=t0)
-    return rec

@@ -162,3 +162,13 @@ def clean_fid_score(gen_uint8: np.ndarray, real_uint8: np.ndarray, inception_inf
                                      device=torch.device(device), num_workers=num_workers, verbose=False,
                                      use_dataparallel=False)
     return float(np.real(score))
+
+
+def fidelity_with_settings(gen, real, params: dict, info: dict) -> dict:
+    """:func:`varup.metrics.fidelity.fidelity_metrics` of generated against real features, with the ``metrics``
+    settings in ``params`` and the Inception weights' ``info``."""
+    return fidelity_metrics(gen, real, kid_subsets=params.get("kid_subsets", 100),
+                            kid_subset_size=params.get("kid_subset_size", 1000),
+                            prc_neighborhood=params.get("prc_neighborhood", 3),
+                            prdc_nearest_k=params.get("prdc_nearest_k", 5),
+                            isc_unavailable_reason=info.get("isc_unavailable_reason"))
