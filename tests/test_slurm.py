@@ -1,9 +1,13 @@
 """The toy DAG through a real single-node Slurm (../shared/slurm, fake GPUs): sbatch submission by the Snakemake
-executor plugin, every rule as a Slurm job, training on 2 (fake) GPUs with torchrun starting 2 gloo processes."""
+executor plugin, every rule it runs as a Slurm job, training on 2 (fake) GPUs with torchrun starting 2 gloo processes.
+What training reads (data, tokenizer, token cache, references) comes from the shared finished tiny DAG (conftest),
+made with the same settings, so no Slurm test re-trains the tokenizer."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,16 +43,19 @@ def slurm(tmp_path_factory):
                        timeout=300)
 
 
-def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_path):
+def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, finished, tmp_path):
     work = tmp_path / "work"
     cfg = tiny_config(work / "results")
     cfg["train"]["gpus"] = 2  # every training job: 2 GPUs from Slurm, torchrun --nproc_per_node=2
     cfg["threads"] = 1
     cfg["device"] = "cpu"  # the test cluster's GPUs are fake (torch sees none): device auto would refuse the CPU
-    # the core DAG only (data, tokenizer, tokens, training, sampling, metrics, tables, figures): every Slurm job pays
-    # a Snakemake start-up, and the studies' rules are the same kind of job (test_e2e runs them)
+    # the core DAG from training on (training, sampling, metrics, tables, figures): every Slurm job pays a Snakemake
+    # start-up, so what training reads (data, tokenizer, token cache, references, the real set's features) is the
+    # shared finished tiny DAG's, made with the same settings; the studies' rules are the same kind of job
+    # (test_e2e runs them)
     cfg["experiments"] = {}
     cfg["uncertainty"]["enabled"] = False
+    seed_upstream(finished, work, UPSTREAM + DAG_UPSTREAM)
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(cfg))
     cmd = ["timeout", "-s", "INT", "-k", "30", "2400", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
@@ -73,8 +80,31 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, tmp_
 
 
 # ------------------------------------------------------------------- time limits, preemption, multi-node launch
-def _one_run_config(tmp_path: Path, runtime_min: int = 30, steps: int = 1600, **train) -> tuple[Path, Path, dict]:
-    """A tiny config with one training run per seed (baseline only) and nothing after training."""
+#: what a training run reads, as the shared finished tiny DAG made it (same data, tokenizer and references settings)
+UPSTREAM = ("data", "tokenizer", "tokens", "refs.pt", "refs.pt.prov.json", "refs.json", "mode_classifier.pt")
+
+
+#: and what the metrics read besides: the real set's features and the toy-feature floor
+DAG_UPSTREAM = ("real_features.npz", "real_features.npz.prov.json", "real_clean_features.npy",
+                "real_clean_features.npy.prov.json", "toy_metrics_floor.json", "toy_metrics_floor.json.prov.json")
+
+
+def seed_upstream(finished, work: Path, names) -> None:
+    """Copy ``names`` of the shared finished tiny DAG's dataset folder into ``work``'s, with their times: Snakemake
+    finds them complete (no metadata to compare) and submits only the jobs after them."""
+    shared, ds = finished[0] / "results" / "toy" / "shapes", work / "results" / "toy" / "shapes"
+    ds.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        copy = shutil.copytree if (shared / name).is_dir() else shutil.copy2
+        copy(shared / name, ds / name)
+
+
+def _one_run_config(tmp_path: Path, finished, runtime_min: int = 30, steps: int = 1600,
+                    **train) -> tuple[Path, Path, dict]:
+    """A tiny config with one training run per seed (baseline only) and nothing after training. What training reads
+    (data, tokenizer and its gate, token cache, references) is copied, with its times, from the shared finished
+    tiny DAG built with the same settings: Snakemake finds it complete and submits only the training job, so no
+    Slurm test re-trains the tokenizer (the first test above runs every rule through Slurm)."""
     work = tmp_path / "work"
     cfg = tiny_config(work / "results")
     cfg.update(device="cpu", threads=1, experiments={}, seeds=[0, 1, 2])
@@ -83,8 +113,8 @@ def _one_run_config(tmp_path: Path, runtime_min: int = 30, steps: int = 1600, **
     cfg["train"].update(steps=steps, log_every=100, ckpt_every=100, nonfinite_check_every=50, **train)
     # the training job's Slurm resources come from the config (a --set-resources would replace the profile's)
     cfg["cluster"] = {"train_cpus_per_gpu": 1, "train_mem_mb_per_gpu": 1500, "train_runtime_min": runtime_min}
+    seed_upstream(finished, work, UPSTREAM)
     f = work / "run.yaml"
-    work.mkdir(parents=True, exist_ok=True)
     f.write_text(yaml.safe_dump(cfg))
     return work, f, cfg
 
@@ -139,14 +169,24 @@ def _train_jobs(env, work: Path) -> list[tuple[str, str]]:
     return [tuple(ln.split("|")[1:3]) for ln in out.splitlines() if ln.strip()]
 
 
-def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identically(slurm, tmp_path):
+def _steps_for(finished, seconds: float) -> int:
+    """Training steps that take about ``seconds`` on this machine, read from the speed of the same model (depth 1,
+    width 64, batch 16, one thread) in the shared finished tiny DAG; a multiple of the log interval (100)."""
+    summary = json.loads((finished[0] / "results" / "toy" / "shapes" / "d1" / "baseline" / "seed0" / "train"
+                          / "summary.json").read_text())
+    return max(600, 100 * math.ceil(seconds / summary["s_per_step"] / 100))
+
+
+def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identically(slurm, finished, tmp_path):
     """Slurm gives the job 3 minutes; the trainer asks Slurm for the time left, stops 150 s before the limit
     (no signal has to reach it), checkpoints and requeues its job, which Slurm restarts under the same id with a
     fresh limit while Snakemake keeps waiting; the resumed run ends with the weights and the whole loss curve of an
     uninterrupted one."""
-    # 2,400 steps: more than one ~25 s window (3 min limit − 150 s margin − start-up) even at the 63 steps/s a quiet
-    # CI machine reaches (1,200 steps finished before the stop point there); a slower machine requeues more often
-    work, f, cfg = _one_run_config(tmp_path, runtime_min=3, steps=2400, stop_before_limit_s=150)
+    # a window is 3 min − 150 s margin − start-up, about 15 s of training: 30 s of this machine's steps need two (or
+    # three) windows whatever its speed (a fixed 2,400 steps needed six windows at 28 steps/s, each followed by
+    # Slurm's 2-minute hold of a requeued job, and finished before the stop point at 63 steps/s with 1,200)
+    steps = _steps_for(finished, 30)
+    work, f, cfg = _one_run_config(tmp_path, finished, runtime_min=3, steps=steps, stop_before_limit_s=150)
     r = _smk_slurm(slurm, work, f, str(_model(work, 0)))
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     jobs = _train_jobs(slurm, work)
@@ -155,13 +195,13 @@ def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identic
     assert "resumed from" in log, log[-3000:]
     ref = _reference_run(work, cfg, 0, tmp_path / "ref")
     assert _same_weights(ref / "model.pt", _model(work, 0))
-    assert _curve(_model(work, 0).parent) == _curve(ref) and len(_curve(ref)) == 24
+    assert _curve(_model(work, 0).parent) == _curve(ref) and len(_curve(ref)) == steps // 100
 
 
-def test_a_sigterm_through_slurm_checkpoints_and_the_retry_resumes_identically(slurm, tmp_path):
+def test_a_sigterm_through_slurm_checkpoints_and_the_retry_resumes_identically(slurm, finished, tmp_path):
     """`scancel --signal=TERM` (what a preemption sends to every process of the job step) while a training job
     runs: the job step's Snakemake waits, the trainer checkpoints and exits 75, the retry resumes."""
-    work, f, cfg = _one_run_config(tmp_path, stop_before_limit_s=0)
+    work, f, cfg = _one_run_config(tmp_path, finished, stop_before_limit_s=0)
     live = _model(work, 1).parent / "train" / "ckpt" / "metrics.jsonl"
     proc = subprocess.Popen(
         ["timeout", "-s", "INT", "-k", "30", "1500", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
@@ -185,11 +225,11 @@ def test_a_sigterm_through_slurm_checkpoints_and_the_retry_resumes_identically(s
     assert _curve(_model(work, 1).parent) == _curve(ref)
 
 
-def test_a_two_node_training_job_meets_at_the_rendezvous_its_tasks_resolve(slurm, tmp_path):
+def test_a_two_node_training_job_meets_at_the_rendezvous_its_tasks_resolve(slurm, finished, tmp_path):
     """train.nodes: 2 through the executor plugin (nodes=K, tasks=K, mpi=srun). The test cluster has one node, so
     the job's two tasks (one torchrun agent each) share it: each task reads the node list srun gave it and they
     meet at task 0's store, making one world of 2 ranks."""
-    work, f, _ = _one_run_config(tmp_path, steps=200, nodes=2, gpus=1)
+    work, f, _ = _one_run_config(tmp_path, finished, steps=200, nodes=2, gpus=1)
     r = _smk_slurm(slurm, work, f, str(_model(work, 2)), "--set-resources", "train:nodes=1")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     s = json.loads((_model(work, 2).parent / "train" / "summary.json").read_text())

@@ -1,7 +1,7 @@
 """``python -m varup <stage> ...`` — the command line the Snakemake rules call (one stage per command).
 
 Every command takes ``--log FILE`` (appended; progress bars go to stderr) and ``--threads N``. Structured
-settings arrive as JSON strings (``--params``), already validated against src/varup/schema.yaml by the Snakefile.
+settings arrive as JSON strings (``--params``), already validated against src/varup/config/schema.yaml by the Snakefile.
 """
 from __future__ import annotations
 
