@@ -14,6 +14,7 @@ from varup.training.references import (
     build_references,
     dispersion,
     effective_support,
+    max_distance,
     reference_stats,
     semantic_reference,
     support_tau,
@@ -106,6 +107,23 @@ def test_support_tau_gives_the_configured_effective_support():
         assert float(torch.quantile(effective_support(s, 300), 0.5)) == pytest.approx(k, rel=0.01)
     with pytest.raises(ValueError, match="support_k"):
         support_tau(E, 300.0)
+
+
+def test_support_tau_never_holds_a_vocabulary_by_vocabulary_matrix(monkeypatch):
+    """At V = 151,936 (the LM arm's vocabulary) a V×V float64 matrix is 185 GB: every distance block support_tau
+    computes has at most ``chunk`` rows, and its bracket's upper end is the exact largest distance."""
+    E = torch.randn(300, 16, generator=torch.Generator().manual_seed(6))
+    full_max = float(torch.cdist(E.double(), E.double()).max())
+    rows, cdist = [], torch.cdist
+
+    def counting_cdist(a, b, *args, **kw):
+        rows.append(a.shape[0])
+        return cdist(a, b, *args, **kw)
+
+    monkeypatch.setattr(torch, "cdist", counting_cdist)
+    assert max_distance(E.double(), chunk=64) == full_max
+    support_tau(E, 8.0, iters=3, chunk=64)
+    assert rows and max(rows) <= 64
 
 
 def test_reference_stats_describe_each_reference(refs):

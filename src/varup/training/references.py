@@ -67,6 +67,13 @@ def effective_support(s: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def max_distance(E: torch.Tensor, chunk: int = 1024) -> float:
+    """The largest distance between two rows of E, a chunk of rows at a time: O(chunk·V) memory, never the V×V
+    matrix (185 GB at V = 151,936); the same value as ``torch.cdist(E, E).max()``."""
+    return max(float(torch.cdist(E[a:a + chunk], E).max()) for a in range(0, E.shape[0], chunk))
+
+
+@torch.no_grad()
 def support_tau(codebook: torch.Tensor, k: float, iters: int = 40, chunk: int = 1024) -> float:
     """The bandwidth τ at which the median effective support of q*(· | g) over the codes g is ``k`` codes.
 
@@ -76,7 +83,7 @@ def support_tau(codebook: torch.Tensor, k: float, iters: int = 40, chunk: int = 
     if not 1.0 < k < V:
         raise ValueError(f"references.support_k must be between 1 and the vocabulary size {V} (exclusive), got {k}")
     E = codebook.double()
-    lo, hi = math.log(codebook_tau(codebook) * 1e-3 + 1e-12), math.log(float(torch.cdist(E, E).max()) * 10 + 1e-12)
+    lo, hi = math.log(codebook_tau(codebook, chunk) * 1e-3 + 1e-12), math.log(max_distance(E, chunk) * 10 + 1e-12)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         s = torch.cat([dispersion(_gaussian_rows(E, a, min(V, a + chunk), math.exp(mid))) for a in range(0, V, chunk)])
