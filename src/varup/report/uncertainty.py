@@ -118,12 +118,9 @@ def sigma_figure(npz_by_method: Mapping[str, Any], out_dir, name: str = "mc_drop
     ``npz_by_method``: method -> a :func:`run_mc_dropout` NPZ path (or its loaded dict). Pairs are matched by
     (class, seed); ``pairs`` picks (class, seed) pairs, default the first ``max_pairs`` shared by all methods.
     Returns the vmax used."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from varup.base.plotting import save_figure
+    from varup.base.plotting import save_figure  # selects the Agg backend (files only) before any figure
 
     data = {m: _load_npz(p) for m, p in npz_by_method.items()}
     methods = list(data)
@@ -172,12 +169,9 @@ def sigma_figure(npz_by_method: Mapping[str, Any], out_dir, name: str = "mc_drop
 def sweep_figure(records: Sequence[Mapping[str, Any]], out_dir, name: str = "droppath_sweep") -> None:
     """PNG + PDF: σ, FID and KID vs DropPath rate per (dataset, depth, method), mean ± std over the records.
     Panels without any filled ``fidelity`` say so."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from varup.base.plotting import save_figure
+    from varup.base.plotting import save_figure  # selects the Agg backend (files only) before any figure
 
     table, _ = droppath_table(records)
     panels = [("sigma", "mean σ"), ("fid", "FID ↓"), ("kid", "KID ↓")]

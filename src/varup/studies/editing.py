@@ -240,12 +240,9 @@ def downstream_figure(models: Mapping[str, VAR], vae: VQVAE, tokens: Sequence[to
     :func:`edit_tokens` (``box`` is required). Returns {inputs (B,H,W,3) uint8 as shown, samples: name ->
     (B, n, 3, H, W) float, tokens: name -> per-scale tokens, labels, seeds, keep, grid (uint8)}.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from varup.base.plotting import save_figure
+    from varup.base.plotting import save_figure  # selects the Agg backend (files only) before any figure
 
     if not models:
         raise ValueError("downstream_figure needs at least one model")
