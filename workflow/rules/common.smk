@@ -1,4 +1,5 @@
 # Helpers shared by the rules: validated config, paths, run enumeration, JSON parameters.
+import atexit
 import json
 import os
 import re
@@ -6,6 +7,7 @@ import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
 # The library is this workflow's own src/, whether or not (and however) varup is installed: first on sys.path of
@@ -29,6 +31,7 @@ except ImportError as e:
 schema.validate(config)
 
 import varup.config.ownership as own
+import varup.config.runlock as runlock
 
 # code_of("<varup subcommand>") is the fingerprint of the code that command runs: the rules that run the library
 # record it as the parameter `code`, so editing that code re-runs them ("params changed") and what depends on them
@@ -45,10 +48,47 @@ RSC = config["resources_dir"]
 OWNER = own.owner_record(config, workflow.configfiles, os.getcwd())
 if workflow.is_main_process:
     own.check_owner(RES, OWNER)
+    if held := runlock.held_by_other(RES):  # a dry run is not refused; it says what a real run would meet
+        logger.warning(f"Warning: {held}")
+
+# One Snakemake run writes results/<experiment>/ at a time, whatever its working folder (Snakemake's own lock is per
+# working folder): the run that starts jobs takes results/<experiment>/.varup-lock.json before the first one, or stops
+# naming the run that holds it (varup.config.runlock). onstart runs in the main process only, never on a dry run
+# and never in a job (job processes and Slurm job steps run with --no-hooks); the lock is released on success, on
+# error and on Ctrl-C (onerror), and at exit whatever happened.
+RUN_LOCK = {}
+RES_ABS = os.path.abspath(RES)  # Snakemake is back in the folder it was started from when atexit runs
+
+
+def hold_results():
+    record = runlock.holder_record(os.getcwd(), [os.path.abspath(f) for f in workflow.configfiles])
+    try:
+        stale = runlock.acquire(RES_ABS, record)
+    except runlock.LockHeld as e:
+        raise WorkflowError(str(e))
+    RUN_LOCK.update(record)
+    atexit.register(runlock.release, RES_ABS, record)
+    if stale:
+        gone = runlock.describe(stale)
+        logger.warning(f"Warning: took over {runlock.lock_path(RES_ABS)} from a run that is gone: {gone}")
+    try:
+        own.check_owner(RES, OWNER)  # again, now that no other run can claim it between the check and the claim
+    except Exception:
+        runlock.release(RES_ABS, record)
+        raise
+    own.claim(RES, OWNER)
 
 
 onstart:
-    own.claim(RES, OWNER)
+    hold_results()
+
+
+onsuccess:
+    runlock.release(RES_ABS, RUN_LOCK)
+
+
+onerror:
+    runlock.release(RES_ABS, RUN_LOCK)
 
 
 RUNS = list(plan.runs(config))
