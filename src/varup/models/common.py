@@ -24,7 +24,8 @@ def check_image_batch(img: torch.Tensor, resolution: int, name: str = "image bat
 
 
 def check_token_maps(idx_Bl: Sequence[torch.Tensor], patch_nums: Sequence[int], vocab_size: int) -> None:
-    """A list of SN LongTensors (B, pn*pn) with indices in [0, V)."""
+    """A list of SN LongTensors (B, pn*pn) with indices in [0, V). The value ranges of all scales are read in one
+    host transfer (one device sync on a GPU, not two per scale)."""
     if len(idx_Bl) != len(patch_nums):
         raise ValueError(f"got {len(idx_Bl)} token maps, but patch_nums {tuple(patch_nums)} has {len(patch_nums)} scales")
     B = idx_Bl[0].shape[0]
@@ -33,18 +34,49 @@ def check_token_maps(idx_Bl: Sequence[torch.Tensor], patch_nums: Sequence[int], 
             raise TypeError(f"token map of scale {si} must be an integer tensor, got {t.dtype}")
         if t.ndim != 2 or t.shape[0] != B or t.shape[1] != pn * pn:
             raise ValueError(f"token map of scale {si} must have shape ({B}, {pn * pn}) for patch_num {pn}, got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-            raise ValueError(f"token map of scale {si} has indices outside [0, {vocab_size}): "
-                             f"min {int(t.min())}, max {int(t.max())}")
+    filled = [(si, t) for si, t in enumerate(idx_Bl) if t.numel()]
+    if not filled:
+        return
+    ranges = torch.stack([torch.stack((t.min(), t.max())).to(device=filled[0][1].device, dtype=torch.int64)
+                          for _, t in filled]).tolist()
+    for (si, _), (lo, hi) in zip(filled, ranges):
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token map of scale {si} has indices outside [0, {vocab_size}): min {lo}, max {hi}")
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = True) -> None:
+def check_labels(labels: torch.Tensor, num_classes: int, allow_null: bool = True, *, sync_free: bool = False,
+                 where: str = "") -> None:
+    """Integer class labels in ``0..num_classes-1`` (and ``num_classes``, the null class, if ``allow_null``).
+
+    ``sync_free`` (the per-step model forward): the range is read only where that costs no device sync and no
+    torch.compile graph break, i.e. for a CPU tensor outside compilation; labels on a GPU (or inside a compiled
+    graph) are then checked by the caller once where they are loaded (the sampler checks its labels; a training
+    run's come from the token cache, made from the dataset's class folders). ``where`` (a file, a config key)
+    prefixes the message."""
+    prefix = f"{where}: " if where else ""
     if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"class labels must be an integer tensor, got {labels.dtype}")
+        raise TypeError(f"{prefix}class labels must be an integer tensor, got {labels.dtype}")
+    if not labels.numel() or sync_free and (labels.device.type != "cpu" or torch.compiler.is_compiling()):
+        return
     hi = num_classes if allow_null else num_classes - 1
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > hi):
-        raise ValueError(f"class label out of range: got [{int(labels.min())}, {int(labels.max())}], "
+    lo_seen, hi_seen = torch.stack((labels.min(), labels.max())).tolist()  # one host read
+    if lo_seen < 0 or hi_seen > hi:
+        raise ValueError(f"{prefix}class label out of range: got [{lo_seen}, {hi_seen}], "
                          f"valid are 0..{num_classes - 1}" + (f" (and {num_classes} = null class)" if allow_null else ""))
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for the duration; nothing on the meta device (shape-only dry runs, e.g. of the paper-scale
+    model), which autocast does not know."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the autocast region computes in on ``x``'s device, or ``x``'s own outside autocast."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else x.dtype
 
 
 @contextlib.contextmanager

@@ -10,21 +10,36 @@ Differences from the official code, none of which changes a result:
 * the VQVAE is not held inside the model: the trainer and the sampler pass it in;
 * the KV cache is preallocated once per sampling call instead of concatenated at every scale;
 * DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.studies.uncertainty`).
+
+Attention (``VAR.attn_impl``; every path equals the official one within float rounding):
+* ``sdpa_dense`` — the official path: SDPA with the additive (1, 1, L, L) block-causal mask. The default
+  (``auto``) on CPU and every non-CUDA device, so CPU numerics stay those of the official code.
+* ``sdpa_prefix`` — the default on CUDA. Token i of scale k sees exactly the tokens of scales <= k, a prefix of
+  the sequence, so the queries of one scale attend to that prefix with **no mask** (a flash kernel can run). The
+  leading small scales (at most ``attn_group_tokens`` tokens in all, 128 by default) share one call with a
+  small boolean mask; each later scale is one mask-free call.
+* ``flex`` — FlexAttention (torch >= 2.5) with a block mask built once per device; opt-in, for CUDA under
+  ``torch.compile`` (it is compiled on first CUDA use). Where torch has no FlexAttention it falls back to
+  ``sdpa_prefix``; with attention dropout, or on CPU with gradients (no CPU backward), the same.
+KV-cached sampling (:meth:`VAR.step`) needs no mask on any path: each scale attends to all cached tokens and
+itself. q and k are cast to the compute dtype (v's: bf16/fp16 under autocast) after the l2 normalisation, so the
+KV cache is held in that dtype; in float32 the cast does nothing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from varup.base.checkpoint import CheckpointError, extract_state_dict, load_strict, read_checkpoint
-from varup.models.common import check_labels
+from varup.models.common import autocast_off, check_labels, compute_dtype
 
 
 @dataclass
@@ -104,6 +119,66 @@ class FFN(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
+ATTN_IMPLS = ("auto", "sdpa_dense", "sdpa_prefix", "flex")
+
+
+@functools.lru_cache(maxsize=None)
+def flex_api() -> tuple[Callable, Callable] | None:
+    """``(create_block_mask, flex_attention)`` where this torch has FlexAttention (2.5+), else None."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return create_block_mask, flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_flex_attention() -> Callable:
+    """FlexAttention compiled once per process (uncompiled it runs an unfused, dense reference path)."""
+    return torch.compile(flex_api()[1], dynamic=False)
+
+
+def attention_segments(patch_nums: Sequence[int], group_tokens: int = 128) -> list[tuple[int, int, bool]]:
+    """The block-causal attention as calls on prefixes: ``(q_begin, q_end, masked)``, each call's queries
+    ``[q_begin, q_end)`` attending to the keys ``[0, q_end)``. The leading scales whose tokens number at most
+    ``group_tokens`` in all share the first call (masked when it holds more than one scale); every other scale is one
+    mask-free call."""
+    sizes = [pn * pn for pn in patch_nums]
+    grouped, end = 1, sizes[0]
+    while grouped < len(sizes) and end + sizes[grouped] <= group_tokens:
+        end += sizes[grouped]
+        grouped += 1
+    segs = [(0, end, grouped > 1)]
+    for n in sizes[grouped:]:
+        segs.append((end, end + n, False))
+        end += n
+    return segs
+
+
+@dataclass(frozen=True)
+class ScalePrefixAttention:
+    """The block-causal attention of a teacher-forced forward without the dense L x L mask: one SDPA call per
+    segment of :func:`attention_segments` (``mask``: the boolean (q_end - q_begin, q_end) mask, or None), or one
+    FlexAttention call with ``block_mask``. Passed to the blocks in place of the additive mask."""
+
+    segments: tuple[tuple[int, int, torch.Tensor | None], ...]
+    block_mask: object | None = None
+
+    def uses_flex(self, q: torch.Tensor, dropout_p: float) -> bool:
+        """FlexAttention has no dropout and no CPU backward: the SDPA segments serve there."""
+        return (self.block_mask is not None and dropout_p == 0.0
+                and not (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float) -> torch.Tensor:
+        if self.uses_flex(q, dropout_p):
+            flex = compiled_flex_attention() if q.device.type == "cuda" else flex_api()[1]
+            return flex(q, k, v, block_mask=self.block_mask, scale=scale)
+        outs = [F.scaled_dot_product_attention(q[:, :, qb:qe], k[:, :, :qe], v[:, :, :qe], attn_mask=mask,
+                                               dropout_p=dropout_p, scale=scale)
+                for qb, qe, mask in self.segments]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, block_idx: int, embed_dim: int, num_heads: int, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, attn_l2_norm: bool = True):
@@ -135,15 +210,20 @@ class SelfAttention(nn.Module):
         self.cache_k = self.cache_v = None
         self.cache_len = 0
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, max_len: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | ScalePrefixAttention | None,
+                max_len: int | None = None) -> torch.Tensor:
+        """``attn_bias``: the additive mask (official), a :class:`ScalePrefixAttention`, or None (no mask: the
+        KV-cached step, where the cache holds exactly the tokens a scale may see)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias=bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, L, hd)
         if self.attn_l2_norm:
+            # F.normalize returns float32 under autocast: back to the compute dtype (v's) so that SDPA gets one
+            # dtype (a flash kernel can run) and the KV cache is not float32; a no-op in float32
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
+            q = F.normalize(q, dim=-1).mul(scale_mul).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         if self.caching:
             if self.cache_k is None:
                 n = max_len or L
@@ -155,7 +235,10 @@ class SelfAttention(nn.Module):
             self.cache_len = end
             k, v = self.cache_k[:, :, :end], self.cache_v[:, :, :end]
         dropout_p = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
+        if isinstance(attn_bias, ScalePrefixAttention):
+            out = attn_bias.attend(q, k, v, dropout_p, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
 
 
@@ -267,6 +350,56 @@ class VAR(nn.Module):
         # 6. head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, cfg.norm_eps)
         self.head = nn.Linear(self.C, self.V)
+        # 7. attention path of the teacher-forced forward (module docstring); not part of the state dict
+        self.attn_impl = "auto"
+        self.attn_group_tokens = 128
+        self.flex_block_masks: dict[str, object] = {}
+
+    @property
+    def attn_impl(self) -> str:
+        """How the teacher-forced forward attends: one of :data:`ATTN_IMPLS` (module docstring)."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"VAR.attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        self._attn_impl = impl
+
+    def resolved_attn_impl(self, device: torch.device | str) -> str:
+        """The path :attr:`attn_impl` takes on ``device``: ``auto`` is ``sdpa_prefix`` on CUDA and ``sdpa_dense``
+        (the official numerics) elsewhere; ``flex`` is ``sdpa_prefix`` where this torch has no FlexAttention."""
+        impl, dev = self.attn_impl, torch.device(device)
+        if impl == "auto":
+            return "sdpa_prefix" if dev.type == "cuda" else "sdpa_dense"
+        if impl == "flex" and flex_api() is None:
+            return "sdpa_prefix"
+        return impl
+
+    def attention_plan(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | ScalePrefixAttention:
+        """What the blocks of a teacher-forced forward attend with: the additive mask in ``dtype``
+        (``sdpa_dense``) or a :class:`ScalePrefixAttention`. Built from shapes and buffers only (no host sync)."""
+        impl = self.resolved_attn_impl(device)
+        if impl == "sdpa_dense":
+            return self.attn_bias_for_masking.to(dtype)
+        lvl = self.lvl_1L[0]
+        segments = tuple((qb, qe, (lvl[qb:qe, None] >= lvl[None, :qe]) if masked else None)
+                         for qb, qe, masked in attention_segments(self.patch_nums, self.attn_group_tokens))
+        return ScalePrefixAttention(segments, self.flex_block_mask(device) if impl == "flex" else None)
+
+    def flex_block_mask(self, device: torch.device):
+        """FlexAttention's block mask of the block-causal attention on ``device``, built once and kept."""
+        key = str(device)
+        if key not in self.flex_block_masks:
+            create_block_mask = flex_api()[0]
+            lvl = self.lvl_1L[0].to(device)
+
+            def same_or_earlier_scale(b, h, q_idx, kv_idx):
+                return lvl[q_idx] >= lvl[kv_idx]
+
+            self.flex_block_masks[key] = create_block_mask(same_or_earlier_scale, None, None, self.L, self.L,
+                                                           device=device)
+        return self.flex_block_masks[key]
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -309,7 +442,7 @@ class VAR(nn.Module):
             if class_weights.ndim != 2 or class_weights.shape[1] != self.num_classes + 1:
                 raise ValueError(f"class_weights must have shape (B, {self.num_classes + 1}), got {tuple(class_weights.shape)}")
             return class_weights.to(self.class_emb.weight.dtype) @ self.class_emb.weight
-        check_labels(label_B, self.num_classes)
+        check_labels(label_B, self.num_classes, sync_free=True)
         return self.class_emb(label_B)
 
     def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
@@ -320,12 +453,14 @@ class VAR(nn.Module):
         """Teacher-forced logits (B, L, V).
 
         ``x_BLCv_wo_first_l`` is ``vqvae.idxBl_to_var_input(gt)`` (B, L-1, Cvae). Labels are replaced by the null
-        class with probability ``cond_drop_rate`` in training mode only (see the module docstring).
+        class with probability ``cond_drop_rate`` in training mode only (see the module docstring). Their range is
+        checked here for CPU tensors outside torch.compile only (no host sync in a training step on a GPU:
+        :func:`varup.models.common.check_labels`).
         """
         B = self.check_teacher_input(x_BLCv_wo_first_l)
-        with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
+        with autocast_off(x_BLCv_wo_first_l.device.type):
             if class_weights is None:
-                check_labels(label_B, self.num_classes)
+                check_labels(label_B, self.num_classes, sync_free=True)
                 if self.training and self.cond_drop_rate > 0:
                     drop = torch.rand(B, device=label_B.device) < self.cond_drop_rate
                     label_B = torch.where(drop, self.num_classes, label_B)
@@ -342,16 +477,15 @@ class VAR(nn.Module):
     def forward_cond(self, cond_BD: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits from a condition embedding (B, D): the start token and the AdaLN input."""
         B = self.check_teacher_input(x_BLCv_wo_first_l)
-        with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
+        with autocast_off(x_BLCv_wo_first_l.device.type):
             sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)  # official addition order
-        attn_bias = self.attn_bias_for_masking
         cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        main_type = torch.get_autocast_dtype(x_BLC.device.type) if torch.is_autocast_enabled(x_BLC.device.type) else x_BLC.dtype
+        main_type = compute_dtype(x_BLC)
         x_BLC = x_BLC.to(main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
-        attn_bias = attn_bias.to(main_type)
+        attn_bias = self.attention_plan(x_BLC.device, main_type)
         for b in self.blocks:
             x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)
@@ -416,4 +550,5 @@ def load_checkpoint_file(path: str | os.PathLike, model: nn.Module | None, build
 
 
 __all__ = ["VAR", "VARConfig", "DropPath", "load_official", "load_checkpoint_file", "load_strict", "extract_state_dict", "infer_var_config",
-           "CheckpointError", "scale_index", "block_causal_bias"]
+           "CheckpointError", "scale_index", "block_causal_bias", "ATTN_IMPLS", "ScalePrefixAttention", "attention_segments",
+           "flex_api"]

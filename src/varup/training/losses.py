@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from varup.models.common import autocast_off
 from varup.training.references import REF_KEYS, assignment_matrix, dispersion
 
 REFERENCES = ("uniform", "dataset", "semantic", "semantic_k")
@@ -203,7 +204,7 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, *, s_star: torch.T
         cluster_assign = cluster_assign.to(device=logits.device, dtype=dt)
     else:
         cluster_assign = None
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         if not want_2nd and not want_se:  # cross-entropy alone (the baseline): torch's own kernel, ~3x faster
             ce = F.cross_entropy(logits.to(dt), targets.long(), reduction="none", label_smoothing=float(label_smoothing))
             return torch.stack([ce, torch.zeros_like(ce).detach(), torch.zeros_like(ce).detach()], 1)
@@ -226,7 +227,7 @@ def gradient_norms(logits: torch.Tensor, targets: torch.Tensor, *, s_star: torch
     s_sum = h_sum = 0.0
     one = logits.new_ones(1, 1, dtype=dt)
     step = _chunk_rows(N, V)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         for a in range(0, N, step):
             b = min(N, a + step)
             z = logits[a:b].to(dt)
@@ -282,6 +283,9 @@ class UncertaintyLoss(torch.nn.Module):
         self.L = sum(pn * pn for pn in self.patch_nums)
         scale_ids = torch.cat([torch.full((pn * pn,), i, dtype=torch.long) for i, pn in enumerate(self.patch_nums)])
         self.register_buffer("scale_ids", scale_ids, persistent=False)
+        # tokens per scale (>= 1), constant: the per-scale means need no bincount (a host sync) in a training step
+        counts = torch.tensor([pn * pn for pn in self.patch_nums], dtype=torch.long).clamp_min(1)
+        self.register_buffer("scale_counts", counts, persistent=False)
         refs = dict(refs or {})
         self.want_2nd = cfg.lambda_2nd > 0
         self.want_se = cfg.lambda_se > 0
@@ -348,10 +352,14 @@ class UncertaintyLoss(torch.nn.Module):
         ).view(B, L, 3)
 
     def _per_scale(self, per_tok: torch.Tensor) -> torch.Tensor:
+        """(3, SN) per-scale means of the per-token terms, without a host sync (fixed-size ops only)."""
         per_pos = per_tok.detach().mean(0)  # (L, 3)
-        sids = self.scale_ids[:per_pos.shape[0]]
+        L = per_pos.shape[0]
+        sids = self.scale_ids[:L]
         per_scale = per_pos.new_zeros(self.SN, 3).index_add_(0, sids, per_pos)
-        return (per_scale / torch.bincount(sids, minlength=self.SN).clamp_min(1)[:, None]).T.contiguous()
+        counts = (self.scale_counts if L == self.L
+                  else torch.zeros_like(self.scale_counts).index_add_(0, sids, torch.ones_like(sids)).clamp_min(1))
+        return (per_scale / counts[:, None]).T.contiguous()
 
     def forward(self, logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> LossOutput:
         per_tok = self._per_token(logits_BLV, targets_BL, self.want_2nd, self.want_se)
