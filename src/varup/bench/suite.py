@@ -651,6 +651,11 @@ the same key (benchmark, mode, device, torch version, depth, batch, precision); 
   `cfg` — sampling with classifier-free guidance 1.5, top-k 900, top-p 0.95, decode included.
 * Targets (one GPU, d16): training at batch 64 with MFU ≥ 45 %; full objective ≤ 1.05 × CE-only step time;
   sampling with CFG at batch ≥ 256 at ≥ 400 images/s.
+* Attention (`VAR.attn_impl`, `varup.models.var`): on CPU the official SDPA with the dense additive L×L mask
+  (`sdpa_dense`, the rows below); on CUDA `sdpa_prefix`: each scale's queries attend to the prefix of scales ≤ it
+  with no mask (flash-eligible), the first scales (≤ 128 tokens) in one call with a small boolean mask; `flex`
+  (FlexAttention block mask, torch ≥ 2.5) is opt-in. q, k and the KV cache are in the autocast dtype. Each path
+  equals the dense one within float32 rounding on CPU (`tests/test_fastpath.py`); no GPU row measures them yet.
 
 """
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
