@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,8 @@ log = logging.getLogger("varup")
 def atomic_path(path: str | os.PathLike, suffix: str | None = None, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX),
     on error it is removed, so a reader never sees a half-written file. ``durable``: the data reach the disk
-    before the rename (fsync), so a crash of the machine cannot leave an empty or truncated ``path``."""
+    before the rename (fsync), so a crash of the machine cannot leave an empty or truncated ``path``. A write that
+    runs out of space raises :class:`NoSpaceError` naming ``path`` and the free space (``path`` stays as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp",
@@ -41,9 +44,117 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, durable: boo
             if durable:
                 fsync_file(tmp_path)
         os.replace(tmp_path, path)
+    except Exception as e:
+        if isinstance(e, NoSpaceError) or not is_out_of_space(e, path.parent):
+            raise
+        written = tmp_path.stat().st_size if tmp_path.exists() else None
+        tmp_path.unlink(missing_ok=True)
+        raise no_space_error(path, e, written) from e
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
+
+
+class NoSpaceError(OSError):
+    """A file that could not be written for want of space (``errno.ENOSPC``): the message names it, the free space
+    on its file system and what to do."""
+
+
+#: what torch's zip writer says when a write falls short ("unexpected pos 526976 vs 526868", "PytorchStreamWriter
+#: failed writing …: file write failed", the C++ stream's "basic_ios::clear: iostream error"); it passes on no errno,
+#: so the free space decides
+_WRITER_FAILURES = ("unexpected pos", "file write failed", "pytorchstreamwriter failed", "iostream error")
+#: a writer failure with less than this free on the file system is taken for a full disk
+_FULL_BELOW = 16 << 20
+_SPACE_MESSAGES = ("no space left on device", "os error 28", "disk quota exceeded")
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes free (for this user) on the file system of ``path``, or None where that cannot be asked."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _space_left(path: Path) -> str:
+    """``12.0 MiB free of 1.8 TiB`` on the file system of ``path``."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "an unknown amount free"
+    return f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
+
+
+def format_bytes(n: float | None) -> str:
+    """``512 B``, ``3.2 MiB``, ``1.5 GiB`` (an unknown amount for None)."""
+    if n is None:
+        return "an unknown amount"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
+
+def is_out_of_space(exc: BaseException, directory: str | os.PathLike) -> bool:
+    """Whether a failed write ran out of space in ``directory``: ``ENOSPC`` / ``EDQUOT``, a library's message saying
+    so (safetensors: "os error 28"), or torch's writer failing (:data:`_WRITER_FAILURES`) with under 16 MiB left
+    on the file system."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    if any(m in text for m in _SPACE_MESSAGES):
+        return True
+    if not any(m in text for m in _WRITER_FAILURES):
+        return False
+    free = free_bytes(directory)
+    return free is not None and free < _FULL_BELOW
+
+
+def no_space_error(path: str | os.PathLike, exc: BaseException, written: int | None = None) -> NoSpaceError:
+    """The :class:`NoSpaceError` for ``path``, once its partial file is removed (a writer that still holds it open
+    keeps its space until the writer is gone: the free space reported is what the file system says now)."""
+    path = Path(path)
+    why = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+    part = f"; {format_bytes(written)} of it had been written" if written else ""
+    return NoSpaceError(errno.ENOSPC, (
+        f"no space left on device writing {path} ({type(exc).__name__}: {why}{part}); "
+        f"{_space_left(path.parent)} on the file system of {path.parent}. The partial file is "
+        f"removed and any previous {path.name} is as it was: free some space there (or move the results to a larger "
+        f"disk) and rerun; a training job resumes from its last checkpoint"))
+
+
+def temp_file_pattern(name: str) -> re.Pattern:
+    """The names of the temporaries of a file ``name``: :func:`atomic_path`'s ``.<name>.<8 random>.<suffix>.tmp``
+    (or ``….tmp.npy``), a copy's ``.<name>.<pid>.tmp`` and a folder's ``.<name>.tmp<pid>``."""
+    return re.compile(rf"\.{re.escape(name)}\.(\w{{8}}\.[\w.]*tmp[\w.]*|\d+\.tmp|tmp\d+)")
+
+
+def sweep_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove what a killed job's atomic writes left in ``folder``: the temporaries of the files ``names`` (those
+    this job alone writes: :func:`temp_file_pattern`) when given, else every hidden ``.…tmp…`` entry (a folder this
+    job alone writes). For a job to call when it starts, before it writes anything; each removal is logged
+    (WARNING). Returns the paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = None if names is None else [temp_file_pattern(n) for n in names]
+    removed = []
+    for p in sorted(folder.iterdir()):
+        n = p.name
+        if patterns is None and not (n.startswith(".") and ".tmp" in n):
+            continue
+        if patterns is not None and not any(r.fullmatch(n) for r in patterns):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        log.warning("removed %s: a temporary file left by an interrupted write (a killed job)", p)
+        removed.append(p)
+    return removed
 
 
 def fsync_file(path: str | os.PathLike) -> None:
