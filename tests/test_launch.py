@@ -132,4 +132,6 @@ def test_the_log_keeps_its_lines_up_to_the_checkpoint_and_is_published_whole(tmp
         log.append({"step": step, "loss": step / 10})
     log.publish()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [10, 20, 30, 40] and not log.live.exists()
+    assert [r["step"] for r in rows] == [10, 20, 30, 40] and log.live.exists()  # a copy: kept until discarded
+    log.discard()
+    assert not log.live.exists() and (tmp_path / "metrics.jsonl").exists()

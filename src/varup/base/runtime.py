@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 
 from varup.base.checkpoint import CheckpointError, read_checkpoint
-from varup.base.utils import atomic_path, atomic_write_text
+from varup.base.utils import (
+    NoSpaceError,
+    atomic_path,
+    atomic_write_text,
+    is_out_of_space,
+    no_space_error,
+    sweep_temp_files,
+)
 
 log = logging.getLogger("varup.base.runtime")
 
@@ -209,28 +216,42 @@ def save_training_state(path: str | os.PathLike, *, model: torch.nn.Module, opti
 
 
 def _keep_as_previous(last: Path) -> None:
-    """``prev.pt`` := ``last.pt`` (a hard link, else a copy), atomically; ``last.pt`` stays in place throughout."""
+    """``prev.pt`` := ``last.pt`` (a hard link, else a copy), atomically; ``last.pt`` stays in place throughout. A
+    failed copy (a full disk) leaves no temporary file."""
     prev = previous_checkpoint(last)
     tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(last, tmp)
-    except OSError:  # a file system without hard links
-        shutil.copy2(last, tmp)
-    os.replace(tmp, prev)
+        try:
+            os.link(last, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copy2(last, tmp)
+        os.replace(tmp, prev)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, NoSpaceError) or not is_out_of_space(e, prev.parent):
+            raise
+        raise no_space_error(prev, e) from e
 
 
 def load_training_state(path: str | os.PathLike, map_location="cpu", *, run_hash: str | None = None,
-                        d: Dist | None = None) -> dict | None:
+                        d: Dist | None = None, outputs: tuple = ()) -> dict | None:
     """The training state to resume from ``path`` (``ckpt/last.pt``), or None: start afresh.
 
-    An unreadable ``last.pt`` (truncated, not a training checkpoint) is set aside as ``corrupt-<time>.pt`` and the
-    previous one (``prev.pt``) takes its place when it can be read; one written under another ``run_hash`` is set
-    aside as ``stale-<hash>.pt``; a ``prev.pt`` without ``last.pt`` (a finished or deliberately restarted run) is
-    removed. A WARNING names the file set aside and says where the run resumes. With several ranks (``d``) rank 0
-    settles the files and the others then read what it left."""
+    First the temporary files a killed job left are removed (logged): every one in the checkpoint's folder, and
+    those of the job's ``outputs`` (paths) beside them. An unreadable ``last.pt`` (truncated, not a training
+    checkpoint) is set aside as ``corrupt-<time>.pt`` and the previous one (``prev.pt``) takes its place when it
+    can be read; one written under another ``run_hash`` is set aside as ``stale-<hash>.pt``; a ``prev.pt`` without
+    ``last.pt`` (a finished or deliberately restarted run) is removed. A WARNING names the file set aside and says
+    where the run resumes. With several ranks (``d``) rank 0 settles the files and the others then read what it
+    left."""
     path, d = Path(path), d or Dist()
-    state = _settle_checkpoint(path, run_hash, map_location) if d.is_main else None
+    state = None
+    if d.is_main:
+        sweep_temp_files(path.parent)
+        for out in outputs:
+            sweep_temp_files(Path(out).parent, [Path(out).name])
+        state = _settle_checkpoint(path, run_hash, map_location)
     if d.enabled:
         dist.barrier()
         if not d.is_main and path.exists():
@@ -294,10 +315,21 @@ def _set_aside(path: Path, kind: str) -> Path:
     return dst
 
 
-def discard_training_state(path: str | os.PathLike) -> None:
-    """Remove a finished run's ``last.pt`` and the ``prev.pt`` kept beside it (the model file is the result)."""
+def discard_training_state(path: str | os.PathLike, live_log: ResumableLog | None = None) -> None:
+    """Remove a finished run's ``last.pt`` and the ``prev.pt`` kept beside it (the model file is the result), then
+    the live log ``live_log`` (already published): a kill before this leaves the checkpoint with the whole log, a
+    retry resumes with the whole curve; a kill in it leaves a log without a checkpoint, a retry starts afresh."""
     for p in (Path(path), previous_checkpoint(path)):
         p.unlink(missing_ok=True)
+    if live_log is not None:
+        live_log.discard()
+
+
+def kept_checkpoint_note(path: str | os.PathLike, step: int | None) -> str:
+    """What a failing run (a non-finite loss) leaves for a retry: its last good checkpoint, or none yet."""
+    if step is None:
+        return f"no checkpoint was written yet ({path} does not exist: a retry starts afresh)"
+    return f"the last good checkpoint ({path}, step {step}) is kept"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -307,7 +339,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------- logs
 class ResumableLog:
-    """A job's ``metrics.jsonl``, kept beside its checkpoint while the job runs and published to the declared
+    """A job's ``metrics.jsonl``, kept beside its checkpoint while the job runs and copied to the declared
     output only when the job finishes. Snakemake deletes a failed job's declared outputs, so a log written there
     would lose everything before the checkpoint the retry resumes from; this one keeps the lines up to it (the
     lines after it are dropped on resume: the resumed job writes them again)."""
@@ -329,9 +361,15 @@ class ResumableLog:
             f.write(json.dumps(record) + "\n")
 
     def publish(self) -> None:
-        """Move the whole log to the declared output (atomically)."""
-        self.published.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.live, self.published)
+        """Copy the whole log onto the declared output (atomically). The live log stays until :meth:`discard`
+        (:func:`discard_training_state`, after the checkpoint is gone): a kill while the job finishes then leaves
+        either the checkpoint with the whole log, or the finished outputs."""
+        with atomic_path(self.published) as tmp:
+            shutil.copyfile(self.live, tmp)
+
+    def discard(self) -> None:
+        """Remove the live log (once it is published and the checkpoint it goes with is gone)."""
+        self.live.unlink(missing_ok=True)
 
 
 def _logged_step(line: str) -> int | None:

@@ -39,6 +39,7 @@ from varup.base.runtime import (
     discard_training_state,
     exit_preempted,
     init_distributed,
+    kept_checkpoint_note,
     load_training_state,
     requeue_slurm_job,
     save_training_state,
@@ -47,7 +48,15 @@ from varup.base.runtime import (
     unwrap,
 )
 from varup.base.schedule import warmup_cosine
-from varup.base.utils import atomic_write_json, config_hash, progress, write_provenance
+from varup.base.utils import (
+    atomic_write_json,
+    config_hash,
+    is_out_of_space,
+    no_space_error,
+    progress,
+    provenance_path,
+    write_provenance,
+)
 from varup.data.batches import BatchOrder
 from varup.training.losses import LossConfig, UncertaintyLoss
 from varup.training.references import build_references
@@ -152,6 +161,7 @@ class _LMRun:
     run_hash: str
     amp: torch.dtype | None
     start: int = 0
+    last_ckpt: int | None = None  # the step of the checkpoint a retry would resume from
 
 
 def fit(model, tokenizer, data: dict, oc: LMTrainConfig, *, refs: dict | None, out_dir, work_dir, device: str = "auto",
@@ -161,7 +171,7 @@ def fit(model, tokenizer, data: dict, oc: LMTrainConfig, *, refs: dict | None, o
     and ``summary.json``. Resumes from ``work_dir/ckpt/last.pt`` (of the same run config only)."""
     t0 = time.time()
     with PreemptionGuard() as guard:
-        r = _setup(model, data, oc, refs, work_dir, device, run_config)
+        r = _setup(model, data, oc, refs, work_dir, out_dir, device, run_config)
         guard.clock = SlurmClock.for_job(stop_before_limit_s) if r.d.is_main else None
         stopped = _loop(r, guard, stop_after, t0)
         if stopped is not None:
@@ -169,7 +179,9 @@ def fit(model, tokenizer, data: dict, oc: LMTrainConfig, *, refs: dict | None, o
         return _finish(r, tokenizer, out_dir, run_config, t0)
 
 
-def _setup(model, data, oc: LMTrainConfig, refs, work_dir, device, run_config) -> _LMRun:
+def _setup(model, data, oc: LMTrainConfig, refs, work_dir, out_dir, device, run_config) -> _LMRun:
+    """The run on its device, resumed from ``ckpt/last.pt`` when there is one of this run config (a killed job's
+    temporary files are removed first)."""
     d, dev = init_distributed(device)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -182,12 +194,13 @@ def _setup(model, data, oc: LMTrainConfig, refs, work_dir, device, run_config) -
                work=work, ckpt=work / "ckpt" / "last.pt", log=ResumableLog(work / "ckpt" / "metrics.jsonl",
                                                                              work / "metrics.jsonl"),
                run_hash=config_hash(run_config or asdict(oc)), amp=autocast_dtype(oc.precision, dev))
-    state = load_training_state(r.ckpt, run_hash=r.run_hash)
+    outputs = (r.log.published, work / "summary.json", Path(out_dir), provenance_path(out_dir))
+    state = load_training_state(r.ckpt, run_hash=r.run_hash, outputs=outputs)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        r.start = int(state["step"])
+        r.start = r.last_ckpt = int(state["step"])
         log.info("resumed from %s at step %d", r.ckpt, r.start)
     else:
         torch.manual_seed(oc.seed)
@@ -243,6 +256,7 @@ def _checkpoint(r: _LMRun, done: int) -> None:
     if r.d.is_main:
         save_training_state(r.ckpt, model=r.model, optimizer=r.opt, step=done, config=asdict(r.oc),
                             extra={"run_hash": r.run_hash})
+    r.last_ckpt = done
 
 
 def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) -> dict | None:
@@ -255,7 +269,9 @@ def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) 
         logits, out, gnorm, share = _step(r, net, step, order.indices(step))
         done, steps_done = step + 1, steps_done + 1
         if not torch.isfinite(out.total.detach()):
-            raise NonFiniteLossError(f"lm: non-finite loss at step {done}; last checkpoint {r.ckpt} kept")
+            kept = kept_checkpoint_note(r.ckpt, r.last_ckpt)
+            raise NonFiniteLossError(f"lm {r.work}: non-finite loss at step {done}; {kept}; lower the learning rate "
+                                     f"or check the data")
         if done % oc.log_every == 0 or done == oc.steps:
             rec = _record(r, done, logits, out, gnorm, share, t0)  # every rank joins the all-reduce
             if d.is_main:
@@ -279,15 +295,23 @@ def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) 
 
 
 def save_folder(model, tokenizer, out_dir) -> None:
-    """``save_pretrained`` of model and tokenizer into a sibling temp folder, then renamed: whole or not at all."""
+    """``save_pretrained`` of model and tokenizer into a sibling temp folder, then renamed: whole or not at all (a
+    failed write removes the temp folder; out of space, :class:`varup.base.utils.NoSpaceError` names the folder)."""
     from varup.lm.hub import quiet_transformers
 
     quiet_transformers()
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        full = is_out_of_space(e, out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise no_space_error(out, e) from e
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -302,7 +326,7 @@ def _finish(r: _LMRun, tokenizer, out_dir, run_config, t0: float) -> dict:
         r.log.publish()
         atomic_write_json(r.work / "summary.json", summary)
         write_provenance(out_dir, config=run_config or asdict(r.oc), seed=r.oc.seed, device=str(r.dev), started=t0)
-        discard_training_state(r.ckpt)
+        discard_training_state(r.ckpt, r.log)  # last: see varup.training.loop._finish
     shutdown_distributed()
     return summary
 

@@ -28,6 +28,7 @@ from varup.base.runtime import (
     SlurmClock,
     discard_training_state,
     exit_preempted,
+    kept_checkpoint_note,
     load_training_state,
     requeue_slurm_job,
     resolve_device,
@@ -36,7 +37,14 @@ from varup.base.runtime import (
 )
 from varup.base.schedule import warmup_cosine
 from varup.base.seeding import derive_seed
-from varup.base.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
+from varup.base.utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    config_hash,
+    progress,
+    provenance_path,
+    write_provenance,
+)
 from varup.data.batches import BatchOrder
 from varup.models.vqvae import VQVAE, VQVAEConfig
 
@@ -139,6 +147,7 @@ class _TokRun:
     dev: torch.device
     gen: torch.Generator  # draws the re-seeded codes; its state is checkpointed, so a resume is bit-identical
     start: int = 0
+    last_ckpt: int | None = None  # the step of the checkpoint a retry would resume from
 
     def config(self) -> dict:
         return {"vq": self.cfg.to_dict(), "train": asdict(self.tc)}
@@ -147,6 +156,7 @@ class _TokRun:
         save_training_state(self.ckpt, model=self.vae, optimizer=self.opt, step=step, config=self.config(),
                             extra={"run_hash": self.run_hash, "record_hit": self.vae.quantize.record_hit,
                                    "dead_code_rng": self.gen.get_state()})
+        self.last_ckpt = step
 
 
 def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray], torch.Tensor], n_images: int, *,
@@ -157,14 +167,15 @@ def train_tokenizer(vq_cfg: dict, tc_dict: dict, get_batch: Callable[[np.ndarray
     (``{'model', 'config'}``, loadable with :func:`varup.models.vqvae.load_vqvae`) and ``summary.json``."""
     t0 = time.time()
     with PreemptionGuard() as guard:  # up before the live log exists, like the transformer trainer's
-        r = _tok_setup(vq_cfg, tc_dict, work_dir, device)
+        r = _tok_setup(vq_cfg, tc_dict, work_dir, out_model, device)
         guard.clock = SlurmClock.for_job(stop_before_limit_s)
         stopped = _tok_loop(r, guard, get_batch, n_images, stop_after, t0)
     return stopped if stopped is not None else _tok_finish(r, out_model, val_images, t0)
 
 
-def _tok_setup(vq_cfg: dict, tc_dict: dict, work_dir, device: str) -> _TokRun:
-    """A fresh VQVAE and optimiser, or the state of ``ckpt/last.pt`` (an unreadable or stale one is set aside)."""
+def _tok_setup(vq_cfg: dict, tc_dict: dict, work_dir, out_model, device: str) -> _TokRun:
+    """A fresh VQVAE and optimiser, or the state of ``ckpt/last.pt`` (an unreadable or stale one is set aside; a
+    killed job's temporary files are removed first)."""
     dev = resolve_device(device)
     tc = TokenizerTrainConfig(**tc_dict)
     cfg = VQVAEConfig(**vq_cfg)
@@ -178,13 +189,14 @@ def _tok_setup(vq_cfg: dict, tc_dict: dict, work_dir, device: str) -> _TokRun:
                 ckpt=work / "ckpt" / "last.pt", log=ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl"),
                 vae=vae, opt=torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay),
                 dev=dev, gen=torch.Generator().manual_seed(derive_seed(tc.seed, "dead-codes", 0)))
-    state = load_training_state(r.ckpt, run_hash=r.run_hash)
+    outputs = (r.log.published, work / "summary.json", Path(out_model), provenance_path(out_model))
+    state = load_training_state(r.ckpt, run_hash=r.run_hash, outputs=outputs)
     if state is not None:
         vae.load_state_dict(state["model"])
         r.opt.load_state_dict(state["optimizer"])
         vae.quantize.record_hit = int(state["extra"].get("record_hit", 1))
         set_rng_state(state["rng"])
-        r.start = int(state["step"])
+        r.start = r.last_ckpt = int(state["step"])
         if "dead_code_rng" in state["extra"]:
             r.gen.set_state(state["extra"]["dead_code_rng"])
         else:  # a checkpoint from before the generator was kept: a fresh stream (the run is no longer bit-identical)
@@ -203,8 +215,10 @@ def _tok_step(r: _TokRun, step: int, img: torch.Tensor):
     l1, l2 = F.l1_loss(rec, img), F.mse_loss(rec, img)
     loss = r.tc.recon_l1 * l1 + r.tc.recon_l2 * l2 + vq_loss
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"tokenizer: non-finite loss at step {step + 1} (l1 {float(l1):.4g}, "
-                                 f"l2 {float(l2):.4g}, vq {float(vq_loss):.4g}); last checkpoint {r.ckpt} kept")
+        kept = kept_checkpoint_note(r.ckpt, r.last_ckpt)
+        terms = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in (("l1", l1), ("l2", l2), ("vq", vq_loss)))
+        raise NonFiniteLossError(f"tokenizer {r.work}: non-finite loss at step {step + 1} ({terms}); {kept}; lower the "
+                                 f"learning rate or check the images")
     r.opt.zero_grad(set_to_none=True)
     loss.backward()
     if r.tc.grad_clip > 0:
@@ -271,7 +285,7 @@ def _tok_finish(r: _TokRun, out_model, val_images: torch.Tensor | None, t0: floa
     r.log.publish()
     atomic_write_json(r.work / "summary.json", summary)
     write_provenance(out_model, config=r.config(), seed=r.tc.seed, device=str(r.dev), started=t0)
-    discard_training_state(r.ckpt)
+    discard_training_state(r.ckpt, r.log)  # last: see varup.training.loop._finish
     return summary
 
 

@@ -50,6 +50,7 @@ from varup.base.runtime import (
     discard_training_state,
     exit_preempted,
     init_distributed,
+    kept_checkpoint_note,
     load_training_state,
     requeue_slurm_job,
     rng_state,
@@ -59,7 +60,14 @@ from varup.base.runtime import (
 )
 from varup.base.schedule import cosine
 from varup.base.seeding import derive_seed
-from varup.base.utils import atomic_torch_save, atomic_write_json, config_hash, progress, write_provenance
+from varup.base.utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    config_hash,
+    progress,
+    provenance_path,
+    write_provenance,
+)
 from varup.data.batches import BatchOrder
 from varup.data.captions import CaptionTable
 from varup.models.checkpoint import model_payload
@@ -297,11 +305,13 @@ def _build(spec: RunSpec, vae: VQVAE, cache: TokenCache, tokens_dir, captions, e
     return model, lambda step, idx: table.choose(source[idx], spec.seed, step)
 
 
-def _resume(r: _Run, spec: RunSpec) -> None:
+def _resume(r: _Run, spec: RunSpec, out_model) -> None:
     """Load ``last.pt`` when it was written under this run's configuration and can be read (else it is set aside,
-    for ``prev.pt`` if that one can: :func:`varup.base.runtime.load_training_state`), trim the log to its step, and
-    restore this rank's RNG stream (class dropout, DropPath) exactly."""
-    state = load_training_state(r.ckpt_path, run_hash=r.run_hash, d=r.d)
+    for ``prev.pt`` if that one can: :func:`varup.base.runtime.load_training_state`, which also removes a killed
+    job's temporary files), trim the log to its step, and restore this rank's RNG stream (class dropout, DropPath)
+    exactly."""
+    outputs = (r.log.published, r.work / "summary.json", Path(out_model), provenance_path(out_model))
+    state = load_training_state(r.ckpt_path, run_hash=r.run_hash, d=r.d, outputs=outputs)
     if state is not None:
         r.model.load_state_dict(state["model"])
         r.opt.load_state_dict(state["optimizer"])
@@ -325,8 +335,8 @@ def _check_finite(r: _Run, done: int, out) -> None:
     if bool(r.bad):
         raise NonFiniteLossError(
             f"non-finite loss at or before step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
-            f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); the last good checkpoint ({r.ckpt_path}, step "
-            f"{r.last_ckpt}) is kept; lower the learning rate or check the data")
+            f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); {kept_checkpoint_note(r.ckpt_path, r.last_ckpt)}"
+            f"; lower the learning rate or check the data")
 
 
 def _checkpoint(r: _Run, spec: RunSpec, step: int, out) -> None:
@@ -420,7 +430,7 @@ def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.P
     with PreemptionGuard() as guard:
         r = _setup(spec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions,
                    text_encoder_weights)
-        _resume(r, spec)
+        _resume(r, spec, out_model)
         guard.clock = SlurmClock.for_job(stop_before_limit_s) if r.d.is_main else None
         return _loop(r, spec, guard, out_model, stop_after, t_start)
 
@@ -479,7 +489,8 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
 
 def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: int, wall: float, t_start: float,
             rec: dict | None) -> dict:
-    """Write the model, the log, ``summary.json`` and provenance; drop ``last.pt`` (the model file is the result)."""
+    """Write the model, the log, ``summary.json`` and provenance; then drop ``last.pt`` (the model file is the
+    result) and, last, the live log: a kill at any point leaves a checkpoint with the whole log or finished outputs."""
     n_params, oc = r.model.num_params(), r.oc
     summary = {
         "run_hash": r.run_hash, "params": n_params, "params_m": round(n_params / 1e6, 3), "depth": r.model.depth,
@@ -496,7 +507,7 @@ def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: in
         r.log.publish()
         atomic_write_json(r.work / "summary.json", summary)
         write_provenance(out_model, config=asdict(spec), seed=spec.seed, device=str(r.dev), started=t_start)
-        discard_training_state(r.ckpt_path)
+        discard_training_state(r.ckpt_path, r.log)
     return summary
 
 
