@@ -308,3 +308,18 @@ def test_a_killed_jobs_temp_files_are_swept_when_the_trainer_starts_again(tmp_pa
     assert not any(p.exists() for p in stale) and all(p.exists() for p in others)
     assert all(f"removed {p}: a temporary file left by an interrupted write" in caplog.text for p in stale)
     assert temp_files(tmp_path, tmp_path / "ckpt") == sorted(p.name for p in others)
+
+
+def test_a_label_outside_the_classes_is_refused_at_load_naming_the_file(assets, tmp_path):  # noqa: F811
+    """The model's forward no longer reads the label range of a GPU tensor (a host sync every step): the trainer
+    checks the token cache's labels once, when it loads them, and names the file."""
+    import numpy as np
+
+    bad = tmp_path / "assets"
+    shutil.copytree(assets, bad)
+    labels = np.load(bad / "tokens" / "train_labels.npy")
+    labels[5] = 4  # 4 classes: 0..3
+    np.save(bad / "tokens" / "train_labels.npy", labels)
+    with pytest.raises(ValueError, match=r"train_labels\.npy: class label out of range: got \[0, 4\]"):
+        run_train(bad, tmp_path / "run", spec(steps=2))
+    assert not (tmp_path / "run" / "model.pt").exists()

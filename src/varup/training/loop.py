@@ -71,6 +71,7 @@ from varup.base.utils import (
 from varup.data.batches import BatchOrder
 from varup.data.captions import CaptionTable
 from varup.models.checkpoint import model_payload
+from varup.models.common import check_labels
 from varup.models.textenc import build_toy_encoder, vocabulary
 from varup.models.textvar import CaptionedVAR, build_var
 from varup.models.var import VAR, VARConfig
@@ -292,7 +293,9 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
 
 def _build(spec: RunSpec, vae: VQVAE, cache: TokenCache, tokens_dir, captions, encoder_weights, dev):
     """The model and the per-step condition source: class labels, or one drawn caption per image."""
-    if not spec.text:
+    if not spec.text:  # the model's forward reads no label range on a GPU (a host sync): checked here, once
+        check_labels(torch.from_numpy(np.asarray(cache.labels)).long(), cache.num_classes, allow_null=False,
+                     where=f"{tokens_dir}/train_labels.npy")
         return build_model(spec, vae, cache.num_classes), None
     if captions is None:
         raise ValueError("a text-conditioned run (spec.text) needs the dataset's caption table (--captions)")
