@@ -103,6 +103,41 @@ def test_captions_file_and_templates(toy, tmp_path):
         template_candidates(["x"], ["no slot"])
 
 
+def test_a_caption_with_an_unquoted_comma_is_refused_naming_file_and_line(tmp_path):
+    """Fault: `a circle, striped` unquoted was stored as `a circle`. Now a row with more fields than the header (or
+    fewer) is refused, naming the file and line and saying to quote; a quoted comma is kept."""
+    f = tmp_path / "captions.csv"
+    f.write_text('path,caption\na.png,"a circle, striped"\n\nb.png,a circle, striped\n')
+    with pytest.raises(ValueError) as e:
+        read_caption_file(f, ["a.png", "b.png"])
+    assert f"{f}, line 4:" in str(e.value) and "3 fields" in str(e.value) and "quote" in str(e.value)
+    f.write_text('path,caption\na.png,"a circle, striped"\nb.png\n')
+    with pytest.raises(ValueError, match=r"line 3: 1 fields, but the header has 2"):
+        read_caption_file(f, ["a.png", "b.png"])
+    f.write_text('path,caption\r\na.png,"a circle, striped"\r\nb.png,"two\r\nlines"\r\nc.png,x\r\n')
+    assert read_caption_file(f, ["a.png", "b.png"]) == [[("a circle, striped", "file", 1.0)],
+                                                       [("two\r\nlines", "file", 1.0)]]
+    f.write_text('path,caption\na.png,"a circle" striped\n')
+    with pytest.raises(ValueError, match=r"line 2: not a valid CSV row"):
+        read_caption_file(f, ["a.png"])
+
+
+def test_undecodable_caption_bytes_name_file_and_line(tmp_path):
+    """Fault: a byte that is not UTF-8 gave a bare UnicodeDecodeError; now the file and line are named (CSV and
+    VAR-CLIP's .txt alike)."""
+    for name, head, bad in (("captions.csv", b"path,caption\na.png,a circle\n", b"b.png,caf\xe9 au lait\n"),
+                            ("captions.txt", b"a.png: a circle\n", b"b.png:caf\xe9 au lait\n")):
+        f = tmp_path / name
+        f.write_bytes(head + bad)
+        with pytest.raises(ValueError) as e:
+            read_caption_file(f, ["a.png", "b.png"])
+        line = head.count(b"\n") + 1
+        assert f"{f}, line {line}: byte b'\\xe9' at column 10 is not UTF-8" in str(e.value), str(e.value)
+    (tmp_path / "bad.txt").write_text("a.png: a circle\nno separator here\n")
+    with pytest.raises(ValueError, match=r"bad.txt, line 2: expected VAR-CLIP's 'path: caption'"):
+        read_caption_file(tmp_path / "bad.txt", ["a.png"])
+
+
 def test_study_prompts_map_to_classes_only_when_they_name_only_classes():
     names = ["circle", "square", "golden_retriever"]
     assert class_mix_of("a circle", names) == [0]

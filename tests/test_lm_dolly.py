@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,78 @@ def test_read_dolly_datasets_matches(src, tmp_path):
     pytest.importorskip("datasets")
     got = read_dolly_datasets(src, cache_dir=str(tmp_path / "hf-cache"))
     assert got == read_dolly(src)
+
+
+# ---------------------------------------------------------------------- bad files and empty sets, named
+def _lines(n: int = 12) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in _records()[:n])
+
+
+@pytest.mark.parametrize("reader", ["datasets", "json"])
+def test_bad_utf8_in_a_dolly_file_names_file_and_line(tmp_path, reader):
+    """Fault: a byte that is not UTF-8 gave a bare UnicodeDecodeError (json reader) or a generic error (datasets)."""
+    if reader == "datasets":
+        pytest.importorskip("datasets")
+    p = tmp_path / "dolly.jsonl"
+    rec = json.dumps(_records()[2], ensure_ascii=False).encode().replace(b"Answer", b"Answ\xe9r")
+    p.write_bytes(_lines(2) + rec + b"\n" + _lines(12)[len(_lines(3)):])
+    with pytest.raises(ValueError) as e:
+        prepare_dolly(p, tmp_path / "out", n_eval=2, seed=0, template="dolly", reader=reader)
+    assert f"{p}, line 3: byte b'\\xe9'" in str(e.value) and "not UTF-8" in str(e.value), str(e.value)
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def test_a_truncated_dolly_line_names_file_and_line(tmp_path):
+    """Fault: a line cut short gave datasets' generic DatasetGenerationError under the default reader; now both
+    readers name the file and line."""
+    pytest.importorskip("datasets")
+    p = tmp_path / "dolly.jsonl"
+    p.write_bytes(_lines(11) + json.dumps(_records()[11]).encode()[:30])  # the download stopped mid-record
+    for reader in ("datasets", "json"):
+        with pytest.raises(ValueError) as e:
+            prepare_dolly(p, tmp_path / "out", n_eval=2, seed=0, template="dolly", reader=reader)
+        assert f"{p}, line 12: invalid JSON" in str(e.value), (reader, str(e.value))
+
+
+def test_an_empty_split_names_the_file_and_the_keys(src, tmp_path):
+    """A split that empties the held-out (or the SFT) set, or categories that match nothing, stop lm_corpus naming
+    the file and the lm.corpus keys, instead of failing later in SFT or scoring."""
+    for kw in ({"n_eval": 0}, {"n_eval": 4, "categories": ["open_qa"]}, {"n_eval": 1, "categories": ["brainstorm"]}):
+        with pytest.raises(ValueError) as e:
+            prepare_dolly(src, tmp_path / "out", seed=0, template="dolly", reader="json", **kw)
+        assert str(src) in str(e.value) and "lm.corpus." in str(e.value), (kw, str(e.value))
+        assert not (tmp_path / "out" / "eval.jsonl").exists()
+
+
+def test_an_empty_eval_set_fails_at_generation_naming_the_file(tmp_path):
+    """Fault: an empty eval set wrote 0 generations with exit 0 and failed later, in scoring. Now generation stops
+    before loading the model, naming the file (and a bad line by number); max_prompts 0 is refused, named."""
+    from varup.lm.generate import DecodeConfig, generate
+
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n")
+    out = tmp_path / "gens.jsonl"
+    with pytest.raises(ValueError) as e:
+        generate(tmp_path / "no-model", ev, out, decode={}, seed=0, device="cpu")
+    assert f"{ev}: no held-out prompt" in str(e.value) and "lm.corpus" in str(e.value)
+    assert not out.exists()
+    ev.write_text(json.dumps({"id": 0, "prompt": "p", "response": "r"}) + "\n" + '{"id": 1, "prompt": "q"\n')
+    with pytest.raises(ValueError, match=re.escape(f"{ev}, line 2: invalid JSON")):
+        generate(tmp_path / "no-model", ev, out, decode={}, seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"lm\.generate\.max_prompts must be an integer >= 1 or null, got 0"):
+        DecodeConfig(max_prompts=0)
+
+
+def test_scoring_fewer_than_two_generations_names_the_generations_file(tmp_path):
+    """Fault: "MAUVE needs at least 2 samples" named no file. Now the generations file is named, before the
+    featurizer is loaded."""
+    from varup.lm.score import score_generations
+
+    gens, ev = tmp_path / "generations.jsonl", tmp_path / "eval.jsonl"
+    gens.write_text(json.dumps({"prompt_id": 0, "sample": 0, "prompt": "p", "generation": "g"}) + "\n")
+    ev.write_text("".join(json.dumps({"id": i, "prompt": "p", "response": f"r{i}"}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError) as e:
+        score_generations(gens, ev, tmp_path / "no-featurizer", tmp_path / "scores.json", score={}, toy=False,
+                          featurizer_label="x", device="cpu")
+    assert f"{gens}: 1 generations" in str(e.value) and "at least 2" in str(e.value)
+    assert not (tmp_path / "scores.json").exists()

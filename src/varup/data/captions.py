@@ -18,8 +18,10 @@ modes it allows, by the attribute words it names (a factor it does not name is f
 
 **Real datasets** take ``captions: {kind: file, path: <csv>}`` — a CSV with header ``path,caption``, ``path`` as in
 the dataset's ``manifest.csv`` (relative to the dataset folder, POSIX separators), one or more rows per image,
-every train image captioned (or VAR-CLIP's ``path: caption`` lines in a ``.txt``) — or ``{kind: templates, templates: ["a photo of a {}", ...]}`` over the class names
-(underscores read as spaces).
+every train image captioned, UTF-8, read strictly with :mod:`csv` (a caption that holds a comma is quoted:
+``img.png,"a circle, striped"``; a row with more or fewer fields than the header is refused, naming file and line),
+or VAR-CLIP's ``path: caption`` lines in a ``.txt`` — or ``{kind: templates, templates: ["a photo of a {}", ...]}``
+over the class names (underscores read as spaces).
 
 Files (stable; the trainer and the prompt study read them)::
 
@@ -30,6 +32,7 @@ Files (stable; the trainer and the prompt study read them)::
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,6 +41,7 @@ import numpy as np
 
 from varup.base.text import words_of
 from varup.base.utils import atomic_npz_save, atomic_write_json, read_json
+from varup.data.textfile import read_utf8, text_lines
 
 KINDS = ("shape", "class", "attributes", "full", "or2", "or3")
 DEFAULT_KIND_WEIGHTS = {k: 1.0 for k in KINDS}
@@ -109,37 +113,70 @@ def _table(per_image: Sequence[Sequence[tuple[str, str, float]]]) -> tuple[list[
     return list(index), kinds, arrays
 
 
+def _txt_rows(path: Path, text: str) -> Iterable[tuple[int, str, str]]:
+    """(line, image path, caption) of VAR-CLIP's ``path: caption`` lines."""
+    for i, line in enumerate(text_lines(text), start=1):
+        if line.strip():
+            p, sep, c = line.partition(":")
+            if not sep or not p.strip():
+                raise ValueError(f"{path}, line {i}: expected VAR-CLIP's 'path: caption', got {line.strip()!r}")
+            yield i, p.strip(), c.strip()
+
+
+def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, str, str]]:
+    """(first line, image path, caption) of each row of a CSV with the columns ``path`` and ``caption`` (others
+    allowed), read strictly: a row with more fields than the header (an unquoted comma in a caption) or fewer, or
+    broken quoting, is refused naming the file and line."""
+    rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    last = 0
+    try:
+        for row in rows:
+            line, last = last + 1, rows.line_num
+            if not any(f.strip() for f in row):
+                continue  # a blank line
+            if header is None:
+                header = [h.strip() for h in row]
+                if not {"path", "caption"} <= set(header):
+                    raise ValueError(f"{path}, line {line}: expected a CSV header with columns 'path' and 'caption', "
+                                     f"got {row}")
+                ip, ic = header.index("path"), header.index("caption")
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}, line {line}: {len(row)} fields, but the header has {len(header)} "
+                                 f"({','.join(header)}): quote a caption that holds a comma, e.g. "
+                                 f'img.png,"a circle, striped"')
+            yield line, row[ip].strip(), row[ic].strip()
+    except csv.Error as e:
+        raise ValueError(f"{path}, line {rows.line_num}: not a valid CSV row ({e}); quote a caption that holds a "
+                         f'comma or a quote mark, doubling the quote marks inside it: "a ""striped"" circle"') from None
+    if header is None:
+        raise ValueError(f"{path}: empty; expected a CSV header 'path,caption' and one row per caption")
+
+
 def _caption_rows(path: Path) -> Iterable[tuple[int, str, str]]:
-    """(line, image path, caption) of a ``path,caption`` CSV, or of VAR-CLIP's ``path: caption`` lines (.txt)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix == ".txt":
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    p, sep, c = line.partition(":")
-                    if not sep:
-                        raise ValueError(f"{path}:{i}: expected 'path: caption', got {line.strip()!r}")
-                    yield i, p.strip(), c.strip()
-            return
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected a CSV header with columns 'path' and 'caption', got {reader.fieldnames}")
-        for i, r in enumerate(reader, start=2):
-            yield i, r["path"], (r["caption"] or "").strip()
+    """(line, image path, caption) of a ``path,caption`` CSV, or of VAR-CLIP's ``path: caption`` lines (.txt); the
+    file must be UTF-8 (a byte that is not is named with its line)."""
+    text = read_utf8(path)
+    return _txt_rows(path, text) if path.suffix == ".txt" else _csv_rows(path, text)
 
 
 def read_caption_file(path: str | Path, image_paths: Sequence[str]) -> list[list[tuple[str, str, float]]]:
     """Candidates per image from a ``path,caption`` CSV; every image must have at least one caption."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path} (datasets.<name>.captions.path)")
+        raise FileNotFoundError(f"captions file not found: {path} (text.captions.path)")
     by_path: dict[str, list[str]] = {}
     for i, p, c in _caption_rows(path):
+        if not p:
+            raise ValueError(f"{path}, line {i}: empty image path")
         if not c:
-            raise ValueError(f"{path}:{i}: empty caption for {p!r}")
+            raise ValueError(f"{path}, line {i}: empty caption for {p!r}")
         by_path.setdefault(p, []).append(c)
     missing = [p for p in image_paths if p not in by_path]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} of {len(image_paths)} images have no caption, e.g. {missing[:3]}")
+        raise ValueError(f"{path}: {len(missing)} of {len(image_paths)} images have no caption, e.g. {missing[:3]} "
+                         f"(paths as in the dataset's manifest.csv)")
     return [[(c, "file", 1.0 / len(by_path[p])) for c in by_path[p]] for p in image_paths]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from varup.base.utils import atomic_write_json, atomic_write_text
+from varup.data.textfile import read_utf8, text_lines
 
 KEYS = ("instruction", "context", "response", "category")
 
@@ -53,33 +54,40 @@ def _check_record(raw, where: str) -> dict:
 
 def read_dolly(path: str | os.PathLike) -> list[dict]:
     """The records of the dolly JSONL file ``path`` (blank lines skipped), each with ``id`` = its 0-based index.
-    ValueError naming the file and 1-based line for invalid JSON or a missing / non-string key."""
+    ValueError naming the file and 1-based line for bytes that are not UTF-8, invalid JSON (e.g. a line cut short)
+    or a missing / non-string key."""
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            out.append({"id": len(out), **_check_record(raw, where)})
+    for lineno, line in enumerate(text_lines(read_utf8(path)), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e}); a truncated download? Fetch the file again") from None
+        out.append({"id": len(out), **_check_record(raw, where)})
     return out
 
 
 def read_dolly_datasets(path_or_name: str | os.PathLike, split: str = "train", **kw) -> list[dict]:
     """The same records as :func:`read_dolly`, read with ``datasets.load_dataset``: a local ``.json``/``.jsonl``
     file through the ``json`` builder, otherwise ``path_or_name`` as a dataset name (e.g.
-    ``databricks/databricks-dolly-15k``). ``kw`` goes to ``load_dataset`` (e.g. ``cache_dir``)."""
+    ``databricks/databricks-dolly-15k``). ``kw`` goes to ``load_dataset`` (e.g. ``cache_dir``). A local file that
+    the builder cannot read (it names no line) is read again line by line, so the error names the file and line."""
     import datasets
 
     p = Path(path_or_name)
-    if p.is_file():
-        ds = datasets.load_dataset("json", data_files=str(p), split=split, **kw)
-    else:
+    if not p.is_file():
         ds = datasets.load_dataset(str(path_or_name), split=split, **kw)
+    else:
+        read_utf8(p)  # the json builder loads bytes that are not UTF-8, then fails on reading the row, naming no file
+        try:
+            ds = datasets.load_dataset("json", data_files=str(p), split=split, **kw)
+        except Exception as e:  # e.g. DatasetGenerationError, naming no line: find the bad line
+            n = len(read_dolly(p))  # raises, naming file and line, for a line the builder choked on
+            raise ValueError(f"{p}: datasets.load_dataset could not read its {n} records ({type(e).__name__}: {e}); "
+                             f"lm.corpus.reader: json reads them line by line") from e
     return [{"id": i, **_check_record(row, f"{path_or_name} ({split}), row {i}")} for i, row in enumerate(ds)]
 
 
@@ -162,7 +170,14 @@ def prepare_dolly(src_jsonl: str | os.PathLike, out_dir: str | os.PathLike, *, n
         records = read_dolly(src_jsonl)
     else:
         raise ValueError(f"lm.corpus.reader must be 'datasets' or 'json', got {reader!r}")
-    train, ev = split_dolly(records, n_eval=n_eval, seed=seed, categories=categories)
+    try:
+        train, ev = split_dolly(records, n_eval=n_eval, seed=seed, categories=categories)
+    except ValueError as e:
+        raise ValueError(f"{src_jsonl}: {e}; set lm.corpus.n_eval / lm.corpus.categories") from None
+    if not train or not ev:  # an empty set would fail later (SFT, MAUVE), naming neither the file nor the key
+        kept = f"{len(train) + len(ev)} records" + (f" in categories {sorted(categories)}" if categories else "")
+        raise ValueError(f"{src_jsonl}: lm.corpus.n_eval={n_eval} of {kept} leaves {len(train)} SFT and {len(ev)} "
+                         f"held-out records; both must be non-empty (lm.corpus.n_eval, lm.corpus.categories)")
     format_prompt({"instruction": "", "context": "x"}, template)  # a bad template fails before anything is written
     write_split(train, out / "train.jsonl", template)
     write_split(ev, out / "eval.jsonl", template)

@@ -16,7 +16,8 @@ import torch
 
 from varup.base.runtime import resolve_device
 from varup.base.seeding import derive_seed
-from varup.base.utils import atomic_write_text, progress, read_jsonl, write_provenance
+from varup.base.utils import atomic_write_text, progress, write_provenance
+from varup.data.textfile import read_jsonl
 
 log = logging.getLogger("varup.lm.generate")
 
@@ -32,13 +33,32 @@ class DecodeConfig:
     batch_size: int = 16
     max_prompts: int | None = None  # None: every held-out prompt
 
+    def __post_init__(self) -> None:
+        for key in ("n_per_prompt", "batch_size", "max_new_tokens", "max_prompts"):
+            v = getattr(self, key)
+            if not (v is None and key == "max_prompts") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"lm.generate.{key} must be an integer >= 1{' or null' * (key == 'max_prompts')}, "
+                                 f"got {v!r}")
+
 
 def distinct_prompts(records: list[dict], max_prompts: int | None = None) -> list[dict]:
     seen: dict[str, dict] = {}
     for r in records:
         seen.setdefault(r["prompt"], r)
     out = list(seen.values())
-    return out[:max_prompts] if max_prompts else out
+    return out if max_prompts is None else out[:max_prompts]
+
+
+def held_out_prompts(eval_jsonl, max_prompts: int | None) -> list[dict]:
+    """The distinct prompts of ``eval_jsonl`` to generate for (read strictly: file and line named for a bad line);
+    ValueError naming the file and the keys when there are none, so the job fails here and not at scoring."""
+    records = read_jsonl(eval_jsonl, required=("prompt",))
+    prompts = distinct_prompts(records, max_prompts)
+    if not prompts:
+        raise ValueError(f"{eval_jsonl}: no held-out prompt to generate for ({len(records)} records, "
+                         f"lm.generate.max_prompts={max_prompts}); the corpus' held-out set is empty: check "
+                         f"lm.corpus (n_eval, categories, eval_per_prompt) and run lm_corpus again")
+    return prompts
 
 
 def _batch_generate(model, tok, prompts: list[str], dc: DecodeConfig, seed: int, dev) -> list[str]:
@@ -59,11 +79,11 @@ def generate(model_dir, eval_jsonl, out_jsonl, *, decode: dict, seed: int, devic
     from varup.lm.hub import load_causal_lm, load_tokenizer
 
     dc = DecodeConfig(**decode)
+    prompts = held_out_prompts(eval_jsonl, dc.max_prompts)  # before the model loads: an empty set fails at once
+    jobs = [(i, k, r) for i, r in enumerate(prompts) for k in range(dc.n_per_prompt)]
     dev = resolve_device(device)
     model, tok = load_causal_lm(model_dir, dtype=dtype, device=str(dev)), load_tokenizer(model_dir)
     model.eval()
-    jobs = [(i, k, r) for i, r in enumerate(distinct_prompts(read_jsonl(eval_jsonl), dc.max_prompts))
-            for k in range(dc.n_per_prompt)]
     rows = []
     for b in progress(range(0, len(jobs), dc.batch_size), desc="generate", unit="batch"):
         chunk = jobs[b:b + dc.batch_size]
@@ -78,4 +98,4 @@ def generate(model_dir, eval_jsonl, out_jsonl, *, decode: dict, seed: int, devic
     return {"n": len(rows)}
 
 
-__all__ = ["DecodeConfig", "generate", "distinct_prompts"]
+__all__ = ["DecodeConfig", "generate", "distinct_prompts", "held_out_prompts"]

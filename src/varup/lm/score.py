@@ -89,6 +89,10 @@ def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score
     sc = ScoreConfig(**score)
     dev = resolve_device(device)
     gens, human = read_jsonl(gens_jsonl), read_jsonl(eval_jsonl)
+    for path, recs, what, keys in ((gens_jsonl, gens, "generations", "lm.generate.n_per_prompt, max_prompts"),
+                                   (eval_jsonl, human, "held-out human responses", "lm.corpus")):
+        if len(recs) < 2:  # MAUVE (and Self-BLEU) compare at least 2 texts on each side
+            raise ValueError(f"{path}: {len(recs)} {what}; MAUVE needs at least 2 samples on each side ({keys})")
     fmodel, ftok = load_causal_lm(featurizer_dir, device=str(dev)), load_tokenizer(featurizer_dir)
     feats = {name: featurize(fmodel, ftok, _texts(recs, key, sc), max_length=sc.max_length, batch_size=sc.batch_size,
                              device=str(dev)) for name, recs, key in (("p", human, "response"), ("q", gens, "generation"))}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from varup.base.utils import atomic_torch_save, atomic_write_json, read_jsonl, write_provenance
+from varup.base.utils import atomic_torch_save, atomic_write_json, write_provenance
+from varup.data.textfile import read_jsonl, read_utf8, text_lines
 from varup.lm.sft import LMTrainConfig, encode_lines, encode_records, fit, lm_references
 from varup.training.references import reference_stats
 
@@ -22,11 +23,24 @@ def pretrain_toy(corpus_dir, out_dir, work_dir, *, model_cfg: dict, train_cfg: d
 
     oc = LMTrainConfig(**{**train_cfg, "loss": {}, "loss_tokens": "all"})
     tok = build_toy_tokenizer(template)
-    lines = [x for x in (Path(corpus_dir) / "pretrain.txt").read_text().splitlines() if x.strip()]
+    path = Path(corpus_dir) / "pretrain.txt"
+    lines = [x for x in text_lines(read_utf8(path)) if x.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no text to pre-train on (lm.corpus.n_pretrain); run lm_corpus again")
     model = build_toy_model(tok, model_cfg, seed=oc.seed)
     return fit(model, tok, encode_lines(tok, lines, oc.max_length), oc, refs=None, out_dir=out_dir, work_dir=work_dir,
                device=device, run_config={"model": model_cfg, "train": train_cfg, "template": template},
                stop_before_limit_s=stop_before_limit_s)
+
+
+def train_records(corpus_dir) -> list[dict]:
+    """The SFT pairs of ``corpus_dir/train.jsonl``, read strictly (file and line named for a bad line); ValueError
+    naming the file and the keys when there are none."""
+    path = Path(corpus_dir) / "train.jsonl"
+    records = read_jsonl(path, required=("prompt", "response"))
+    if not records:
+        raise ValueError(f"{path}: no SFT records; check lm.corpus (n_train, n_eval, categories) and run lm_corpus again")
+    return records
 
 
 def write_lm_references(base_dir, corpus_dir, out, *, max_length: int, loss_tokens: str, num_clusters: int,
@@ -35,7 +49,7 @@ def write_lm_references(base_dir, corpus_dir, out, *, max_length: int, loss_toke
     from varup.lm.hub import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(base_dir), load_tokenizer(base_dir)
-    data = encode_records(tok, read_jsonl(Path(corpus_dir) / "train.jsonl"), max_length, loss_tokens)
+    data = encode_records(tok, train_records(corpus_dir), max_length, loss_tokens)
     emb = model.get_input_embeddings().weight
     log.info("references from the %d x %d embedding matrix of %s", *emb.shape, base_dir)
     refs = lm_references(emb, data["labels"][:, 1:], num_clusters=num_clusters, cluster_seed=cluster_seed,
@@ -55,11 +69,11 @@ def sft(base_dir, corpus_dir, refs_path, out_dir, work_dir, *, train_cfg: dict, 
 
     oc = LMTrainConfig(**train_cfg)
     model, tok = load_causal_lm(base_dir, dtype=dtype), load_tokenizer(base_dir)
-    data = encode_records(tok, read_jsonl(Path(corpus_dir) / "train.jsonl"), oc.max_length, oc.loss_tokens)
+    data = encode_records(tok, train_records(corpus_dir), oc.max_length, oc.loss_tokens)
     refs = load_references(refs_path) if refs_path else None
     torch.manual_seed(oc.seed)
     return fit(model, tok, data, oc, refs=refs, out_dir=out_dir, work_dir=work_dir, device=device,
                run_config={"base": Path(base_dir).name, "train": train_cfg}, stop_before_limit_s=stop_before_limit_s)
 
 
-__all__ = ["pretrain_toy", "write_lm_references", "sft"]
+__all__ = ["pretrain_toy", "write_lm_references", "sft", "train_records"]
