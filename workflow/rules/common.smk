@@ -5,6 +5,8 @@ import os
 import re
 import shlex
 import sys
+import urllib.parse
+import urllib.request
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -137,15 +139,70 @@ def preprocess_of(w):
     return ds(w).get("preprocess", {})
 
 
+# Every file a job reads is a declared input, so editing it re-runs the job and what follows (tests/test_inputs.py
+# holds every path-like key of the schema to this): image trees by their folders (source_tree), a captions file as
+# itself, and the file:// URL of a download as the local file it names (local_source). An http(s) URL is no input,
+# since the fetched file's sha256 (pinned in the config, or recorded on first use) stands for its content.
 def required_dirs(*keys):
-    """An input function that checks, when the DAG is built, that the folders a job reads (config keys, formatted
-    with its wildcards) exist: a placeholder path fails here, naming the key, not in a queued job. No input file."""
+    """An input function for the image trees a job reads (config keys, formatted with its wildcards): checked when
+    the DAG is built (a placeholder path fails here, naming the key, not in a queued job), then declared as inputs
+    by their folders (source_tree)."""
 
-    def check(w):
-        checks.check_dirs(config, [k.format(**w) for k in keys])
+    def inputs(w):
+        named = [k.format(**w) for k in keys]
+        checks.check_dirs(config, named)
+        return [d for k in named for d in source_tree(k)]
+
+    return inputs
+
+
+def source_tree(key):
+    """The folders of the image tree at config key `key` that its job lists: the root and every folder below it.
+    A folder's mtime changes when an entry in it is added, removed or renamed, so such an edit re-runs the job; an
+    image rewritten in place keeps its folder's mtime (re-run that job with -R). ImageNet-100: the root, train/,
+    val/ and the folders of the 100 classes it reads, not the 900 others of an ImageNet-1k root."""
+    root = checks.get_key(config, key)
+    if root is None:
         return []
+    root = os.path.expanduser(str(root))
+    kind = checks.get_key(config, key.rsplit(".", 1)[0] + ".kind") if key.endswith(".root") else None
+    if kind == "imagenet100":
+        splits = [os.path.join(root, s) for s in ("train", "val")]
+        classes = [os.path.join(s, w) for s in splits for w in imagenet100_wnids()]
+        return [root, *splits, *(d for d in classes if os.path.isdir(d))]
+    out = []
+    for folder, subfolders, _ in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # hidden folders are not read
+        out.append(folder)
+    return out
 
-    return check
+
+def imagenet100_wnids():
+    """The wnids of the shipped ImageNet-100 class list (varup.data.prepare.read_class_list reads the same file)."""
+    with open(os.path.join(VARUP_SRC, "varup", "data", "imagenet100.txt")) as f:
+        return [x.strip() for x in f if x.strip() and not x.lstrip().startswith("#")]
+
+
+def local_source(url, key):
+    """The local file a file:// URL (config key `key`) names, as an input list: the fetch rule re-runs when that
+    file changes, and then stops where its pinned or recorded sha256 no longer matches, naming the key. Any other
+    URL: no input."""
+    if not url or urllib.parse.urlparse(url).scheme != "file":
+        return []
+    path = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+    if not os.path.isfile(path):
+        raise WorkflowError(f"{key}: {url} names no existing file")
+    return [path]
+
+
+def captions_source(w):
+    """text.captions.path when the captions come from a file (kind file): the captions job reads it."""
+    c = config["text"]["captions"]
+    if c["kind"] != "file":
+        return []
+    if not os.path.isfile(path := c.get("path", "")):
+        raise WorkflowError(f"text.captions.path: {path or 'not set'} is not an existing file (captions kind file)")
+    return [path]
 
 
 def run_of(w):
@@ -181,14 +238,15 @@ def tokenizer_gate_file(w):
 
 
 def weights_source(name):
-    """(url, sha256 or None, config key of the sha256) of a file fetched into resources/weights/."""
+    """(url, sha256 or None, config key of the sha256, config key of the url) of a file fetched into
+    resources/weights/."""
     for tname, tok in config["tokenizers"].items():
         if tok["kind"] == "official" and _stem(tok["url"]) == name:
-            return tok["url"], tok["sha256"], f"tokenizers.{tname}.sha256"
+            return tok["url"], tok["sha256"], f"tokenizers.{tname}.sha256", f"tokenizers.{tname}.url"
     if name.startswith("var_d") and name[5:].isdigit():
         d = name[5:]
         w = config["weights"]
-        return w["var_url"].format(depth=d), w["var_sha256"].get(d), f"weights.var_sha256.{d}"
+        return w["var_url"].format(depth=d), w["var_sha256"].get(d), f"weights.var_sha256.{d}", "weights.var_url"
     raise ValueError(f"no download source configured for resources/weights/{name}.pth")
 
 
@@ -406,6 +464,14 @@ def clip_file(name):
     return f"{RSC}/clip/{CLIP_FILES[name]}"
 
 
+def clip_url(file):
+    """(url or None, its config key) of a CLIP weights file: text.encoder for the text tower, text.prompts.cmmd for
+    CMMD's (varup.config.textplan.clip_source); None: the registry's URL."""
+    if file == CLIP_FILES["ViT-L-14"]:
+        return TEXT["encoder"].get("url"), "text.encoder.url"
+    return PROMPTS["cmmd"].get("url"), "text.prompts.cmmd.url"
+
+
 def text_encoder_weights(w):
     return [clip_file(TEXT["encoder"]["arch"])] if TEXT["encoder"]["kind"] == "clip" else []
 
@@ -462,6 +528,14 @@ def lm_folder(path):
 def lm_hub_part(w):
     """Which of lm.base / lm.featurizer a fetched folder is."""
     return next(p for p in ("base", "featurizer") if os.path.basename(lmr.hub_dir(config, p)) == w.repo)
+
+
+def hub_sources(part):
+    """The local files of a hub model fetched from a file:// endpoint (a local mirror in the hub's resolve layout,
+    varup.lm.hub.hub_file_url), as inputs; none from a hub server."""
+    p = LM[part]
+    base = os.path.join(p["endpoint"], p["repo"], "resolve", p["revision"])
+    return [x for f in lmr.hub_files(config, part) for x in local_source(f"{base}/{f}", f"lm.{part}.endpoint")]
 
 
 def lm_model_input(w):

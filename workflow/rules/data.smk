@@ -28,6 +28,8 @@ rule data_toy:
 
 
 rule fetch_archive:
+    input:
+        lambda w: local_source(ds(w)["download"]["url"], f"datasets.{w.dataset}.download.url"),
     output:
         f"{RSC}/datasets/{{dataset}}/archive.json",
     log:

@@ -9,6 +9,8 @@ localrules:
 
 
 rule inception_weights:
+    input:
+        lambda w: local_source(config["metrics"]["inception"].get("url"), "metrics.inception.url"),
     output:
         f"{RSC}/inception/inception.json",
     log:

@@ -10,6 +10,8 @@ localrules:
 
 rule lm_dolly:
     """databricks-dolly-15k (sha256 pinned, or recorded on first download: lm.corpus.sha256)."""
+    input:
+        lambda w: local_source(LM["corpus"].get("url", lmr.DOLLY_URL), "lm.corpus.url"),
     output:
         f"{RSC}/dolly/databricks-dolly-15k.jsonl",
     log:
@@ -28,6 +30,8 @@ rule lm_dolly:
 
 rule lm_weights:
     """A hub model's files (lm.base / lm.featurizer: repo, revision, files; sha256 pinned or recorded on first use)."""
+    input:
+        lambda w: hub_sources(lm_hub_part(w)),
     output:
         f"{RSC}/hf/{{repo}}/varup_fetch.json",
     log:

@@ -9,7 +9,8 @@ localrules:
 rule captions:
     """A dataset's caption table (varup.data.captions): graded toy captions, a captions file, or class templates."""
     input:
-        f"{RES}/{{dataset}}/data",
+        data=f"{RES}/{{dataset}}/data",
+        source=captions_source,  # text.captions.path (kind file): an edit re-runs captions and the text runs
     output:
         json=f"{RES}/{{dataset}}/captions/captions.json",
         npz=f"{RES}/{{dataset}}/captions/captions.npz",
@@ -26,11 +27,13 @@ rule captions:
         spec=lambda w: q(TEXT["captions"]),
         out=lambda w, output: os.path.dirname(output.json),
     shell:
-        "varup captions --data {input} --spec {params.spec} --out {params.out} > {log} 2>&1"
+        "varup captions --data {input.data} --spec {params.spec} --out {params.out} > {log} 2>&1"
 
 
 rule clip_weights:
     """OpenAI CLIP weights (sha256-checked): ViT-L-14 (VAR-CLIP's text encoder), ViT-L-14-336 (CMMD)."""
+    input:
+        lambda w: local_source(*clip_url(w.file)),
     output:
         f"{RSC}/clip/{{file}}",
     log:

@@ -6,6 +6,8 @@ localrules:
 
 
 rule fetch_weights:
+    input:
+        lambda w: local_source(*weights_source(w.name)[::3]),  # (url, its key)
     output:
         f"{RSC}/weights/{{name}}.pth",
     log:
