@@ -23,6 +23,28 @@ def _json(s: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}: {s[:200]}") from None
 
 
+def _settings(section: str, key: str, plan_keys: dict[str, str] | None = None):
+    """An argparse type: a JSON argument checked by the rules of its config section (``section``: a ``$defs`` name
+    or a section's path in src/varup/config/schema.yaml; :func:`varup.config.schema.check_settings`), so a
+    hand-written command is refused at once, naming the key, where a config with that value would be."""
+    def parse(s: str):
+        from varup.config.errors import ConfigError
+        from varup.config.schema import check_settings
+
+        try:
+            return check_settings(_json(s), section, key, plan_keys)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = f"{key} JSON"
+    return parse
+
+
+#: keys the plan adds to lm.train / lm.base.train for one job (varup.config.lmplan.lm_run_spec, pretrain_spec)
+RUN_SEED = {"seed": "seed"}
+SFT_PLAN_KEYS = {"seed": "seed", "loss": "loss"}
+
+
 # ---------------------------------------------------------------------------------------- data
 def cmd_data_toy(a) -> None:
     from varup.data.toy import generate_toy_dataset
@@ -286,7 +308,7 @@ def add_lm_commands(cmd) -> None:
     p = cmd("lm-corpus", cmd_lm_corpus, "write the LM arm's corpus: the toy grammar or dolly-15k's split")
     p.add_argument("--kind", choices=("toy", "dolly"), required=True)
     p.add_argument("--source", default=None, help="dolly: the fetched databricks-dolly-15k.jsonl")
-    p.add_argument("--params", type=_json, default={}, help="lm.corpus settings (JSON)")
+    p.add_argument("--params", type=_settings("lm/corpus", "lm/corpus"), default={}, help="lm.corpus settings (JSON)")
     p.add_argument("--template", required=True, help="prompt template (a name of varup.lm.dolly.TEMPLATES or a format)")
     p.add_argument("--out", required=True)
 
@@ -305,35 +327,40 @@ def add_lm_commands(cmd) -> None:
     p = cmd("lm-pretrain", cmd_lm_pretrain, "pre-train the toy base LM (or featurizer) on the grammar's text")
     for k in ("corpus", "out", "work", "template"):
         p.add_argument(f"--{k}", required=True)
-    p.add_argument("--model", type=_json, default={}, help="Qwen2Config keys (JSON)")
-    p.add_argument("--train", type=_json, default={}, help="LMTrainConfig keys (JSON)")
+    p.add_argument("--model", type=_settings("lm_toy_model", "lm/base/model"), default={},
+                   help="Qwen2Config keys (JSON)")
+    p.add_argument("--train", type=_settings("lm_train", "lm/base/train", RUN_SEED), default={},
+                   help="LMTrainConfig keys (JSON)")
     p.add_argument("--stop-before-limit-s", type=float, default=None)
 
     p = cmd("lm-refs", cmd_lm_refs, "the objective's references from a base LM's embedding matrix")
     for k in ("base", "corpus", "out"):
         p.add_argument(f"--{k}", required=True)
-    p.add_argument("--params", type=_json, default={}, help="lm.references (JSON)")
-    p.add_argument("--train", type=_json, default={}, help="lm.train (max_length, loss_tokens) (JSON)")
+    p.add_argument("--params", type=_settings("lm/references", "lm/references"), default={},
+                   help="lm.references (JSON)")
+    p.add_argument("--train", type=_settings("lm_train", "lm/train"), default={},
+                   help="lm.train (max_length, loss_tokens) (JSON)")
 
     p = cmd("lm-sft", cmd_lm_sft, "fine-tune a base LM with CE or the objective (resumable)")
     for k in ("base", "corpus", "out", "work"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--refs", default=None, help="the references file (needed when a λ is > 0)")
-    p.add_argument("--train", type=_json, required=True, help="LMTrainConfig keys with the method's loss (JSON)")
+    p.add_argument("--train", type=_settings("lm_train", "lm/train", SFT_PLAN_KEYS), required=True,
+                   help="LMTrainConfig keys with the method's loss (JSON)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype as loaded")
     p.add_argument("--stop-before-limit-s", type=float, default=None)
 
     p = cmd("lm-generate", cmd_lm_generate, "sample responses for the held-out prompts")
     for k in ("model", "eval", "out"):
         p.add_argument(f"--{k}", required=True)
-    p.add_argument("--decode", type=_json, default={}, help="lm.generate (JSON)")
+    p.add_argument("--decode", type=_settings("lm_decode", "lm/generate"), default={}, help="lm.generate (JSON)")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--dtype", default="float32")
 
     p = cmd("lm-score", cmd_lm_score, "MAUVE, Self-BLEU and (toy) mode coverage of one generation set")
     for k in ("generations", "eval", "featurizer", "out", "label"):
         p.add_argument(f"--{k}", required=True)
-    p.add_argument("--score", type=_json, default={}, help="lm.score (JSON)")
+    p.add_argument("--score", type=_settings("lm_score", "lm/score"), default={}, help="lm.score (JSON)")
     p.add_argument("--toy", action="store_true", help="score the toy grammar's modes")
 
 

@@ -9,7 +9,7 @@ from varup.config.cluster import LAUNCH_KEYS
 from varup.config.errors import ConfigError
 from varup.config.folders import folder_classes, num_classes_problem
 from varup.config.keys import deep_merge, get_key
-from varup.config.plan import main_runs, uncertainty_enabled
+from varup.config.plan import main_runs, sample_settings, uncertainty_enabled
 from varup.config.sizes import min_set_size
 
 
@@ -31,11 +31,12 @@ def check_cross_references(cfg: dict) -> None:
     for name, tok in cfg["tokenizers"].items():
         if tok["kind"] == "train" and "vqvae" not in tok:
             problems.append(f"tokenizers/{name}/vqvae: required for kind 'train'")
-    for name, d in cfg["datasets"].items():
+    overrides = [(f"datasets/{n}/train", d.get("train") or {}) for n, d in cfg["datasets"].items()]
+    for where, train in overrides + [("text/train", cfg["text"]["train"])]:  # a dataset's train is optional
         for key in LAUNCH_KEYS:
-            if key in (d.get("train") or {}):  # a dataset's train section is optional (no override)
-                problems.append(f"datasets/{name}/train/{key}: set {key} at the top level (train/{key}); it sizes the "
-                                f"training rule for every dataset")
+            if key in train:
+                problems.append(f"{where}/{key}: set {key} at the top level (train/{key}); it sizes the "
+                                f"training rule for every run")
     ex = cfg["experiments"]
     for key in ("figure4", "ood", "downstream"):
         if key in ex and ex[key]["dataset"] not in cfg["datasets"]:
@@ -53,6 +54,8 @@ def check_cross_references(cfg: dict) -> None:
             problems.append(f"experiments/figure4/base_method: {base!r} is not defined under methods")
     problems += _lambda_study_problems(cfg)
     problems += _checkpoint_problems(cfg)
+    problems += _model_problems(cfg)
+    problems += _sample_size_problems(cfg)
     if "downstream" in ex:
         missing = [m for m in ex["downstream"]["methods"] if m not in cfg["methods"]]
         if missing:
@@ -87,12 +90,73 @@ def _checkpoint_problems(cfg: dict) -> list[str]:
     Train keys have no schema defaults (a run's specification holds only the keys a config sets): unset, they are
     the trainer's (varup.training.loop.OptimConfig, which checks the same when a run starts)."""
     out = []
-    for where, t in [("train", cfg["train"])] + [(f"datasets/{n}/train", deep_merge(cfg["train"], d.get("train")))
-                                                  for n, d in cfg["datasets"].items() if d.get("train")]:
+    where_train = [("train", cfg["train"])] + [(f"datasets/{n}/train", deep_merge(cfg["train"], d.get("train")))
+                                               for n, d in cfg["datasets"].items() if d.get("train")]
+    if cfg["text"]["train"]:  # the text runs' optimiser: their dataset's train with text.train over it
+        ds = cfg["datasets"].get(cfg["text"].get("dataset") or next(iter(cfg["datasets"])), {})
+        where_train.append(("text/train", deep_merge(deep_merge(cfg["train"], ds.get("train")), cfg["text"]["train"])))
+    for where, t in where_train:
         every, check = t.get("ckpt_every", 200), t.get("nonfinite_check_every", 1)
         if every % check:
             out.append(f"{where}/ckpt_every: {every} is not a multiple of {where}/nonfinite_check_every ({check})")
     return out
+
+
+def heads_problem(cfg: dict, depth: int, why: str = "") -> str | None:
+    """Why ``model/heads`` cannot split the width of a VAR of ``depth`` blocks (``model/width_per_depth`` x depth:
+    varup.config.plan.model_settings), or None; null heads (as many as blocks) always can."""
+    m = cfg["model"]
+    width, heads = m["width_per_depth"] * int(depth), m["heads"]
+    if heads is None or width % heads == 0:
+        return None
+    return (f"model/heads: {heads} does not divide the width {width} of depth {depth}{why} (model/width_per_depth "
+            f"{m['width_per_depth']} x {depth}); choose heads that divide it, or null (one head per block)")
+
+
+def _model_problems(cfg: dict) -> list[str]:
+    """``model/heads`` against the width of every depth the image arm trains (the text arm's: varup.config.textplan)."""
+    ex = cfg["experiments"]
+    depths = {int(d): "" for d in cfg["model"]["depths"]}
+    for key in ("figure4", "lambda_study", "downstream"):
+        if ex.get(key, {}).get("depth") is not None:
+            depths.setdefault(int(ex[key]["depth"]), f" (experiments/{key}/depth)")
+    return [p for d, why in sorted(depths.items()) if (p := heads_problem(cfg, d, why))]
+
+
+def classes_of(ds: dict) -> int | None:
+    """A dataset's number of classes when the config says it (toy: its shapes), else None (the data's own)."""
+    return len(ds["generator"]["shapes"]) if ds["kind"] == "toy" else ds.get("num_classes")
+
+
+def metric_set_size(cfg: dict) -> int:
+    """The fewest images a scored set may hold: what metrics/prc_neighborhood and metrics/prdc_nearest_k need
+    (varup.config.sizes.min_set_size; FID, KID and CMMD need 2, fewer)."""
+    m = cfg["metrics"]
+    return min_set_size(m["prc_neighborhood"], m["prdc_nearest_k"])
+
+
+def _sample_size_problems(cfg: dict) -> list[str]:
+    """Each run's sample set (``sample/n_per_class``, top level or a dataset's) is scored by the per-class SSIM
+    diversity (pairs of one class's images: 2 per class) and by precision/recall and PRDC (metric_set_size images,
+    counted over the classes where the config gives them); the real set likewise (metrics/real_max_images)."""
+    need, m, out = metric_set_size(cfg), cfg["metrics"], []
+    why = (f"metrics/prc_neighborhood ({m['prc_neighborhood']}) and metrics/prdc_nearest_k ({m['prdc_nearest_k']}) "
+           f"need {need}")
+    for name, ds in cfg["datasets"].items():
+        n = sample_settings(cfg, name)["n_per_class"]
+        own = "n_per_class" in (ds.get("sample") or {})  # the dataset's override, else the top level's
+        key = f"datasets/{name}/sample/n_per_class" if own else "sample/n_per_class"
+        k = classes_of(ds)
+        if n < 2:
+            out.append(f"{key}: {n} image per class (datasets/{name}); the SSIM diversity compares pairs of images of "
+                       f"a class, so it needs at least 2")
+        elif k is not None and n * k < need:
+            out.append(f"{key}: {n} x {k} classes = {n * k} images per sample set of datasets/{name}; {why}")
+    if m["real_max_images"] < need:
+        out.append(f"metrics/real_max_images: {m['real_max_images']} real images; {why}")
+    if m["clean_fid"]["enabled"] and m["clean_fid"]["max_images"] < 2:
+        out.append("metrics/clean_fid/max_images: 1 image has no covariance; clean-FID needs at least 2")
+    return list(dict.fromkeys(out))
 
 
 def _uncertainty_problems(cfg: dict) -> list[str]:

@@ -120,6 +120,35 @@ def lm_problems(cfg: dict) -> list[str]:
         out.append(f"lm/methods: {ZERO_SHOT!r} is the name of the zero-shot row; call the method something else")
     if not lm_methods(cfg):
         out.append("lm/methods: no SFT method (and no top-level methods)")
+    if "toy" in (lm["base"]["kind"], lm["featurizer"]["kind"]):
+        out += toy_model_problems(lm["base"]["model"])
+    if lm["score"].get("self_bleu_over") == "prompt" and lm["generate"].get("n_per_prompt", 1) < 2:  # DecodeConfig's 1
+        out.append("lm/score/self_bleu_over: 'prompt' compares each prompt's samples with each other, so it needs "
+                   "lm/generate/n_per_prompt >= 2 (use 'all', or sample more per prompt)")
+    return out
+
+
+#: the attention shape of varup.lm.toy.TOY_MODEL (varup.lm imports torch, so varup.config cannot read it; a test
+#: holds the two equal), which lm.base.model's keys override
+TOY_MODEL_HEADS = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def toy_model_problems(model: dict) -> list[str]:
+    """The toy LM's attention shape (``lm.base.model`` over :data:`TOY_MODEL_HEADS`): Qwen2 splits hidden_size into
+    num_attention_heads heads of an even size (rotary embeddings rotate pairs) and shares each key/value head among
+    num_attention_heads / num_key_value_heads query heads."""
+    m = {**TOY_MODEL_HEADS, **model}
+    hidden, heads, kv = m["hidden_size"], m["num_attention_heads"], m["num_key_value_heads"]
+    key = "lm/base/model"
+    if hidden % heads:
+        return [f"{key}/num_attention_heads: {heads} does not divide {key}/hidden_size {hidden}"]
+    out = []
+    if (hidden // heads) % 2:
+        out.append(f"{key}/num_attention_heads: {heads} heads of {hidden // heads} dimensions ({key}/hidden_size "
+                   f"{hidden}); rotary position embeddings need an even head size")
+    if heads % kv:
+        out.append(f"{key}/num_key_value_heads: {kv} does not divide {key}/num_attention_heads {heads} (each "
+                   f"key/value head serves a whole group of query heads)")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,42 @@ def validate(cfg: dict, schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> dict
     return cfg
 
 
+def check_settings(value: Any, section: str, key: str, plan_keys: dict[str, str] | None = None,
+                   schema_path: str | os.PathLike = DEFAULT_SCHEMA) -> Any:
+    """Check one settings object that reaches a command without a config (a ``varup lm-sft --train '<json>'``
+    argument) by the rules its config section obeys, so a hand-written command is refused as a config would be.
+
+    ``section``: a ``$defs`` name of the schema (``lm_train``) or the slash path of a config section
+    (``lm/references``); ``key``: the config key named in messages (``lm/train``); ``plan_keys``: keys the plan adds
+    to the section's settings, each with the ``$defs`` name of its rule (lm-sft's ``{"seed": "seed", "loss":
+    "loss"}``). Nothing is converted or filled in (the job's dataclass supplies what is not set). Returns
+    ``value``; raises ConfigError naming each bad key as ``key/<sub-key>``."""
+    import jsonschema
+
+    root = read_schema(schema_path)
+    node = _section_node(root, section)
+    if plan_keys:
+        node = deep_merge(node, {"properties": {k: {"$ref": f"#/$defs/{d}"} for k, d in plan_keys.items()}})
+    schema = {"$schema": root["$schema"], "$defs": root["$defs"], **{k: v for k, v in node.items() if k != "default"}}
+    cls = jsonschema.validators.validator_for(schema)
+    errors = sorted(cls(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_format_path([key, *e.absolute_path])}: {e.message}" for e in errors]
+        raise ConfigError(f"invalid {key} settings (the schema's rules for {key}, src/varup/config/schema.yaml):\n"
+                          + "\n".join(lines))
+    return value
+
+
+def _section_node(root: dict, section: str) -> dict:
+    """The schema node of a ``$defs`` name or a config section's slash path, its ``$ref`` resolved."""
+    if section in root["$defs"]:
+        return _resolve(root["$defs"][section], root)
+    node = root
+    for part in section.split("/"):
+        node = _resolve(node, root)["properties"][part]
+    return _resolve(node, root)
+
+
 _BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
@@ -72,8 +109,10 @@ def _from_text(text: str, node: dict) -> Any:
     types = node.get("type") or []
     types = [types] if isinstance(types, str) else types
     t = text.strip()
-    if not types or "string" in types:
+    if not types or types == ["string"]:
         return text
+    if "string" in types and ("pattern" not in node or re.search(node["pattern"], text)):
+        return text  # text the schema accepts as text (e.g. mauve_num_buckets 'auto'); else try its other types
     if "null" in types and t.lower() in ("null", "~", "none", ""):
         return None
     if "boolean" in types and t.lower() in _BOOLEANS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from varup.base.text import words_of
+from varup.config.checks import heads_problem, metric_set_size
 from varup.config.errors import ConfigError
 from varup.config.keys import deep_merge
 from varup.config.plan import Run, run_spec
@@ -23,6 +24,8 @@ from varup.config.plan import Run, run_spec
 FAMILY_NAMES = {"var": "VAR", "text": "VAR-CLIP"}  # the generator families of the prompt study, as tables name them
 TOY_ENCODER_KEYS = ("dim", "width", "depth", "heads", "max_len")
 TOY_FUNCTION_WORDS = {"a", "or", "on", "background", "shape"}
+#: the toy caption kinds (varup.data.captions.KINDS, unset weights 1) and the shapes each names: or2 / or3 need 2 / 3
+TOY_CAPTION_KINDS = {"shape": 1, "class": 1, "attributes": 1, "full": 1, "or2": 2, "or3": 3}
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,11 @@ def clip_source(cfg: dict, file: str, key: str) -> str:
 
 
 def text_problems(cfg: dict) -> list[str]:
-    """Why the configured text arm cannot run (none when it is off): unknown dataset or method, or (toy captions and
-    encoder) prompt words outside the toy caption grammar's vocabulary, which the toy text encoder could not read."""
+    """Why the configured text arm cannot run (none when it is off), each named by its key: an unknown dataset or
+    method, settings a job would refuse only after training (heads that do not split a width, captions that cannot
+    be drawn, prompt sets too small for the metrics that score them: varup.config.checks.metric_set_size), and
+    (toy captions and encoder) prompt words outside the toy caption grammar's vocabulary, which the toy text
+    encoder could not read, or prompts longer than it takes."""
     t = cfg["text"]
     if not t["enabled"]:
         return []
@@ -108,22 +114,72 @@ def text_problems(cfg: dict) -> list[str]:
         problems.append(f"text/dataset: {ds!r} is not a key of datasets")
     problems += [f"text/methods/{i}: {m!r} is not a key of methods" for i, m in enumerate(t.get("methods") or [])
                  if m not in cfg["methods"]]
+    problems += _size_problems(cfg)
+    if problems:
+        return problems
+    problems += _caption_problems(cfg, cfg["datasets"][ds])
     if problems or t["captions"]["kind"] != "toy" or t["encoder"]["kind"] != "toy":
         return problems
-    d = cfg["datasets"][ds]
+    return _toy_prompt_problems(cfg, cfg["datasets"][ds]["generator"])
+
+
+def _size_problems(cfg: dict) -> list[str]:
+    """Heads against widths (the text VAR's and the toy encoder's) and the prompt sets' size against the metrics."""
+    t, out = cfg["text"], []
+    depth = int(t.get("depth") or cfg["model"]["depths"][0])  # no depth: the first of model.depths
+    if p := heads_problem(cfg, depth, " (the text runs' depth, text/depth)"):
+        out.append(p)
+    e = t["encoder"]
+    if e["kind"] == "toy" and e["width"] % e["heads"]:  # the layer is built even at depth 0
+        out.append(f"text/encoder/heads: {e['heads']} does not divide text/encoder/width {e['width']}")
+    need, n = metric_set_size(cfg), t["prompts"]["n_images"]
+    if n < need:
+        m = cfg["metrics"]
+        out.append(f"text/prompts/n_images: {n} images per prompt set; FID/KID scoring takes precision/recall and "
+                   f"PRDC too, which need {need} (metrics/prc_neighborhood {m['prc_neighborhood']}, "
+                   f"metrics/prdc_nearest_k {m['prdc_nearest_k']})")
+    return out
+
+
+def _caption_problems(cfg: dict, d: dict) -> list[str]:
+    """The caption source: toy captions need a toy dataset and a kind of positive weight that its shapes can
+    form (or2/or3 name 2/3 shapes); file needs a path, templates the templates."""
+    c = cfg["text"]["captions"]
+    if c["kind"] == "file" and "path" not in c:
+        return ["text/captions/path: required for kind 'file' (a path,caption CSV or VAR-CLIP's .txt)"]
+    if c["kind"] == "templates" and "templates" not in c:
+        return ["text/captions/templates: required for kind 'templates' (e.g. ['a photo of a {}'])"]
+    if c["kind"] != "toy":
+        return []
     if d["kind"] != "toy":
-        return [f"text/captions/kind: toy captions need a toy dataset; datasets/{ds} is {d['kind']!r}"]
-    g = d["generator"]
+        return [f"text/captions/kind: toy captions need a toy dataset; datasets/{text_dataset(cfg)} is {d['kind']!r}"]
+    n_shapes = len(d["generator"]["shapes"])
+    weights = {k: c.get("kind_weights", {}).get(k, 1.0) for k in TOY_CAPTION_KINDS}  # unset: 1 (varup.data.captions)
+    usable = [k for k, w in weights.items() if w > 0 and n_shapes >= TOY_CAPTION_KINDS[k]]
+    if usable:
+        return []
+    return [f"text/captions/kind_weights: no caption kind has a positive weight that datasets/{text_dataset(cfg)} "
+            f"({n_shapes} shapes) can use (weights {weights}; or2 / or3 name 2 / 3 shapes), so no image would have a "
+            f"caption: give one kind a weight > 0"]
+
+
+def _toy_prompt_problems(cfg: dict, g: dict) -> list[str]:
+    """The study's prompts against the toy grammar's words and the toy encoder's max_len."""
     known = TOY_FUNCTION_WORDS | set(g["shapes"]) | set(g["colours"]) | set(g["sizes"])
     known |= {"plain", "striped"}
-    p = t["prompts"]
+    p, max_len = cfg["text"]["prompts"], cfg["text"]["encoder"]["max_len"]
     prompts = [("text/prompts/droppath/prompt", p["droppath"]["prompt"])]
     prompts += [(f"text/prompts/entanglement/{i}", x) for i, x in enumerate(p["entanglement"])]
     prompts += [(f"text/prompts/descriptiveness/{i}", x) for i, x in enumerate(p["descriptiveness"])]
+    problems = []
     for key, prompt in prompts:
-        bad = [w for w in words_of(prompt) if w not in known]
+        words = words_of(prompt)
+        bad = [w for w in words if w not in known]
         if bad:
             problems.append(f"{key}: {prompt!r} has words the toy captions never use: {bad} (known: {sorted(known)})")
+        if len(words) + 1 > max_len:
+            problems.append(f"{key}: {prompt!r} has {len(words)} words; the toy text encoder takes "
+                            f"text/encoder/max_len - 1 = {max_len - 1}")
     return problems
 
 
