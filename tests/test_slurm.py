@@ -45,6 +45,10 @@ def slurm(tmp_path_factory):
                        timeout=300)
 
 
+#: what the test cluster's single 2-CPU node admits, for every submitted rule (cluster.all over cluster.sizes)
+CI_SIZES = {"mem_mb": 1500, "cpus_per_task": 1, "runtime": 30}
+
+
 def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, finished, tmp_path):
     work = tmp_path / "work"
     cfg = tiny_config(work / "results")
@@ -57,6 +61,7 @@ def test_toy_dag_runs_through_slurm_with_a_two_gpu_torchrun_training(slurm, fini
     # (test_e2e runs them)
     cfg["experiments"] = {}
     cfg["uncertainty"]["enabled"] = False
+    cfg["cluster"] = {"all": CI_SIZES}  # the rules carry the paper's sizes: this 2-CPU node would refuse them
     seed_upstream(finished, work, UPSTREAM + DAG_UPSTREAM)
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(cfg))

@@ -16,6 +16,7 @@ rule bench:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("bench"),
     params:
         code=code_of("varup.bench.suite"),
         device=GPU_DEVICE,

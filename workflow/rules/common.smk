@@ -287,6 +287,22 @@ def qualitative_params(w):
 GPU = cluster.cluster_resources(config, gpu=True)  # Slurm partition/account of GPU and CPU rules (config.cluster)
 CPU = cluster.cluster_resources(config, gpu=False)
 TRAIN_CMD, TRAIN_RES = cluster.train_launch(config)
+
+
+# The Slurm sizes of the submitted rules come from the config (cluster.sizes, cluster.all, cluster.rules: README "On a
+# Slurm cluster"), as resources of the rules, so a profile or the command line adds keys and removes none (a profile's
+# set-resources still wins for the keys it names). Memory and time grow with the attempt (size x attempt, capped by
+# cluster.max_mem_mb / max_runtime_min): a job that ran out of either gets more on the retry.
+def res(rule):
+    """A submitted rule's gpu, cpus_per_task, mem_mb, runtime and the other cluster keys of the config."""
+    return cluster.rule_resources(config, rule)
+
+
+def train_res(rule):
+    """A training rule's resources: the launch's (train.gpus/nodes, cluster.train_*) with the config's for the rule."""
+    return cluster.launch_resources(config, rule, TRAIN_RES)
+
+
 TRAIN_STOP_S = int(config["train"]["stop_before_limit_s"])  # a resource
 EXPERIMENTS = config["experiments"]
 TABLES = (

@@ -19,6 +19,7 @@ rule data_toy:
         CONDA_ENV
     resources:
         **CPU,
+        **res("data_toy"),
     params:
         code=code_of("data-toy"),
         gen=lambda w: q(ds(w)["generator"]),
@@ -63,6 +64,7 @@ rule data_afhq:
         CONDA_ENV
     resources:
         **CPU,
+        **res("data_afhq"),
     params:
         code=code_of("prepare"),
         res=lambda w: ds(w)["resolution"],
@@ -86,6 +88,7 @@ rule data_imagenet100:
         CONDA_ENV
     resources:
         **CPU,
+        **res("data_imagenet100"),
     params:
         code=code_of("prepare"),
         root=lambda w: ds(w)["root"],
@@ -112,6 +115,7 @@ rule data_folder:
         CONDA_ENV
     resources:
         **CPU,
+        **res("data_folder"),
     params:
         code=code_of("prepare"),
         root=lambda w: ds(w)["root"],

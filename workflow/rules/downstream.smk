@@ -14,6 +14,7 @@ rule data_ood:
         CONDA_ENV
     resources:
         **CPU,
+        **res("data_ood"),
     params:
         code=code_of("prepare-ood"),
         src=lambda w: q(EXPERIMENTS["ood"]["source"]),
@@ -39,6 +40,7 @@ rule encode_ood:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("encode_ood"),
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
@@ -67,6 +69,7 @@ rule ood_eval:
     threads: THREADS
     resources:
         **GPU,
+        **res("ood_eval"),
     params:
         code=code_of("ood"),
         device=GPU_DEVICE,
@@ -114,6 +117,7 @@ rule downstream:
     threads: THREADS
     resources:
         **GPU,
+        **res("downstream"),
     params:
         code=code_of("downstream"),
         device=GPU_DEVICE,

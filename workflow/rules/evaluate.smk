@@ -52,6 +52,7 @@ rule real_features:
     threads: THREADS
     resources:
         **GPU,
+        **res("real_features"),
     params:
         code=code_of("real-features"),
         device=GPU_DEVICE,
@@ -86,6 +87,7 @@ rule evaluate:
     threads: THREADS
     resources:
         **GPU,
+        **res("evaluate"),
     params:
         code=code_of("evaluate"),
         device=GPU_DEVICE,
@@ -114,6 +116,9 @@ use rule evaluate as evaluate_cfg with:
         f"{RES}/benchmarks/evaluate/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}.tsv"
     wildcard_constraints:
         cfgv=r"[0-9.]+",
+    resources:
+        **GPU,
+        **res("evaluate_cfg"),
 
 
 rule toy_metrics:
@@ -132,6 +137,7 @@ rule toy_metrics:
     threads: THREADS
     resources:
         **CPU,
+        **res("toy_metrics"),
     params:
         code=code_of("toy-metrics"),
         device=DEVICE,
@@ -160,6 +166,7 @@ rule toy_metrics_floor:
     threads: THREADS
     resources:
         **GPU,
+        **res("toy_metrics_floor"),
     params:
         code=code_of("toy-metrics-floor"),
         device=GPU_DEVICE,

@@ -4,6 +4,10 @@
 # points x seeds runs; README has its measured time). Points whose loss equals a configured method reuse its runs.
 
 
+localrules:
+    lambda_study_table,
+
+
 rule lambda_study_scores:
     input:
         [e[k] for e in lambda_entries() for k in (*LAMBDA_FILES, "tokens_meta")],
@@ -17,6 +21,7 @@ rule lambda_study_scores:
         CONDA_ENV
     resources:
         **CPU,
+        **res("lambda_study_scores"),
     params:
         code=code_of("lambda-study"),
         entries=lambda w: q(lambda_entries()),

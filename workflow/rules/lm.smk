@@ -6,6 +6,7 @@
 localrules:
     lm_dolly,
     lm_weights,
+    lm_tables,
 
 
 rule lm_dolly:
@@ -69,6 +70,7 @@ rule lm_corpus:
         CONDA_ENV
     resources:
         **CPU,
+        **res("lm_corpus"),
     params:
         code=code_of("lm-corpus"),
         kind=LM["corpus"]["kind"],
@@ -101,6 +103,7 @@ rule lm_pretrain:
     threads: THREADS
     resources:
         **GPU,
+        **res("lm_pretrain"),
     params:
         code=code_of("lm-pretrain"),
         device=GPU_DEVICE,
@@ -132,6 +135,7 @@ rule lm_refs:
     threads: THREADS
     resources:
         **GPU,
+        **res("lm_refs"),
     params:
         code=code_of("lm-refs"),
         base=lambda w, input: lm_folder(input.base),
@@ -165,7 +169,7 @@ rule lm_sft:
         CONDA_ENV
     threads: THREADS
     resources:
-        **TRAIN_RES,
+        **train_res("lm_sft"),
         stop_before_limit_s=TRAIN_STOP_S,
     params:
         code=code_of("lm-sft"),
@@ -202,6 +206,7 @@ rule lm_generate:
     threads: THREADS
     resources:
         **GPU,
+        **res("lm_generate"),
     params:
         code=code_of("lm-generate"),
         device=GPU_DEVICE,
@@ -232,6 +237,7 @@ rule lm_score:
     threads: THREADS
     resources:
         **GPU,
+        **res("lm_score"),
     params:
         code=code_of("lm-score"),
         device=GPU_DEVICE,

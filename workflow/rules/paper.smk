@@ -1,4 +1,10 @@
-# Stage 6: tables and figures (CPU-only, cheap) and their report entries.
+# Stage 6: tables and figures (CPU-only, cheap) and their report entries. Local rules: on a cluster they run beside
+# Snakemake (seconds each; a submitted job would wait in the queue longer than it runs).
+
+
+localrules:
+    tables,
+    figures,
 
 
 rule tables:

@@ -4,6 +4,7 @@
 # MC-Dropout σ -> scores (FID/KID, CMMD, modes) against a real reference pool -> tables and the σ figure.
 localrules:
     clip_weights,
+    prompt_tables,
 
 
 rule captions:
@@ -22,6 +23,7 @@ rule captions:
         CONDA_ENV
     resources:
         **CPU,
+        **res("captions"),
     params:
         code=code_of("captions"),
         spec=lambda w: q(TEXT["captions"]),
@@ -69,6 +71,9 @@ use rule train as train_text with:
         f"{RES}/logs/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.log",
     benchmark:
         f"{RES}/benchmarks/train/{{dataset}}_text_d{{depth}}_{{method}}_seed{{seed}}.tsv"
+    resources:
+        **train_res("train_text"),
+        stop_before_limit_s=TRAIN_STOP_S,
     params:
         code=code_of("train"),
         device=GPU_DEVICE,
@@ -98,6 +103,7 @@ rule prompt_reference:
     threads: THREADS
     resources:
         **GPU,
+        **res("prompt_reference"),
     params:
         code=code_of("prompt-reference"),
         device=GPU_DEVICE,
@@ -131,6 +137,7 @@ rule prompt_sets:
     threads: THREADS
     resources:
         **GPU,
+        **res("prompt_sets"),
     params:
         code=code_of("prompt-sets"),
         device=GPU_DEVICE,
@@ -165,6 +172,7 @@ rule prompt_scores:
     threads: THREADS
     resources:
         **GPU,
+        **res("prompt_scores"),
     params:
         code=code_of("prompt-scores"),
         device=GPU_DEVICE,

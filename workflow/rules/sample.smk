@@ -1,12 +1,14 @@
 # Stage 4: sample each run's evaluation set in independent shards (deterministic per global batch), then merge.
+# The shards are temp(): once merged only samples.npz stays (snakemake --notemp keeps them). On Slurm the shard jobs
+# of a rule can go as one job array (profiles/slurm: slurm-array-jobs).
 
 
 rule sample_shard:
     input:
         model=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/model.pt",
         tokenizer=tokenizer_file,
-    output:
-        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples/shard{{shard}}of{{nshards}}.npz",
+    output:  # temp: removed once merge_samples has read it (50k samples at 256 px: ~10 GB a run, twice over)
+        temp(f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples/shard{{shard}}of{{nshards}}.npz"),
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_{{shard}}of{{nshards}}.log",
     benchmark:
@@ -18,6 +20,7 @@ rule sample_shard:
     threads: THREADS
     resources:
         **GPU,
+        **res("sample_shard"),
     params:
         code=code_of("sample"),
         device=GPU_DEVICE,
@@ -41,6 +44,7 @@ rule merge_samples:
         CONDA_ENV
     resources:
         **CPU,
+        **res("merge_samples"),
     params:
         code=code_of("merge-samples"),
     shell:
@@ -62,6 +66,7 @@ rule sample_qualitative:
     threads: THREADS
     resources:
         **GPU,
+        **res("sample_qualitative"),
     params:
         code=code_of("sample"),
         device=GPU_DEVICE,
@@ -74,7 +79,9 @@ rule sample_qualitative:
 # Figure 4's CFG sweep: the same sampling and merging at another guidance scale, under <run>/cfg_sweep/cfg{cfgv}/.
 use rule sample_shard as sample_cfg_shard with:
     output:
-        f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples/shard{{shard}}of{{nshards}}.npz",
+        temp(
+            f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/cfg_sweep/cfg{{cfgv}}/samples/shard{{shard}}of{{nshards}}.npz"
+        ),
     log:
         f"{RES}/logs/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_{{shard}}of{{nshards}}.log",
     benchmark:
@@ -82,6 +89,9 @@ use rule sample_shard as sample_cfg_shard with:
     wildcard_constraints:
         nshards=r"\d+",
         cfgv=r"[0-9.]+",
+    resources:
+        **GPU,
+        **res("sample_cfg_shard"),
     params:
         code=code_of("sample"),
         device=GPU_DEVICE,
@@ -103,3 +113,6 @@ use rule merge_samples as merge_cfg_samples with:
         f"{RES}/benchmarks/sample/{{dataset}}_d{{depth}}_{{method}}_seed{{seed}}_cfg{{cfgv}}_merge.tsv"
     wildcard_constraints:
         cfgv=r"[0-9.]+",
+    resources:
+        **CPU,
+        **res("merge_cfg_samples"),

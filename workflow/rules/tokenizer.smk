@@ -42,6 +42,7 @@ rule tokenizer_train:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("tokenizer_train"),
         stop_before_limit_s=TRAIN_STOP_S,
     params:
         code=code_of("tokenizer-train"),
@@ -74,6 +75,7 @@ rule tokenizer_gate:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("tokenizer_gate"),
     params:
         code=code_of("tokenizer-gate"),
         device=GPU_DEVICE,
@@ -111,6 +113,7 @@ rule encode:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("encode"),
     params:
         code=code_of("encode"),
         device=GPU_DEVICE,
@@ -141,6 +144,7 @@ rule references:
         CONDA_ENV
     resources:
         **CPU,
+        **res("references"),
     params:
         code=code_of("references"),
         k=config["references"]["num_clusters"],

@@ -24,7 +24,7 @@ rule train:
         CONDA_ENV
     threads: THREADS
     resources:
-        **TRAIN_RES,
+        **train_res("train"),
         stop_before_limit_s=TRAIN_STOP_S,  # a resource, not a parameter: a new margin re-trains nothing
     params:
         code=code_of("train"),

@@ -21,6 +21,7 @@ rule mc_dropout:
     threads: THREADS
     resources:
         **GPU,
+        **res("mc_dropout"),
     params:
         code=code_of("mc-dropout"),
         device=GPU_DEVICE,
@@ -57,6 +58,7 @@ rule uncertainty_sets:
     threads: THREADS
     resources:
         **GPU,
+        **res("uncertainty_sets"),
     params:
         code=code_of("uncertainty-sets"),
         device=GPU_DEVICE,
@@ -101,6 +103,7 @@ rule score_uncertainty_sets:
     threads: THREADS
     resources:
         **GPU,
+        **res("score_uncertainty_sets"),
     params:
         code=code_of("score-sets"),
         device=GPU_DEVICE,
@@ -126,6 +129,7 @@ rule mode_classifier:
     threads: SERIAL_THREADS
     resources:
         **GPU,
+        **res("mode_classifier"),
     params:
         code=code_of("mode-classifier"),
         device=GPU_DEVICE,
@@ -152,6 +156,7 @@ rule mode_coverage:
     threads: THREADS
     resources:
         **CPU,
+        **res("mode_coverage"),
     params:
         code=code_of("mode-coverage"),
         device=DEVICE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from varup.config.cluster import LAUNCH_KEYS
+from varup.config.cluster import LAUNCH_KEYS, LAUNCH_RULES, MANAGED_FLAGS
 from varup.config.errors import ConfigError
 from varup.config.folders import folder_classes, num_classes_problem
 from varup.config.keys import deep_merge, get_key
@@ -62,8 +62,29 @@ def check_cross_references(cfg: dict) -> None:
             problems.append(f"experiments/downstream/methods: {missing} not defined under methods")
     problems += _uncertainty_problems(cfg)
     problems += _folder_problems(cfg)
+    problems += cluster_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join("  " + p for p in problems))
+
+
+def cluster_problems(cfg: dict) -> list[str]:
+    """cluster.rules names only rules that are submitted (a row of cluster.sizes, or a training rule), gpu_model
+    only where the rule has GPUs, and no slurm_extra repeats a flag snakemake-executor-plugin-slurm sets itself."""
+    c, problems = cfg["cluster"], []
+    submitted = set(c["sizes"]) | set(LAUNCH_RULES)
+    for rule, settings in c["rules"].items():
+        if rule not in submitted:
+            problems.append(f"cluster/rules/{rule}: no submitted rule of the workflow has this name (a local rule, "
+                            f"e.g. tables or figures, runs beside Snakemake); the submitted ones: {sorted(submitted)}")
+        elif "gpu_model" in settings and rule not in LAUNCH_RULES and not c["sizes"][rule].get("gpu"):
+            problems.append(f"cluster/rules/{rule}/gpu_model: {rule} asks for no GPU (cluster/sizes/{rule})")
+    for where, settings in [("all", c["all"])] + [(f"rules/{r}", s) for r, s in c["rules"].items()]:
+        flags = [t.split("=", 1)[0] for t in str(settings.get("slurm_extra", "")).split()]
+        if bad := [f for f in flags if f in MANAGED_FLAGS]:
+            problems.append(f"cluster/{where}/slurm_extra: {bad} is set by the Slurm executor plugin from the rule's "
+                            f"resources (it refuses the job); use the cluster keys mem_mb, cpus_per_task, runtime, "
+                            f"gpu_model, constraint, qos or partition/account instead")
+    return problems
 
 
 def _lambda_study_problems(cfg: dict) -> list[str]:
