@@ -251,13 +251,9 @@ def _nan_var(monkeypatch, at_call: int) -> None:
 
 
 def _nan_lm(monkeypatch, at_call: int) -> None:
-    real, calls = sft_mod.lm_loss, {"n": 0}
-
-    def poisoned(loss_fn, logits, labels):
-        calls["n"] += 1
-        return real(loss_fn, logits * float("nan") if calls["n"] == at_call else logits, labels)
-
-    monkeypatch.setattr(sft_mod, "lm_loss", poisoned)
+    """The LM step applies the objective to its head's chunks of trained positions (one chunk per toy step):
+    poisoned there, as the image objective is."""
+    _nan_var(monkeypatch, at_call)
 
 
 def _nan_images(at_call: int):

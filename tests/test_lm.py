@@ -242,3 +242,234 @@ def test_two_gloo_processes_follow_the_single_process_sft(tmp_path):
     wa, wb = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ SFT at the paper's size: micro-batches, chunks
+def _head_case(V=23, E=6, B=3, T=9, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, E, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(E, V, bias=bias).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, E, generator=g, dtype=torch.float64))
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=g, dtype=torch.float64))
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = IGNORE  # a prompt
+    labels[1, 6:] = IGNORE  # padding
+    return hidden, head, labels
+
+
+@pytest.mark.parametrize("loss, chunk, bias", [({}, 1, False), ({}, 4, True), (OURS, 3, False), (OURS, 5, True),
+                                               (OURS, None, False)])
+def test_the_chunked_head_and_loss_equal_the_full_logits_loss_and_gradients(loss, chunk, bias):
+    """The LM head on the trained positions only, a chunk at a time, with gradients taken chunk by chunk: the same
+    objective (a mean over all trained tokens), terms and gradients for the hidden states and the head as the head
+    on every position followed by :func:`lm_loss`."""
+    from varup.lm.headloss import STATS, head_loss
+
+    hidden, head, labels = _head_case(bias=bias)
+    emb = torch.randn(head.weight.shape[0], 4, generator=torch.Generator().manual_seed(1))
+    fn = token_objective(loss, lm_references(emb, labels[:, 1:], num_clusters=3) if loss else None)
+    h_ref = hidden.clone().requires_grad_(True)
+    ref = lm_loss(fn, head(h_ref), labels)
+    ref.total.backward()
+    g_ref = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    h = hidden.clone().requires_grad_(True)
+    keep = labels[:, 1:] != IGNORE
+    n = int(keep.sum())
+    total, stats = head_loss(h[:, :-1][keep], head, labels[:, 1:][keep], fn, chunk=chunk, denom=n, entropy=True)
+    (2.0 * total).backward()  # the gradient is scaled by the upstream one
+    assert torch.allclose(total.double(), ref.total.double(), rtol=1e-6, atol=0)
+    got = dict(zip(STATS, stats.tolist()))
+    for k in ("ce", "l2nd", "lse"):
+        assert got[k] == pytest.approx(float(getattr(ref, k)), rel=1e-5, abs=1e-9), k
+    with torch.no_grad():
+        p = torch.softmax(head(hidden[:, :-1][keep]), -1)
+    assert got["pred_entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    assert torch.allclose(h.grad, 2.0 * h_ref.grad, rtol=1e-9, atol=1e-12)
+    for a, b in zip(head.parameters(), g_ref):
+        assert torch.allclose(a.grad, 2.0 * b, rtol=1e-9, atol=1e-12)
+
+
+def _fresh_toy(tmp_path, n_train=64, seed=0):
+    from varup.lm.toy import build_toy_model, build_toy_tokenizer
+
+    corpus = tmp_path / "corpus"
+    make_corpus(corpus, seed=0, n_train=n_train, eval_per_prompt=1, n_pretrain=8, template=TOY_TEMPLATE)
+    tok = build_toy_tokenizer(TOY_TEMPLATE)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1}
+    data = encode_records(tok, read_jsonl(corpus / "train.jsonl"), 24)
+    return (lambda: build_toy_model(tok, small, seed=seed)), tok, data
+
+
+def test_one_chunk_of_the_whole_batch_is_bit_identical_to_the_full_logits_step(tmp_path):
+    """micro_batch and head_chunk unset (the toy's runs): the objective and every parameter's gradient equal, bit for
+    bit on the CPU, those of the full-logits step that SFT took before (model(...).logits, then lm_loss)."""
+    from varup.lm.sft import SFTObjective
+
+    build, _, data = _fresh_toy(tmp_path)
+    b = {k: v[:8] for k, v in data.items()}
+    T = int(b["attention_mask"].sum(1).max())
+    b = {k: v[:, :T] for k, v in b.items()}
+    fn = token_objective(OURS, lm_references(build().get_input_embeddings().weight, data["labels"][:, 1:],
+                                             num_clusters=4))
+    full = build()
+    ref = lm_loss(fn, full(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float(), b["labels"])
+    ref.total.backward()
+    model = build()
+    n = int((b["labels"][:, 1:] != IGNORE).sum())
+    total, _ = SFTObjective(model)(b["input_ids"], b["attention_mask"], b["labels"], fn, None, n)
+    total.backward()
+    assert torch.equal(total, ref.total)
+    grads = dict(full.named_parameters())
+    assert all(torch.equal(p.grad, grads[k].grad) for k, p in model.named_parameters())
+
+
+def test_micro_batches_and_head_chunks_give_the_weights_of_the_whole_batch(tmp_path):
+    """Gradient accumulation over micro-batches of 3, 3 and 2 sequences (different token counts each) and the head in
+    chunks of 5 positions: the loss is still the mean over every trained token of the batch, so the weights after 4
+    steps and the logged curve equal the unsplit run's to float tolerance."""
+    from varup.lm.sft import fit
+
+    build, tok, data = _fresh_toy(tmp_path)
+    refs = lm_references(build().get_input_embeddings().weight, data["labels"][:, 1:], num_clusters=4)
+    spec = {"steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "max_length": 24, "log_every": 1,
+            "ckpt_every": 100, "seed": 1, "loss": OURS}
+    runs = {}
+    for name, extra in (("whole", {"head_chunk": None}), ("split", {"micro_batch": 3, "head_chunk": 5})):
+        model = build()
+        fit(model, tok, data, LMTrainConfig(**spec, **extra), refs=refs, out_dir=tmp_path / name,
+            work_dir=tmp_path / f"{name}_work", device="cpu")
+        curve = [json.loads(x) for x in (tmp_path / f"{name}_work" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (model.state_dict(), curve)
+    (wa, ca), (wb, cb) = runs["whole"], runs["split"]
+    moved = build().state_dict()
+    assert any(not torch.allclose(wa[k], moved[k]) for k in wa)  # it trained
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    for x, y in zip(ca, cb):
+        for k in ("loss", "ce", "l2nd", "lse", "grad_norm", "pred_entropy"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-8), (x["step"], k)
+
+
+def test_no_tensor_of_a_step_holds_more_than_a_chunk_of_positions_times_the_vocabulary(tmp_path):
+    """Every tensor that a step (a log step included) creates with a vocabulary-sized last dimension has at most
+    head_chunk rows: the peak is chunk x V, not batch x length x V (the full logits of 8 x ~20 positions)."""
+    from torch.overrides import TorchFunctionMode
+
+    from varup.lm.sft import fit
+
+    build, tok, data = _fresh_toy(tmp_path)
+    model = build()
+    V = model.get_output_embeddings().weight.shape[0]
+    rows = []
+
+    def note(x):
+        if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[-1] == V:
+            rows.append(x.numel() // V)
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                note(y)
+
+    class Sizes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            note(out)
+            return out
+
+    refs = lm_references(model.get_input_embeddings().weight, data["labels"][:, 1:], num_clusters=4)
+    spec = {"steps": 2, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "max_length": 24, "log_every": 1,
+            "ckpt_every": 100, "seed": 1, "loss": OURS, "head_chunk": 4}
+    with Sizes():
+        fit(model, tok, data, LMTrainConfig(**spec), refs=refs, out_dir=tmp_path / "out", work_dir=tmp_path / "w",
+            device="cpu")
+    assert V not in (32, 64, 16) and rows and max(rows) == 4  # the head ran, 4 positions at a time at most
+
+
+DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from varup.base.utils import read_jsonl
+from varup.lm.hub import load_causal_lm, load_tokenizer
+from varup.lm.sft import LMTrainConfig, encode_records, fit
+from varup.training.references import load_references
+
+base, corpus, refs, out, spec = sys.argv[1:6]
+spec = json.loads(spec)
+model, tok = load_causal_lm(base), load_tokenizer(base)
+model.unused = torch.nn.Linear(3, 3)  # a parameter the objective never uses: frozen, or DDP would fail
+torch.nn.init.constant_(model.unused.weight, 0.5)
+torch.nn.init.constant_(model.unused.bias, 0.5)
+data = encode_records(tok, read_jsonl(Path(corpus) / "train.jsonl"), spec["max_length"])
+torch.manual_seed(spec["seed"])
+fit(model, tok, data, LMTrainConfig(**spec), refs=load_references(refs), out_dir=Path(out),
+    work_dir=Path(out + "_work"), device="cpu")
+"""
+
+
+def test_two_gloo_processes_with_micro_batches_and_chunks_equal_the_single_process(tmp_path):
+    """2 gloo processes, each its 4 sequences in micro-batches of 2 and the head in chunks of 3 positions, and a
+    parameter the objective never uses (frozen, not left for DDP to trip on): the weights of one process that takes
+    the whole batch at once, and the unused parameter untouched."""
+    import os
+    import subprocess
+    import sys
+
+    from varup.lm.stages import write_lm_references
+
+    corpus, base = _toy(tmp_path)
+    write_lm_references(base, corpus, tmp_path / "refs.pt", max_length=24, loss_tokens="response", num_clusters=4,
+                        cluster_seed=0, support_k=None)
+    script = tmp_path / "sft_script.py"
+    script.write_text(DDP_SCRIPT)
+    spec = {"steps": 4, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "max_length": 24, "log_every": 1,
+            "ckpt_every": 100, "seed": 2, "loss": OURS}
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+    def args(name, **extra):
+        return [str(script), str(base), str(corpus), str(tmp_path / "refs.pt"), str(tmp_path / name),
+                json.dumps({**spec, **extra})]
+
+    r = subprocess.run([sys.executable, *args("single", head_chunk=None)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        *args("ddp", micro_batch=2, head_chunk=3)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "frozen, as the objective gives them no gradient: unused.weight, unused.bias" in r.stderr
+    wa, wb = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    assert (wb["unused.weight"] == 0.5).all() and (wb["unused.bias"] == 0.5).all()
+    a, b = ([json.loads(x) for x in (tmp_path / f"{n}_work" / "metrics.jsonl").read_text().splitlines()]
+            for n in ("single", "ddp"))
+    for x, y in zip(a, b):
+        for k in ("loss", "ce", "l2nd", "lse", "pred_entropy"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+
+
+def test_the_step_memory_estimate_at_the_paper_config():
+    """The estimate counts what it says: the body scales with the micro-batch's tokens, the head with the chunk, and
+    at the paper's Qwen1.5-0.5B step (64 x 512, bf16) micro-batching and chunking take the peak from more than one
+    GPU's memory to a few GB."""
+    from varup.lm.memory import QWEN15_05B, body_bytes_per_token, head_chunk_bytes, step_activation_bytes
+
+    q = QWEN15_05B
+    kw = {"intermediate": q["intermediate"], "layers": q["layers"], "kv": q["kv"]}
+    whole = step_activation_bytes(64, None, 512, q["vocab"], q["hidden"], None, "bf16", **kw)
+    split = step_activation_bytes(64, 4, 512, q["vocab"], q["hidden"], 2048, "bf16", **kw)
+    per_token = body_bytes_per_token(q["hidden"], q["intermediate"], q["layers"], q["kv"], "bf16", "fp32")
+    assert whole["body"] == 64 * 512 * per_token and split["body"] == 4 * 512 * per_token
+    assert whole["head"] == head_chunk_bytes(64 * 512, q["vocab"], q["hidden"], "bf16")
+    # the logits alone (64 x 512 x V in bf16) are the issue's 10 GB; the head holds 16 bytes per logit
+    assert 64 * 512 * q["vocab"] * 2 == pytest.approx(10e9, rel=0.01)
+    assert whole["head"] - q["vocab"] * q["hidden"] * 6 == 64 * 512 * q["vocab"] * 16
+    assert whole["peak"] > 80e9 and split["peak"] < 12e9
+    assert step_activation_bytes(64, None, 512, q["vocab"], q["hidden"], 2048, "bf16", world=8, **kw)["body"] == \
+        8 * 512 * per_token
+    with pytest.raises(ValueError, match="dtype"):
+        step_activation_bytes(64, 4, 512, 10, 8, None, "int8", **kw)

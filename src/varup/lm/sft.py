@@ -12,12 +12,18 @@ uncertainty-preserving objective.
 * **Data.** Records in the LM arm's common format (``prompt``, ``response``; :mod:`varup.lm.dolly`) are tokenised
   once as ``prompt + response + eos``, cut to ``lm.max_length`` tokens, right-padded; the pre-training text is one
   line per sequence. The batch of a step is a pure function of (seed, step) (:class:`varup.data.batches.BatchOrder`).
+* **A step** runs this process's share of the batch in micro-batches of ``lm.train.micro_batch`` sequences (gradients
+  accumulated: the loss is the mean over all trained tokens of the global batch, as unsplit) and the LM head only on
+  the positions whose label is trained, ``lm.train.head_chunk`` of them at a time with the objective
+  (:mod:`varup.lm.headloss`): no batch × length × V logits, no float32 copy of them, nothing of a step kept into
+  the next; the log line's statistics come from the same chunks. :mod:`varup.lm.memory` estimates a step's peak.
 * **Runs** resume from ``ckpt/last.pt`` like the image trainer's (weights, optimiser, RNG, step; the loss log lives
   beside the checkpoint), stop on SIGTERM/SIGUSR1/SIGINT or before a Slurm time limit with exit 75, and use DDP when
   started by torchrun. The result is a ``save_pretrained`` folder (model and tokenizer), written whole or not at all.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,6 +64,7 @@ from varup.base.utils import (
     write_provenance,
 )
 from varup.data.batches import BatchOrder
+from varup.lm.headloss import STATS, head_loss
 from varup.training.losses import LossConfig, UncertaintyLoss
 from varup.training.references import build_references
 
@@ -82,11 +89,17 @@ class LMTrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast on CUDA; CPU runs in fp32)
     seed: int = 0
     loss: dict = field(default_factory=dict)  # LossConfig keys; empty = cross-entropy
+    micro_batch: int | None = None  # sequences per forward/backward on one process (None: its whole share of a batch)
+    head_chunk: int | None = 2048  # trained positions per LM-head + objective chunk (None: a micro-batch's at once)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         if self.loss_tokens not in LOSS_TOKENS:
             raise ValueError(f"lm.loss_tokens must be one of {LOSS_TOKENS}, got {self.loss_tokens!r}")
+        for key in ("micro_batch", "head_chunk"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"lm.train.{key} must be an integer >= 1 or null, got {v!r}")
         LossConfig(**self.loss)  # fails here, naming the key, not mid-run
 
 
@@ -209,25 +222,80 @@ def _setup(model, data, oc: LMTrainConfig, refs, work_dir, out_dir, device, run_
     return r
 
 
-def _step(r: _LMRun, net, step: int, idx) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
-    """One optimiser step; returns the logits, the loss terms (this rank's token means), the gradient norm and this
-    rank's share of the global batch's supervised tokens (1 on one process)."""
+class SFTObjective(torch.nn.Module):
+    """The causal LM's body, then its LM head and the objective on the trained positions only, in chunks
+    (:func:`varup.lm.headloss.head_loss`): what a step runs, and what DDP wraps (its parameters are the LM's)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels, loss_fn: UncertaintyLoss, chunk: int | None, denom: int,
+                entropy: bool = False):
+        """(the objective of these sequences' trained tokens, summed and divided by ``denom``; :data:`STATS` alike):
+        position t predicts label t+1, as :func:`lm_loss`."""
+        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        y = labels[:, 1:]
+        keep = y != IGNORE
+        return head_loss(h[:, :-1][keep], self.lm.get_output_embeddings(), y[keep], loss_fn, chunk=chunk, denom=denom,
+                         entropy=entropy)
+
+
+def freeze_unused_parameters(obj: SFTObjective, data: dict, loss_fn: UncertaintyLoss, dev, amp) -> list[str]:
+    """Freeze (requires_grad False) the parameters that the objective gives no gradient, found by one forward and
+    backward on the first sequence (the RNG state restored, the gradients dropped); returns their names. DDP then
+    syncs the trained parameters only, with no search for unused ones in every step."""
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        b = {k: v[:1].to(dev) for k, v in data.items()}
+        with autocast(dev, amp):
+            loss, _ = obj(b["input_ids"], b["attention_mask"], b["labels"], loss_fn, None, 1)
+        loss.backward()
+    unused = [n for n, p in obj.lm.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in obj.lm.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    obj.lm.zero_grad(set_to_none=True)
+    if unused:
+        log.warning("frozen, as the objective gives them no gradient: %s", ", ".join(unused))
+    return unused
+
+
+def _micro_batches(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else size
+    return [slice(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _step(r: _LMRun, net, step: int, idx, stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step over this rank's share of the batch, in micro-batches whose gradients add up (DDP syncs
+    once, in the last); returns the :data:`STATS` (this rank's token means; the entropy only when ``stats``), the
+    gradient norm and this rank's share of the global batch's supervised tokens (1 on one process)."""
     for g in r.opt.param_groups:
         g["lr"] = warmup_cosine(step, r.oc.lr, r.oc.warmup_steps, r.oc.steps)  # cosine to 10%
     b = {k: v[torch.as_tensor(idx)].to(r.dev) for k, v in r.data.items()}
-    T = int(b["attention_mask"].sum(1).max())  # drop the columns that are padding in the whole batch
-    b = {k: v[:, :T] for k, v in b.items()}
-    with autocast(r.dev, r.amp):
-        logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    out = lm_loss(r.loss_fn, logits.float(), b["labels"])
-    share = _token_share(r.d, (b["labels"][:, 1:] != IGNORE).sum())
+    n = (b["labels"][:, 1:] != IGNORE).sum()
+    share = _token_share(r.d, n)
+    n = int(n)
     r.opt.zero_grad(set_to_none=True)
-    # DDP averages the ranks' gradients: weighting each rank's token mean by world x its share of the tokens makes
-    # that the gradient of the global batch's token mean, as on one process, however the tokens fall on the ranks
-    (out.total * share * r.d.world).backward()
+    parts = _micro_batches(len(idx), r.oc.micro_batch)
+    sums = torch.zeros(len(STATS), device=r.dev)
+    for i, part in enumerate(parts):
+        mb = {k: v[part] for k, v in b.items()}
+        T = int(mb["attention_mask"].sum(1).max())  # drop the columns that are padding in the whole micro-batch
+        mb = {k: v[:, :T] for k, v in mb.items()}
+        sync = net.no_sync() if r.d.enabled and i < len(parts) - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast(r.dev, r.amp):
+                loss, s = net(mb["input_ids"], mb["attention_mask"], mb["labels"], r.loss_fn, r.oc.head_chunk, n,
+                              stats)
+            # the loss is this micro-batch's share of this rank's token mean; DDP averages the ranks' gradients:
+            # weighting by world x this rank's share of the tokens makes that the gradient of the global batch's
+            # token mean, as on one process, however the tokens fall on the ranks and micro-batches
+            (loss * share * r.d.world).backward()
+        sums = s if len(parts) == 1 else sums + s
+        del loss, s
     gnorm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0 else torch.zeros(())
     r.opt.step()
-    return logits, out, gnorm, share
+    return sums, gnorm, share
 
 
 def _token_share(d: Dist, n: torch.Tensor) -> torch.Tensor:
@@ -239,17 +307,15 @@ def _token_share(d: Dist, n: torch.Tensor) -> torch.Tensor:
     return n.float() / total
 
 
-def _record(r: _LMRun, done: int, logits, out, gnorm, share, t0: float) -> dict:
-    """A log line: the loss terms as global-batch token means (share-weighted sums over the ranks)."""
-    p = torch.softmax(logits.detach().float(), -1)
-    ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
-    v = torch.stack([out.total.detach(), out.ce, out.l2nd, out.lse]).float() * share
+def _record(r: _LMRun, done: int, sums, gnorm, share, t0: float) -> dict:
+    """A log line: the loss terms and the predictive entropy of the trained positions as global-batch token means
+    (share-weighted sums over the ranks)."""
+    v = sums.detach().float() * share
     if r.d.enabled:
         torch.distributed.all_reduce(v)
-        torch.distributed.all_reduce(ent)
-        ent = ent / r.d.world
-    return {"step": done, **dict(zip(("loss", "ce", "l2nd", "lse"), v.tolist())), "grad_norm": float(gnorm),
-            "pred_entropy": float(ent), "elapsed_s": round(time.time() - t0, 2)}
+    vals = dict(zip(STATS, v.tolist()))
+    return {"step": done, **{k: vals[k] for k in ("loss", "ce", "l2nd", "lse")}, "grad_norm": float(gnorm),
+            "pred_entropy": vals["pred_entropy"], "elapsed_s": round(time.time() - t0, 2)}
 
 
 def _checkpoint(r: _LMRun, done: int) -> None:
@@ -261,19 +327,23 @@ def _checkpoint(r: _LMRun, done: int) -> None:
 
 def _loop(r: _LMRun, guard: PreemptionGuard, stop_after: int | None, t0: float) -> dict | None:
     oc, d = r.oc, r.d
-    net = DDP(r.model, device_ids=[r.dev.index] if r.dev.type == "cuda" else None) if d.enabled else r.model
+    net = SFTObjective(r.model)
+    if d.enabled:
+        freeze_unused_parameters(net, r.data, r.loss_fn, r.dev, r.amp)
+        net = DDP(net, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
     order = BatchOrder(len(r.data["input_ids"]), oc.batch_size, oc.seed, d)
     bar = progress(total=oc.steps, initial=r.start, desc=f"lm {r.work.name}", unit="step", disable=not d.is_main)
     steps_done = 0
     for step in range(r.start, oc.steps):
-        logits, out, gnorm, share = _step(r, net, step, order.indices(step))
         done, steps_done = step + 1, steps_done + 1
-        if not torch.isfinite(out.total.detach()):
+        log_step = done % oc.log_every == 0 or done == oc.steps
+        sums, gnorm, share = _step(r, net, step, order.indices(step), log_step)
+        if not torch.isfinite(sums[0]):
             kept = kept_checkpoint_note(r.ckpt, r.last_ckpt)
             raise NonFiniteLossError(f"lm {r.work}: non-finite loss at step {done}; {kept}; lower the learning rate "
                                      f"or check the data")
-        if done % oc.log_every == 0 or done == oc.steps:
-            rec = _record(r, done, logits, out, gnorm, share, t0)  # every rank joins the all-reduce
+        if log_step:
+            rec = _record(r, done, sums, gnorm, share, t0)  # every rank joins the all-reduce
             if d.is_main:
                 r.log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}")
@@ -332,4 +402,4 @@ def _finish(r: _LMRun, tokenizer, out_dir, run_config, t0: float) -> dict:
 
 
 __all__ = ["LMTrainConfig", "encode_records", "encode_lines", "lm_references", "token_objective",
-           "lm_loss", "fit", "save_folder", "IGNORE", "LOSS_TOKENS"]
+           "lm_loss", "fit", "save_folder", "SFTObjective", "freeze_unused_parameters", "IGNORE", "LOSS_TOKENS"]
