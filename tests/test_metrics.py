@@ -303,6 +303,105 @@ def test_clean_fid_legacy_tensorflow_reproduces_torch_fidelity(inception_info, i
     assert legacy == pytest.approx(ours, rel=1e-4)
 
 
+def _features_with_ties(n: int, d: int, seed: int, dtype=np.float64) -> np.ndarray:
+    """Gaussian features with some exact duplicates (equal distances, zero distances to others)."""
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(dtype)
+    x[3] = x[0]
+    x[n - 1] = x[n - 2] = x[1]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_prdc_in_row_blocks_equals_the_prdc_package(dtype, monkeypatch):
+    """PRDC from blocks of rows equals prdc.compute_prdc (its N x N matrices) exactly, duplicates included, and no
+    distance block is wider than the rows asked for times the other set."""
+    import contextlib
+    import io
+
+    import sklearn.metrics.pairwise as skp
+    from prdc import compute_prdc
+
+    from varup.metrics.fidelity import prdc_metrics
+
+    real, fake = _features_with_ties(53, 12, 0, dtype), _features_with_ties(41, 12, 1, dtype)
+    fake[5] = real[7]  # a generated point on a real one
+    fake[6:10] = real[20] + 0.05 * np.random.default_rng(2).normal(size=(4, 12))
+    for k in (3, 5):
+        with contextlib.redirect_stdout(io.StringIO()):
+            ref = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+        blocks = []
+        original = skp.euclidean_distances
+
+        def recording(x, y, **kw):
+            blocks.append(x.shape[0])
+            return original(x, y, **kw)
+
+        monkeypatch.setattr(skp, "euclidean_distances", recording)
+        for rows in (1, 7, None):
+            blocks.clear()
+            got = prdc_metrics(fake, real, k, chunk_rows=rows)
+            assert {m: got[f"prdc_{m}"] for m in ref} == {m: float(v) for m, v in ref.items()}, (k, rows)
+            assert max(blocks) == (rows or 53)
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="at least 7 samples"):
+        prdc_metrics(fake[:6], real, 5)
+
+
+def test_precision_recall_in_blocks_equals_torch_fidelity(monkeypatch):
+    """torch-fidelity's precision / recall from cdist blocks reduced as they come equal prc_features_to_metric's
+    full matrices exactly (ties included), and no block exceeds batch_size x batch_size."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from varup.metrics.fidelity import prc_metrics
+
+    real = torch.from_numpy(_features_with_ties(37, 6, 3))
+    gen = torch.from_numpy(_features_with_ties(29, 6, 4))
+    gen[2] = real[5]
+    gen[8:12] = real[9] + 0.1 * torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cdist = torch.cdist
+    shapes = []
+
+    def recording(a, b, *args, **kw):
+        shapes.append((len(a), len(b)))
+        return cdist(a, b, *args, **kw)
+
+    for k, bs in ((3, 8), (2, 10), (3, None)):
+        ref = prc_features_to_metric(gen, real, prc_neighborhood=k, prc_batch_size=bs or 10000, save_cpu_ram=False,
+                                     verbose=False)
+        shapes.clear()
+        monkeypatch.setattr(torch, "cdist", recording)
+        got = prc_metrics(gen, real, k, batch_size=bs)
+        monkeypatch.undo()
+        assert got == {"precision": ref["precision"], "recall": ref["recall"], "f_score": ref["f_score"]}, (k, bs)
+        assert max(max(s) for s in shapes) == min(bs or 10000, 37)
+
+
+def test_clean_fid_features_in_memory_equal_the_png_folder_path(inception_info, image_sets, tmp_path, monkeypatch):
+    """clean-FID features of images in memory (DataLoader workers, clean-fid's own resizer) equal clean-fid's folder
+    path over PNGs of the same images, and no image file is written on the way."""
+    from cleanfid import fid as cfid
+    from PIL import Image
+
+    from varup.metrics.fidelity import clean_fid_features
+
+    images = np.concatenate([image_sets["real"][:2], image_sets["noise"][:2]])
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:06d}.png")
+    model = inc.load_inception(inception_info).resized_input_module()
+    ref = cfid.get_folder_features(str(folder), model=model, num_workers=0, batch_size=4, device=torch.device("cpu"),
+                                   mode="clean", verbose=False)
+
+    def no_files(*args, **kwargs):
+        raise AssertionError("clean-FID features must not write images")
+
+    monkeypatch.setattr(Image.Image, "save", no_files)
+    got = clean_fid_features(images, inception_info, batch_size=4, num_workers=2)
+    assert got.shape == (4, 2048)
+    np.testing.assert_array_equal(got, ref)
+
+
 # ------------------------------------------------------------------------------------------ diversity
 def test_ssim_identical_and_different():
     a = smooth_images(1, 3)[0]
