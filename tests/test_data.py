@@ -397,3 +397,75 @@ def test_position_jitter_narrows_where_objects_sit():
     assert np.abs(c3 - 16).max() <= 0.3 * 16 / 2 + 1.5  # the free range of a ~16 px object is ~15 px
     with pytest.raises(ValueError, match="position_jitter"):
         generate_toy_dataset("/nonexistent/never", position_jitter=1.5, **SMALL)
+
+
+# ------------------------------------------------------------------------------------------ token cache
+class _Counting(torch.utils.data.Dataset):
+    """A dataset that counts its decodes and can fail at one index (a kill in the middle of a split)."""
+
+    def __init__(self, ds, fail_at: int | None = None):
+        self.ds, self.labels, self.hflip, self.fail_at, self.calls = ds, ds.labels, ds.hflip, fail_at, []
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise RuntimeError(f"killed at image {i}")
+        self.calls.append(i)
+        return self.ds[i]
+
+
+def _cache_arrays(d: Path, split: str) -> dict[str, np.ndarray]:
+    return {k: np.load(d / f"{split}_{k}.npy") for k in ("tokens", "labels", "source")}
+
+
+def test_token_cache_from_a_dataset_equals_serial_encoding(toy_ds, tmp_path):
+    """encode_dataset (each image decoded once, in DataLoader workers, the mirror made from the decoded tensor) gives
+    the token maps of encode_split fed image by image with every file decoded again for its flip; a random crop and
+    shards that split an image's two variants included, and a resumed run gives them too."""
+    from helpers import tiny_vqvae
+    from varup.data.folder import open_split
+    from varup.tokenizer.tokens import encode_dataset, encode_split, variant_image
+
+    vae = tiny_vqvae().freeze()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)
+    pre = {"mid_reso": 1.125, "crop": "random"}  # 32 px -> 18 px (LANCZOS) -> a seeded 16 px crop
+    plain = open_split(toy_ds, "val", 16, pre)
+    mirrored = ImageDataset.from_toy(toy_ds, "val", resolution=16, mid_reso=1.125, crop="random",
+                                     hflip=[True] * len(plain))  # every file decoded again, flipped while decoding
+    variants = [{"hflip": False}, {"hflip": True}]
+    kw = dict(variants=variants, batch_size=5, shard_size=7)  # 7 rows a shard: shards split an image's variants
+
+    def get_image(i, v):
+        return (mirrored if v.get("hflip") else plain)[i][0]
+
+    serial = encode_split(vae, get_image, plain.labels, tmp_path / "serial", "val", **kw)
+    ref = _cache_arrays(tmp_path / "serial", "val")
+    assert len(np.unique(ref["tokens"], axis=0)) > len(plain)  # the mirrors are encoded as other token maps
+
+    counted = _Counting(plain)
+    split = encode_dataset(vae, counted, tmp_path / "once", "val", **kw)
+    assert split == serial and sorted(counted.calls) == list(range(len(plain)))  # each image decoded once
+    for k, v in _cache_arrays(tmp_path / "once", "val").items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+    assert encode_dataset(vae, plain, tmp_path / "workers", "val", num_workers=2, **kw) == serial
+    for k, v in _cache_arrays(tmp_path / "workers", "val").items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+    # decoded 5 images at a time: image 20 fails after shards 0-4 (rows 0..34) are written; row 34 is image 17,
+    # row 35 its mirror
+    with pytest.raises(RuntimeError, match="killed at image 20"):
+        encode_dataset(vae, _Counting(plain, fail_at=20), tmp_path / "resumed", "val", **kw)
+    assert len(list((tmp_path / "resumed" / ".shards" / "val").glob("*.npz"))) == 5
+    rerun = _Counting(plain)
+    assert encode_dataset(vae, rerun, tmp_path / "resumed", "val", **kw) == serial
+    assert rerun.calls[0] == 17  # the resumed run decodes image 17 again for its mirror
+    for k, v in _cache_arrays(tmp_path / "resumed", "val").items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+    with pytest.raises(ValueError, match="without hflip"):
+        encode_dataset(vae, open_split(toy_ds, "val", 16, pre, hflip=True), tmp_path / "x", "val", **kw)
+    with pytest.raises(ValueError, match="unknown keys \\['vflip'\\]"):
+        variant_image(plain[0][0], {"vflip": True})
