@@ -94,6 +94,57 @@ def test_mc_passes_are_deterministic_differ_with_dropout_and_rate_zero_gives_zer
     assert var.blocks[0].drop_path.mc_mask is None and not var.training  # cleaned up
 
 
+def test_batched_mc_passes_equal_the_passes_made_one_at_a_time(models, monkeypatch):
+    """Passes in batches (one mask and one sampling generator per pass) draw what each pass draws alone: the same
+    images up to the rounding of batched matmuls (~1e-6, 1e-5 with more_smooth; a different mask or sampling noise changes pixels by
+    ~0.1), for a class and a class mix, with top-k / top-p and with more_smooth's Gumbel noise. On the CPU the
+    default is the former path, one pass at a time."""
+    import varup.studies.uncertainty as unc
+
+    var, vae = models
+    batches = []
+    real_sample = unc.sample
+
+    def counting_sample(*args, **kw):
+        out = real_sample(*args, **kw)
+        batches.append(len(out.images))
+        return out
+
+    monkeypatch.setattr(unc, "sample", counting_sample)
+    for cond, kw in ((1, KW), (entangled_weights(5, [0, 3]), dict(cfg=2.0, top_k=20, top_p=0.9, more_smooth=True))):
+        one = mc_passes(var, vae, cond, T=5, rate=0.3, seed=3, batch_size=1, **kw)
+        assert batches == [1] * 5
+        batches.clear()
+        assert torch.equal(mc_passes(var, vae, cond, T=5, rate=0.3, seed=3, **kw), one)  # the CPU default
+        batches.clear()
+        for bs, expect in ((5, [5]), (2, [2, 2, 1]), (64, [5])):
+            got = mc_passes(var, vae, cond, T=5, rate=0.3, seed=3, batch_size=bs, **kw)
+            assert batches == expect
+            batches.clear()
+            assert float((got - one).abs().max()) < 1e-4, (cond, bs)
+        spread = [float((one[t] - one[0]).abs().max()) for t in range(1, 5)]
+        assert max(spread) > 0.05  # the passes differ (masks per pass) far beyond the rounding
+    assert var.blocks[0].drop_path.mc_mask is None
+
+
+def test_one_generator_per_image_samples_each_image_as_alone(models):
+    """sample() with a list of generators: image b is drawn from its own generator, as in a batch of one (the same
+    tokens; pixels to float rounding)."""
+    var, vae = models
+    labels = torch.tensor([0, 3, 1])
+    kw = dict(cfg=1.5, top_k=30, top_p=0.0, more_smooth=True)
+    gens = [make_generator(derive_seed(9, "g", b), "cpu") for b in range(3)]
+    both = sample(var, vae, labels, generator=gens, **kw)
+    for b in range(3):
+        alone = sample(var, vae, labels[b:b + 1], generator=make_generator(derive_seed(9, "g", b), "cpu"), **kw)
+        assert all(torch.equal(t[b], a[0]) for t, a in zip(both.tokens, alone.tokens))
+        assert float((both.images[b] - alone.images[0]).abs().max()) < 1e-4
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(var, vae, labels, generator=gens[:2], **kw)
+    with pytest.raises(ValueError, match="one generator for the batch"):
+        sample(var, vae, None, batch_size=3, generator=gens, **kw)
+
+
 def test_region_sigma_on_a_synthetic_map():
     sigma = np.full((8, 8), 0.1)
     mask = np.zeros((8, 8), bool)

@@ -75,18 +75,36 @@ def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
     return logits_BlV
 
 
+# one generator for the batch, or one per image (a list of B): image b's noise then comes from its own generator,
+# drawn as in a batch of one (batched MC-dropout passes that reproduce the passes made one at a time)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _per_image(generator: Generators, B: int) -> bool:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for a batch of {B} images (one per image)")
+        return True
+    return False
+
+
 def sample_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: Generators = None) -> torch.Tensor:
     """(B, l, V) logits -> (B, l) indices; the logits are masked in place (as the official helper)."""
     B, l, V = logits_BlV.shape
     top_k_top_p_filter_(logits_BlV, top_k, top_p)
-    probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+    probs = logits_BlV.softmax(dim=-1)
+    if _per_image(generator, B):
+        return torch.stack([torch.multinomial(p, num_samples=1, replacement=True, generator=g).view(l)
+                            for p, g in zip(probs, generator)])
+    return torch.multinomial(probs.view(-1, V), num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
-def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: Generators) -> torch.Tensor:
     if generator is None:
         return F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    if _per_image(generator, logits.shape[0]):
+        return torch.cat([gumbel_softmax(logits[b:b + 1], tau, g) for b, g in enumerate(generator)])
     gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=generator).log()
     return ((logits + gumbels) / tau).softmax(-1)
 
@@ -118,7 +136,7 @@ def box_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: flo
 @torch.no_grad()
 def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_size: int | None = None,
            cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-           generator: torch.Generator | None = None, class_weights: torch.Tensor | None = None,
+           generator: Generators = None, class_weights: torch.Tensor | None = None,
            teacher_tokens: Sequence[torch.Tensor] | None = None, force_masks: Sequence[torch.Tensor] | None = None,
            return_raw_logits: bool = False, decode: bool = True, cond_BD: torch.Tensor | None = None) -> SampleOutput:
     """Generate B images.
@@ -129,6 +147,8 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
     boolean masks; where a mask is True the given token's embedding replaces the sampled one. ``cond_BD`` (2B, D):
     the conditional then the unconditional condition embeddings, for a model not conditioned on classes
     (:meth:`varup.models.textvar.TextVAR.guided_condition`); ``labels`` are then only carried into the output.
+    ``generator``: one generator for the batch, or a list of one per image (image b is then drawn from its own, as
+    :func:`sample` with that generator alone would draw it; the labels must be given).
     """
     labels = _batch_labels(var, labels, batch_size, generator, cond_BD)
     _check_inputs(var, vae, labels, cond_BD, teacher_tokens, force_masks)
@@ -142,7 +162,7 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
 
 
 def _batch_labels(var: VAR, labels: torch.Tensor | int | None, batch_size: int | None,
-                  generator: torch.Generator | None, cond_BD: torch.Tensor | None) -> torch.Tensor:
+                  generator: Generators, cond_BD: torch.Tensor | None) -> torch.Tensor:
     """:func:`sample`'s ``labels`` as a (B,) LongTensor on the model's device (drawn from ``generator`` when None;
     -1 per image with ``cond_BD`` and no labels given)."""
     device = var.lvl_1L.device
@@ -156,6 +176,8 @@ def _batch_labels(var: VAR, labels: torch.Tensor | int | None, batch_size: int |
         raise ValueError("batch_size is required when labels is an int or None")
     B = batch_size
     if labels is None:
+        if isinstance(generator, (list, tuple)):
+            raise ValueError("labels drawn at random need one generator for the batch, not one per image")
         uniform = torch.full((var.num_classes,), 1.0 / var.num_classes, device=device)
         return torch.multinomial(uniform, num_samples=B, replacement=True, generator=generator).reshape(B)
     return torch.full((B,), var.num_classes if labels < 0 else labels, device=device, dtype=torch.long)
@@ -195,7 +217,7 @@ _Teacher = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
 
 
 def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg: float, top_k: int, top_p: float,
-                     more_smooth: bool, generator: torch.Generator | None, teacher: _Teacher | None,
+                     more_smooth: bool, generator: Generators, teacher: _Teacher | None,
                      return_raw_logits: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The official ``autoregressive_infer_cfg`` loop over the scales, KV-cached: returns the final f_hat
     (B, Cvae, p, p), the per-scale tokens and, if asked, the raw logits of both CFG halves per scale.
@@ -231,7 +253,7 @@ def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg
 
 
 def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: int, ratio: float, *, cfg: float,
-                  top_k: int, top_p: float, more_smooth: bool, generator: torch.Generator | None,
+                  top_k: int, top_p: float, more_smooth: bool, generator: Generators,
                   teacher: _Teacher | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale's tokens from the (2B, l, V) logits of both CFG halves: guided (ramp ``cfg * ratio``), top-k /
     top-p sampled, the given tokens kept where the teacher's force mask says so. Returns their embeddings
@@ -256,10 +278,11 @@ def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: in
 
 
 @contextlib.contextmanager
-def mc_dropout(var: VAR, rate: float, batch_size: int, generator: torch.Generator | None) -> Iterator[None]:
+def mc_dropout(var: VAR, rate: float, batch_size: int, generator: Generators) -> Iterator[None]:
     """Keep DropPath active at inference (MC-dropout): block i drops its residual branches with probability
     ``linspace(0, rate, depth)[i]`` (the official per-block schedule), one mask per image drawn from ``generator``
-    and held for every scale of the generation; both CFG halves of an image share it."""
+    (or, given one generator per image, image b's masks from its own, as in a batch of one) and held for every
+    scale of the generation; both CFG halves of an image share it."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"MC-dropout rate must be in [0, 1), got {rate}")
     device = var.lvl_1L.device
@@ -267,7 +290,11 @@ def mc_dropout(var: VAR, rate: float, batch_size: int, generator: torch.Generato
     try:
         for b, p in zip(var.blocks, rates):
             keep = 1.0 - p
-            m = torch.empty(batch_size, 1, 1, device=device).bernoulli_(keep, generator=generator).div_(keep)
+            if _per_image(generator, batch_size):
+                m = torch.cat([torch.empty(1, 1, 1, device=device).bernoulli_(keep, generator=g) for g in generator])
+            else:
+                m = torch.empty(batch_size, 1, 1, device=device).bernoulli_(keep, generator=generator)
+            m.div_(keep)
             b.drop_path.set_mc_mask(m.repeat(2, 1, 1))
         yield
     finally:

@@ -12,9 +12,17 @@ Definitions
     ``linspace(0, rate, depth)``), its mask generator seeded ``derive_seed(seed, 'mc', t)``; one mask per pass, held
     for every scale of the generation and shared by both CFG halves.
 
-  The passes run one at a time (batch 1). Batching them is not equivalent: ``torch.multinomial`` draws different
-  noise for every row of a batch, so batched passes would mix sampling noise into σ (and rate 0 would no longer give
-  σ = 0). At 32 px with the toy model a pass takes ~40 ms on one CPU thread (T = 50: ~2 s).
+  On a GPU the passes run in batches (``batch_size``, default :data:`MC_GPU_BATCH`: T = 50 is one batch) with one
+  generator per pass for each kind of noise (:func:`varup.sampling.sampler.sample` and ``mc_dropout`` take a list
+  of generators, one per image): pass t draws its masks from its own mask generator and its tokens from its own
+  copy of the sampling generator, the same random numbers it draws alone. One generator for the whole batch would
+  not do: ``torch.multinomial`` draws different noise for every row of a batch, so the passes would mix sampling
+  noise into σ (and rate 0 would no longer give σ = 0). The arithmetic is not the same, though: a matmul or conv
+  over a batch rounds differently from one over a single image (on the CPU ~1e-6 in the logits and pixels of the
+  tiny test model, same tokens), so batched passes equal the passes made one at a time to float rounding only --
+  unless a rounding moves a token across a sampling boundary. On the CPU the default therefore stays one pass at
+  a time (``batch_size=1``, the former path, whose numbers the toy's tests compare bit for bit); at 32 px with the
+  toy model a pass takes ~40 ms on one CPU thread (T = 50: ~2 s).
 * **σ map** (:func:`sigma_map`). Images in [0, 1]; σ(y, x) = mean over the 3 channels of the population standard
   deviation (ddof = 0) over the T passes: ``images.std(axis=0).mean(axis=0)``. The "mean σ" of a map is its average
   over all pixels.
@@ -71,6 +79,7 @@ log = logging.getLogger("varup.studies.uncertainty")
 SWEEP_RATES = (0.05, 0.1, 0.2, 0.3)
 ENTANGLEMENT_MIXES = ([0], [0, 1], [0, 1, 2])
 OBJECT_MIN_CHROMA = 0.3  # the upper Otsu class must be at least this saturated to be an object
+MC_GPU_BATCH = 64  # MC passes run at once on a GPU (one at a time on a CPU: see the module docstring)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -85,27 +94,41 @@ def _device(var, device) -> torch.device:
 # ------------------------------------------------------------------------------------------- MC passes
 @torch.no_grad()
 def mc_passes(var, vae, label_or_weights, *, T: int = 50, rate: float, seed: int, cfg: float = 1.5, top_k: int = 0,
-              top_p: float = 0.0, more_smooth: bool = False, device=None, show_progress: bool = False) -> torch.Tensor:
+              top_p: float = 0.0, more_smooth: bool = False, device=None, show_progress: bool = False,
+              batch_size: int | None = None) -> torch.Tensor:
     """T MC-dropout passes for one condition and sampling seed (see the module docstring): float32 (T, 3, H, W) in
     [0, 1] on the CPU. ``label_or_weights``: a class index, or a (num_classes+1,) class-weight vector
-    (:func:`entangled_weights`)."""
+    (:func:`entangled_weights`). ``batch_size`` passes run at once, each with its own generators (1: one pass at a
+    time with single generators, the former path; None: 1 on a CPU, :data:`MC_GPU_BATCH` on a GPU)."""
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
     dev = _device(var, device)
-    cond = condition_kwargs(var, label_or_weights, 1)
+    if batch_size is None:
+        batch_size = 1 if dev.type == "cpu" else MC_GPU_BATCH
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     top_k = min(int(top_k), var.V)
     out = []
-    it: Iterable[int] = range(T)
+    batches: Iterable[range] = [range(a, min(T, a + batch_size)) for a in range(0, T, batch_size)]
+    bar = None
     if show_progress:
         from varup.base.utils import progress
 
-        it = progress(it, total=T, desc="mc passes", unit="pass")
+        bar = progress(total=T, desc="mc passes", unit="pass")
     with eval_mode(var, vae):
-        for t in it:
-            with mc_dropout(var, rate, 1, make_generator(derive_seed(seed, "mc", t), dev)):
-                o = sample(var, vae, **cond, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                           generator=make_generator(derive_seed(seed, "sample"), dev))
+        for ts in batches:
+            masks = [make_generator(derive_seed(seed, "mc", t), dev) for t in ts]
+            noise = [make_generator(derive_seed(seed, "sample"), dev) for _ in ts]
+            if len(ts) == 1:  # a batch of one: its generators themselves (the path of batch_size=1)
+                masks, noise = masks[0], noise[0]
+            with mc_dropout(var, rate, len(ts), masks):
+                o = sample(var, vae, **condition_kwargs(var, label_or_weights, len(ts)), cfg=cfg, top_k=top_k,
+                           top_p=top_p, more_smooth=more_smooth, generator=noise)
             out.append(o.images.float().cpu())
+            if bar is not None:
+                bar.update(len(ts))
+    if bar is not None:
+        bar.close()
     return torch.cat(out, 0)
 
 
