@@ -469,3 +469,30 @@ def test_token_cache_from_a_dataset_equals_serial_encoding(toy_ds, tmp_path):
         encode_dataset(vae, open_split(toy_ds, "val", 16, pre, hflip=True), tmp_path / "x", "val", **kw)
     with pytest.raises(ValueError, match="unknown keys \\['vflip'\\]"):
         variant_image(plain[0][0], {"vflip": True})
+
+
+def test_varup_encode_stores_the_mirror_of_every_image(toy_ds, tmp_path):
+    """`varup encode` with the paper's token_variants [{hflip: false}, {hflip: true}]: the second row of each image is
+    the token map of its mirror, for every image (the command opened the dataset with hflip=True, which flips each
+    item at random, p = 0.5: about half the "mirrors" were copies of the unflipped image)."""
+    from helpers import tiny_vqvae
+    from varup.cli import main
+    from varup.data.folder import open_split
+    from varup.tokenizer.tokens import encode_split
+
+    vae = tiny_vqvae().freeze()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)
+    torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, tmp_path / "vqvae.pt")
+    variants = [{"hflip": False}, {"hflip": True}]
+    main(["encode", "--data", str(toy_ds), "--tokenizer", str(tmp_path / "vqvae.pt"), "--resolution", "16",
+          "--variants", json.dumps(variants), "--splits", "train", "--batch-size", "8", "--workers", "1",
+          "--device", "cpu", "--out", str(tmp_path / "cli")])
+    plain = open_split(toy_ds, "train", 16, {})
+    mirrored = ImageDataset.from_toy(toy_ds, "train", resolution=16, hflip=[True] * len(plain))
+
+    def get_image(i, v):
+        return (mirrored if v.get("hflip") else plain)[i][0]
+
+    encode_split(vae, get_image, plain.labels, tmp_path / "ref", "train", variants=variants, batch_size=8)
+    for k, v in _cache_arrays(tmp_path / "ref", "train").items():
+        np.testing.assert_array_equal(_cache_arrays(tmp_path / "cli", "train")[k], v, err_msg=k)

@@ -124,24 +124,19 @@ def cmd_encode(a) -> None:
     from varup.base.utils import sha256_file
     from varup.data.folder import open_split
     from varup.models.vqvae import load_vqvae
-    from varup.tokenizer.tokens import encode_split, write_meta
+    from varup.tokenizer.tokens import encode_dataset, write_meta
 
     dev = resolve_device(a.device)
     vae = load_vqvae(a.tokenizer)
     splits, class_names = {}, None
     for spec in a.splits:
         source, split = spec.split(":", 1) if ":" in spec else (spec, spec)  # e.g. val:ood stores val as 'ood'
-        variants = a.variants if split == "train" else [{}]
-        sets = [open_split(a.data, source, a.resolution, a.preprocess, hflip=bool(v.get("hflip"))) for v in variants]
-        class_names = sets[0].class_names
-        # hflip=True on the dataset flips every item; the variant index selects the dataset
-        lookup = {json.dumps(v, sort_keys=True): d for v, d in zip(variants, sets)}
-
-        def get_image(i, variant, lookup=lookup):
-            return lookup[json.dumps(variant, sort_keys=True)][i][0]
-
-        splits[split] = encode_split(vae, get_image, sets[0].labels, a.out, split, variants=variants,
-                                     batch_size=a.batch_size, device=dev)
+        # each image is decoded once (by --workers processes) and its variants (the mirror) made from that tensor;
+        # a dataset opened with hflip=True would flip at random (p = 0.5), not mirror every image
+        data = open_split(a.data, source, a.resolution, a.preprocess)
+        class_names = data.class_names
+        splits[split] = encode_dataset(vae, data, a.out, split, variants=a.variants if split == "train" else [{}],
+                                       batch_size=a.batch_size, device=dev, num_workers=a.workers)
     info = json.loads((Path(a.data) / "dataset.json").read_text())
     write_meta(a.out, vae, splits, class_names, tokenizer_sha256=sha256_file(a.tokenizer), source=str(a.data),
                imagenet1k_index=info.get("imagenet1k_index"))
@@ -660,6 +655,7 @@ def add_tokenizer_commands(cmd) -> None:
     p.add_argument("--variants", type=_json, default=[{}])
     p.add_argument("--splits", nargs="+", default=["train", "val"], help="SPLIT or SOURCE:STORED (e.g. val:ood)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0: this process)")
     p.add_argument("--out", required=True)
 
     p = cmd("references", cmd_references, "precompute the loss references (clusters, semantic and dataset s*)")
