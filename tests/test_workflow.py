@@ -168,9 +168,9 @@ def test_every_gpu_rule_asks_the_slurm_profile_for_a_gpu():
             if "**GPU" in m.group(2):
                 gpu_rules.add(m.group(1))
     assert {"sample_shard", "evaluate", "mc_dropout", "bench"} <= gpu_rules
-    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    missing = sorted(r for r in gpu_rules if prof["set-resources"].get(r, {}).get("gpu", 0) < 1)
-    assert not missing, f"GPU rules without a gpu request in profiles/slurm: {missing}"
+    sizes = validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))["cluster"]["sizes"]
+    missing = sorted(r for r in gpu_rules if sizes.get(r, {}).get("gpu", 0) < 1)
+    assert not missing, f"GPU rules without a gpu request in cluster.sizes (src/varup/config/schema.yaml): {missing}"
 
 
 def test_the_default_profile_is_loaded_beside_the_snakefile(tmp_path):
