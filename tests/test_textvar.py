@@ -157,3 +157,20 @@ def test_captioned_var_trains_the_encoder_and_the_generator_together(models):
     assert torch.equal(emb, frozen.caption_emb[[3, 1]]) and torch.equal(null, torch.zeros(16))
     with pytest.raises(ValueError, match="null_condition"):
         CaptionedVAR(tiny_textvar(), CAPTIONS, encoder=enc, null_condition="zeros")
+
+
+@pytest.mark.parametrize("null_condition, cond_drop_rate, trained", [
+    ("empty_caption", 0.1, False), ("learned", 0.1, True), ("learned", 0.0, False)])
+def test_the_learned_null_is_frozen_where_training_never_uses_it_and_still_saved(tmp_path, null_condition,
+                                                                                 cond_drop_rate, trained):
+    """Trained only with null_condition learned and caption dropout; frozen, it still loads and saves strictly
+    with VAR-CLIP's layout (noise.weight is in the released weights)."""
+    net = CaptionedVAR(tiny_textvar(cond_drop_rate=cond_drop_rate), CAPTIONS, encoder=tiny_encoder(),
+                       null_condition=null_condition)
+    assert net.var.noise.weight.requires_grad is trained and net.trains_learned_null is trained
+    assert all(p.requires_grad for n, p in net.named_parameters() if n != "var.noise.weight")
+    torch.save(net.var.state_dict(), tmp_path / "varclip.pth")
+    loaded = load_varclip(tmp_path / "varclip.pth", model=CaptionedVAR(
+        tiny_textvar(cond_drop_rate=cond_drop_rate), CAPTIONS, encoder=tiny_encoder(), null_condition=null_condition).var)
+    assert torch.equal(loaded.noise.weight, net.var.noise.weight)
+    assert loaded.noise.weight.requires_grad is trained  # loading keeps the freeze

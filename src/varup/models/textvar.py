@@ -91,7 +91,12 @@ class CaptionedVAR(nn.Module):
 
     ``encoder`` (a trainable module with ``tokenize``, e.g. the toy encoder) is trained with the generator, or
     ``table`` (U, E) holds a frozen encoder's embeddings of the U captions (CLIP: encoded once). ``empty`` is the
-    empty caption's embedding for a frozen encoder. One module, so DDP averages the encoder's gradients too."""
+    empty caption's embedding for a frozen encoder. One module, so DDP averages the encoder's gradients too.
+
+    The learned null caption (``var.noise``) is trained only where training uses it, i.e. with
+    ``null_condition: learned`` and caption dropout (``cond_drop_rate`` > 0); elsewhere it is frozen
+    (``requires_grad`` False): it would get no gradient, which DDP refuses, and AdamW skips a parameter without
+    one anyway, so freezing changes no weight. It stays in the state dict (VAR-CLIP's released weights have it)."""
 
     def __init__(self, var: TextVAR, captions: list[str], *, encoder: nn.Module | None = None,
                  table: torch.Tensor | None = None, empty: torch.Tensor | None = None,
@@ -103,6 +108,7 @@ class CaptionedVAR(nn.Module):
             raise ValueError(f"text.null_condition must be one of {NULL_CONDITIONS}, got {null_condition!r}")
         self.var, self.encoder, self.null_condition = var, encoder, null_condition
         self.captions = list(captions)
+        var.noise.weight.requires_grad_(self.trains_learned_null)
         if encoder is not None:
             self.register_buffer("caption_ids", encoder.tokenize(self.captions + [""]), persistent=False)
         else:
@@ -112,6 +118,11 @@ class CaptionedVAR(nn.Module):
     @property
     def cfg(self) -> VARConfig:
         return self.var.cfg
+
+    @property
+    def trains_learned_null(self) -> bool:
+        """Whether a training step uses the learned null caption (``learned``, with caption dropout)."""
+        return self.null_condition == "learned" and self.var.cond_drop_rate > 0
 
     @property
     def depth(self) -> int:
