@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_vqvae
 from varup.base.runtime import EXIT_PREEMPTED, Dist, NonFiniteLossError
 from varup.models.checkpoint import load_model
+from varup.models.vqvae import split_tokens
 from varup.tokenizer.tokens import TokenCache, encode_split, write_meta
 from varup.training.loop import BatchOrder, OptimConfig, RunSpec, lr_at, param_groups, train
 from varup.training.references import build_references
@@ -199,7 +200,7 @@ def _poison_loss(monkeypatch, at_call: int, then=None) -> None:
 def test_nonfinite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(assets, tmp_path, monkeypatch):
     _poison_loss(monkeypatch, at_call=7)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at or before step 7.*step 4"):
-        run_train(assets, tmp_path, spec())
+        run_train(assets, tmp_path, spec(nonfinite_check_every=1))
     ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for k, v in ckpt["model"].items() if k != "attn_bias_for_masking")
@@ -221,6 +222,15 @@ def test_ckpt_every_must_be_a_multiple_of_the_nonfinite_check():
     with pytest.raises(ValueError, match="ckpt_every.*multiple.*nonfinite_check_every"):
         OptimConfig(ckpt_every=10, nonfinite_check_every=4)
     OptimConfig(ckpt_every=12, nonfinite_check_every=4)
+
+
+def test_unset_the_finite_loss_check_runs_on_log_and_checkpoint_steps():
+    """Unset, the check (a host sync) runs every gcd(log_every, ckpt_every) steps: the log interval where the
+    checkpoint interval is a multiple of it (the toy's 25 / 350, the paper's 100 / 2000), never every step."""
+    assert OptimConfig(log_every=25, ckpt_every=350).nonfinite_check_every == 25
+    assert OptimConfig(log_every=100, ckpt_every=2000).nonfinite_check_every == 100
+    assert OptimConfig(log_every=30, ckpt_every=100).nonfinite_check_every == 10  # every log and checkpoint step
+    assert OptimConfig(log_every=30, ckpt_every=100, nonfinite_check_every=50).nonfinite_check_every == 50
 
 
 def test_log_lines_carry_gradient_shares_and_dispersion(assets, tmp_path):
@@ -268,3 +278,220 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(assets, tmp_pat
     wa, wb = (torch.load(p / "model.pt", weights_only=True)["model"] for p in (single, ddp))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ every family under DDP, no host sync in a step
+CAPTIONS = ["a circle", "a red circle", "a square", "a large blue square", "a circle or a square"]
+
+
+@pytest.fixture(scope="module")
+def captions(assets):
+    """A caption table for the 96 training images: two true captions each, drawn 0.7 / 0.3."""
+    d = assets / "captions"
+    d.mkdir(exist_ok=True)
+    n = 96
+    ids = np.array([[i % 5, (i + 2) % 5] for i in range(n)], np.int64).reshape(-1)
+    np.savez(d / "captions.npz", offsets=np.arange(0, 2 * n + 1, 2, dtype=np.int64), ids=ids,
+             weights=np.tile([0.7, 0.3], n))
+    (d / "captions.json").write_text(json.dumps({"source": "test", "split": "train", "n_images": n,
+                                                 "captions": CAPTIONS, "kinds": ["test"] * 5, "n_modes": [None] * 5}))
+    return d
+
+
+def text_spec(null_condition: str, cond_drop_rate: float, steps=12, **optim) -> RunSpec:
+    s = spec(steps, **optim)
+    s.model.update(drop_path_rate=0.0, cond_drop_rate=cond_drop_rate)
+    s.text = {"encoder": {"kind": "toy", "dim": 16, "width": 16, "max_len": 8}, "null_condition": null_condition}
+    return s
+
+
+def _one_step(model, vae, cond) -> None:
+    """One teacher-forced forward and backward in training mode, as the trainer's step."""
+    g = torch.Generator().manual_seed(0)
+    tok = torch.cat([torch.randint(0, vae.V, (4, pn * pn), generator=g) for pn in vae.patch_nums], 1)
+    model.train()
+    logits = model(cond, vae.quantize.idxBl_to_var_input(split_tokens(tok, vae.patch_nums)))
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tok.flatten()).backward()
+
+
+FAMILIES = {  # name: (model settings, text settings or None, the parameters it must freeze)
+    "class": ({}, None, set()),
+    "class, no l2-normalised attention": ({"attn_l2_norm": False}, None, set()),
+    "text, empty caption": ({}, {"null_condition": "empty_caption"}, {"var.noise.weight"}),
+    "text, learned null": ({}, {"null_condition": "learned"}, set()),
+    "text, learned null without caption dropout": ({"cond_drop_rate": 0.0}, {"null_condition": "learned"},
+                                                   {"var.noise.weight"}),
+    "text, 2-layer toy encoder": ({}, {"null_condition": "learned", "depth": 2}, set()),
+    "text, frozen table (CLIP), empty caption": ({}, {"null_condition": "empty_caption", "table": True},
+                                                 {"var.noise.weight"}),
+    "text, frozen table (CLIP), learned null": ({}, {"null_condition": "learned", "table": True}, set()),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_step_of_each_family_leaves_no_trainable_parameter_without_a_gradient(assets, captions, family):
+    """DDP without find_unused_parameters needs a gradient for every trainable parameter in every step; what a
+    configuration never uses is frozen (and still saved: VAR-CLIP's weights have noise.weight)."""
+    from varup.data.captions import CaptionTable
+    from varup.models.textvar import CaptionedVAR
+    from varup.models.vqvae import load_vqvae
+    from varup.training.loop import build_captioned, build_model, params_without_grad
+
+    settings, text, frozen = FAMILIES[family]
+    vae = load_vqvae(assets / "vqvae.pt")
+    s = spec()
+    s.model.update(settings)
+    if text is None:
+        model, cond = build_model(s, vae, 4), torch.tensor([0, 1, 2, 3])
+    elif text.get("table"):
+        var = build_model(s, vae, 1, 16)
+        model = CaptionedVAR(var, CAPTIONS, table=torch.randn(5, 16), empty=torch.randn(16),
+                             null_condition=text["null_condition"])
+        cond = torch.tensor([0, 4, 2, 1])
+    else:
+        s.text = {"encoder": {"kind": "toy", "dim": 16, "width": 16, "depth": text.get("depth", 0)},
+                  "null_condition": text["null_condition"]}
+        model, cond = build_captioned(s, vae, CaptionTable(captions)), torch.tensor([0, 4, 2, 1])
+    _one_step(model, vae, cond)
+    assert params_without_grad(model) == []
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    if text is not None:
+        assert "noise.weight" in model.var.state_dict()
+
+
+def test_the_trainer_refuses_a_trainable_parameter_without_a_gradient(assets, captions, tmp_path, monkeypatch):
+    """The learned null caption left trainable in an empty-caption run (as it was): the first step names it, before
+    DDP's 'Expected to have finished reduction' at the second step (and the ranks' unsynchronised first update)."""
+    from varup.models.textvar import CaptionedVAR
+
+    monkeypatch.setattr(CaptionedVAR, "trains_learned_null", property(lambda self: True))
+    with pytest.raises(RuntimeError, match=r"\['var\.noise\.weight'\] got no gradient in this run's first step"):
+        run_train(assets, tmp_path, text_spec("empty_caption", 0.1, steps=4), captions=captions)
+
+
+def test_freezing_the_unused_null_changes_no_weight(assets, captions, tmp_path, monkeypatch):
+    """AdamW skipped the learned null caption before (no gradient): frozen now, the single-process run of an
+    empty-caption spec ends with bit-identical weights to one where it stays trainable, as the code had it."""
+    import varup.training.loop as T
+    from varup.models.textvar import CaptionedVAR
+
+    s = text_spec("empty_caption", 0.5, steps=6)
+    run_train(assets, tmp_path / "frozen", s, captions=captions)
+    monkeypatch.setattr(CaptionedVAR, "trains_learned_null", property(lambda self: True))
+    monkeypatch.setattr(T, "check_all_trained", lambda model: None)
+    run_train(assets, tmp_path / "as_before", s, captions=captions)
+    assert same_weights(tmp_path / "frozen" / "model.pt", tmp_path / "as_before" / "model.pt")
+    a, b = (torch.load(tmp_path / r / "model.pt", weights_only=True)["text"]["encoder"]["state"]
+            for r in ("frozen", "as_before"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the toy encoder trained with it: equal too
+
+
+def test_ddp_broadcasts_no_buffers_per_step_and_every_buffer_is_a_constant(assets, captions, tmp_path):
+    """DDP is built with forward_sync_buffers / broadcast_buffers off and gradients as bucket views. That is safe
+    because no buffer of any family changes in training: after a run, each equals a freshly built model's."""
+    import torch.distributed as dist
+
+    from varup.base.runtime import wrap_ddp
+    from varup.data.captions import CaptionTable
+    from varup.models.vqvae import load_vqvae
+    from varup.training.loop import build_captioned, build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = wrap_ddp(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert ddp.broadcast_buffers is False and ddp.gradient_as_bucket_view is True
+    finally:
+        dist.destroy_process_group()
+    vae = load_vqvae(assets / "vqvae.pt")
+    for name, s, fresh in [("class", spec(steps=4), build_model(spec(), vae, 4)),
+                           ("text", text_spec("learned", 0.5, steps=4),
+                            build_captioned(text_spec("learned", 0.5), vae, CaptionTable(captions)))]:
+        run_train(assets, tmp_path / name, s, captions=captions if name == "text" else None)
+        saved = torch.load(tmp_path / name / "model.pt", weights_only=True)["model"]
+        buffers = dict(fresh.named_buffers())
+        persistent = {k.removeprefix("var."): v for k, v in buffers.items() if k.removeprefix("var.") in saved}
+        assert {k for k in buffers if k.removeprefix("var.") not in persistent} <= {"caption_ids"}  # non-persistent:
+        assert all(torch.equal(saved[k], v) for k, v in persistent.items()), name  # the caption table's word ids
+        assert {k.rsplit(".", 1)[-1] for k in persistent} == {"lvl_1L", "attn_bias_for_masking", "zero_k_bias"}
+
+
+@pytest.mark.parametrize("family", ["class", "text"])
+def test_a_training_step_makes_no_host_sync_except_on_log_and_check_steps(assets, captions, tmp_path, monkeypatch,
+                                                                          family):
+    """12 steps, log every 4, checkpoint every 8 (the finite-loss check unset: every 4): varup reads no tensor on
+    the host inside a step, and after one only on steps 4, 8 and 12 (on a GPU each read is a device sync)."""
+    from syncprobe import SyncProbe
+
+    probe = SyncProbe().install(monkeypatch.setattr)
+    s = spec(steps=12, log_every=4, ckpt_every=8) if family == "class" else text_spec("learned", 0.5, log_every=4,
+                                                                                         ckpt_every=8)
+    run_train(assets, tmp_path, s, captions=captions if family == "text" else None)
+    monkeypatch.undo()
+    syncs = probe.steps_with_syncs()
+    assert "in_step" not in syncs, [e for e in probe.events if e[0] == "in_step"][:5]
+    assert syncs["after_step"] == {4, 8, 12}, [e for e in probe.events if e[0] == "after_step"][:10]
+
+
+def _initial_weights(assets, s: RunSpec, captions) -> dict:
+    """The text generator's weights before the first step (as the trainer builds and initialises them)."""
+    from varup.data.captions import CaptionTable
+    from varup.models.vqvae import load_vqvae
+    from varup.training.loop import build_captioned
+
+    oc = OptimConfig(**s.optim)
+    vae = load_vqvae(assets / "vqvae.pt")
+    torch.manual_seed(s.seed)
+    m = build_captioned(s, vae, CaptionTable(captions))
+    m.var.init_weights(oc.init_adaln, oc.init_adaln_gamma, oc.init_head, oc.init_std)
+    return m.var.state_dict()
+
+
+@pytest.mark.parametrize("null_condition, cond_drop_rate", [("empty_caption", 0.0), ("learned", 1.0)])
+def test_text_runs_train_under_two_gloo_processes_to_the_single_process_weights(assets, captions, tmp_path,
+                                                                                null_condition, cond_drop_rate):
+    """torchrun with 2 CPU processes (gloo), the same global batch: the same logged losses and final weights as one
+    process (the empty-caption run crashed at step 2: its learned null got no gradient). Caption dropout 1.0 trains
+    the learned null in every step, deterministically (per-rank random streams differ from one process's). Each
+    rank is probed: no host read and no collective inside a step, and after one only on check steps (4, 8, 12)."""
+    s = text_spec(null_condition, cond_drop_rate, steps=12, log_every=4, ckpt_every=8)
+    run_train(assets, tmp_path / "single", s, captions=captions)
+    env = {**os.environ, "VARUP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "tests" / "syncprobe.py"), str(tmp_path / "probe")]
+    args = _cli_train(assets, tmp_path / "ddp", s)[3:] + ["--captions", str(captions)]
+    r = subprocess.run(torchrun + args, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (_curve(tmp_path / run) for run in ("single", "ddp"))
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [4, 8, 12]
+    for x, y in zip(a, b):
+        for k in ("loss", "ce", "l2nd", "lse"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    wa, wb = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("single", "ddp"))
+    for k in wa["model"]:
+        torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=1e-4, atol=1e-5)
+    for k, v in wa["text"]["encoder"]["state"].items():
+        torch.testing.assert_close(v, wb["text"]["encoder"]["state"][k], rtol=1e-4, atol=1e-5)
+    trained = not torch.equal(wa["model"]["noise.weight"], _initial_weights(assets, s, captions)["noise.weight"])
+    assert trained == (null_condition == "learned")  # the learned null trained; the unused one stayed frozen
+    for rank in (0, 1):
+        events = json.loads((tmp_path / "probe" / f"rank{rank}.json").read_text())
+        assert not [e for e in events if e[0] == "in_step"], events[:5]
+        assert {e[1] for e in events if e[0] == "after_step"} == {4, 8, 12}
+
+
+def test_a_checkpoint_that_trained_the_unused_null_is_refused_naming_the_file(assets, captions, tmp_path,
+                                                                              monkeypatch):
+    """A text run checkpointed by the code as it was (the unused learned null trainable, in the optimizer) cannot
+    be resumed by a run that freezes it: the error names the checkpoint and says to delete it (not torch's
+    'loaded state dict contains a parameter group that doesn't match')."""
+    import varup.training.loop as T
+    from varup.models.textvar import CaptionedVAR
+
+    s = text_spec("empty_caption", 0.1, steps=12)
+    with monkeypatch.context() as m:
+        m.setattr(CaptionedVAR, "trains_learned_null", property(lambda self: True))
+        m.setattr(T, "check_all_trained", lambda model: None)
+        run_train(assets, tmp_path, s, captions=captions, stop_after=5)
+    ckpt = tmp_path / "train" / "ckpt" / "last.pt"
+    with pytest.raises(RuntimeError, match=rf"^{ckpt}: its optimizer state does not fit.*delete it"):
+        run_train(assets, tmp_path, s, captions=captions)

@@ -4,6 +4,7 @@ limit coming close (:class:`SlurmClock`), into a checkpoint and a requeue or a c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -133,6 +134,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 for float32 matrix products and convolutions on CUDA for the duration (what stays fp32 under autocast:
+    the VQVAE decode, softmax inputs), restoring the previous settings; nothing on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 # ------------------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
@@ -162,6 +178,36 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local), device
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel, set for a model whose buffers are constants (the VAR's level index, its
+    block-causal mask, the attention's zero key bias, the caption table): no broadcast of the buffers before every
+    forward (the mask alone is 1.85 MB at 256 px), only the one when DDP is built (parameters and buffers from
+    rank 0); gradients as views of the all-reduce buckets (no copy between them, one gradient-sized allocation
+    less). No ``find_unused_parameters``: every trainable parameter must get a gradient in every step (the trainer
+    checks the first step; what a configuration never uses is frozen, e.g. the learned null caption of a
+    ``text.null_condition: empty_caption`` run)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:  # torch >= 2.13
+        no_forward_sync = {"forward_sync_buffers": False}
+    else:  # the older flag also skips the buffers' sync when DDP is built: done here instead
+        no_forward_sync = {"broadcast_buffers": False}
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **no_forward_sync)
+
+
+def any_rank(d: Dist, device: torch.device, *flags) -> list[bool]:
+    """Each flag (a bool or a 0-d tensor on ``device``) OR-ed over the ranks: one all-reduce and one host read for
+    all of them (a host sync: the trainer calls it on log and check steps only). One rank: the flags as read."""
+    if not d.enabled:
+        return [bool(f) for f in flags]
+    t = torch.stack([torch.as_tensor(f, device=device).reshape(()).float() for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
 
 
 def shutdown_distributed() -> None:
@@ -414,19 +460,19 @@ class PreemptionGuard:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def any_rank_requested(self, d: Dist, device: torch.device) -> bool:
-        """All ranks agree (one of them may have been signalled first, or be the one that reads the clock)."""
+    def requested_here(self) -> bool:
+        """Whether this process was signalled or its clock is due (no device, no other rank: no sync)."""
         if self.requested is None and self.clock is not None and self.clock.due():
             self.requested = f"Slurm time limit in {self.clock.left_s():.0f} s"
             self.time_limit = True
             log.warning("%s (train.stop_before_limit_s = %d): will checkpoint after this step and exit",
                         self.requested, self.clock.margin_s)
-        flag = self.requested is not None
-        if not d.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
+        return self.requested is not None
+
+    def any_rank_requested(self, d: Dist, device: torch.device) -> bool:
+        """All ranks agree (one of them may have been signalled first, or be the one that reads the clock); with
+        several ranks an all-reduce and a host read (:func:`any_rank`)."""
+        return any_rank(d, device, self.requested_here())[0]
 
 
 def parse_slurm_duration(text: str) -> float | None:

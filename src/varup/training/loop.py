@@ -18,15 +18,23 @@ Reliability:
   resumed run keeps its whole loss curve.
 * a non-finite loss stops the job with a message naming the step and the loss components; every checkpoint
   (periodic, preemption, stop) is written only after a finite-loss check, so the last good one stays
-  (``ckpt_every`` must be a multiple of ``nonfinite_check_every``).
+  (``ckpt_every`` must be a multiple of ``nonfinite_check_every``; unset, the check runs every
+  gcd(``log_every``, ``ckpt_every``) steps: the log interval when ``ckpt_every`` is a multiple of it).
+* no host sync in a step: the loss, the non-finite flag and the gradient norm stay on the device; they are read
+  only on log and check steps, where with several ranks one all-reduce also agrees on a stop request (a signal
+  or the Slurm clock, acted on at the next check step) and on the non-finite flag (every rank stops together).
 * strength made visible: each log line carries :meth:`UncertaintyLoss.diagnostics` (the regularisers' values,
   their logit-gradient shares against CE, the predictive dispersion and entropy beside the reference's).
 * multi-GPU: started by torchrun, each rank takes its slice of every global batch; gradients are averaged (DDP),
-  so the loss curve equals one process with the same global batch. Only rank 0 logs and writes files.
+  so the loss curve equals one process with the same global batch. Only rank 0 logs and writes files. DDP
+  (:func:`varup.base.runtime.wrap_ddp`) broadcasts no buffers per step (they are constants) and keeps gradients in
+  its buckets; it is not told to look for unused parameters: the first step of a job checks that every trainable
+  parameter got a gradient (:func:`params_without_grad`), and what a configuration never uses is frozen.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -37,7 +45,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from varup.base.runtime import (
     Dist,
@@ -45,6 +52,7 @@ from varup.base.runtime import (
     PreemptionGuard,
     ResumableLog,
     SlurmClock,
+    any_rank,
     autocast,
     autocast_dtype,
     discard_training_state,
@@ -57,6 +65,7 @@ from varup.base.runtime import (
     save_training_state,
     set_rng_state,
     shutdown_distributed,
+    wrap_ddp,
 )
 from varup.base.schedule import cosine
 from varup.base.seeding import derive_seed
@@ -99,7 +108,7 @@ class OptimConfig:
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 200
-    nonfinite_check_every: int = 1  # host sync to check the loss; on GPU raise it to the log interval
+    nonfinite_check_every: int | None = None  # steps between finite-loss checks (host syncs); None: see below
     # official init multipliers (build_vae_var / train.py)
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-5
@@ -111,8 +120,10 @@ class OptimConfig:
         self.betas = tuple(self.betas)
         if self.lr_schedule not in ("lin0", "constant", "cosine"):
             raise ValueError(f"train.lr_schedule must be lin0, constant or cosine, got {self.lr_schedule!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("train.steps and train.batch_size must be >= 1")
+        if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1:
+            raise ValueError("train.steps, train.batch_size, train.log_every and train.ckpt_every must be >= 1")
+        if self.nonfinite_check_every is None:  # unset: every log step and every checkpoint is a check step
+            self.nonfinite_check_every = math.gcd(self.log_every, self.ckpt_every)
         if self.nonfinite_check_every < 1 or self.ckpt_every % self.nonfinite_check_every:
             raise ValueError(f"train.ckpt_every ({self.ckpt_every}) must be a multiple of train.nonfinite_check_every "
                              f"({self.nonfinite_check_every}): a checkpoint is only written after a finite-loss check")
@@ -147,6 +158,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def params_without_grad(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters (``requires_grad``) that the last backward left without a gradient."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def check_all_trained(model: torch.nn.Module) -> None:
+    """After a job's first backward: a trainable parameter without a gradient would never train (AdamW skips it)
+    and breaks DDP (its bucket is never reduced: the ranks' weights part and the next step fails). Freeze what a
+    configuration leaves unused instead (as :class:`varup.models.textvar.CaptionedVAR` does)."""
+    missing = params_without_grad(model)
+    if missing:
+        raise RuntimeError(f"trainable parameter(s) {missing} got no gradient in this run's first step: the "
+                           f"configuration never uses them; freeze them (requires_grad False) where the model is "
+                           f"built for it (varup.models.textvar.CaptionedVAR freezes the learned null caption)")
 
 
 class Prefetcher:
@@ -317,7 +344,13 @@ def _resume(r: _Run, spec: RunSpec, out_model) -> None:
     state = load_training_state(r.ckpt_path, run_hash=r.run_hash, d=r.d, outputs=outputs)
     if state is not None:
         r.model.load_state_dict(state["model"])
-        r.opt.load_state_dict(state["optimizer"])
+        try:
+            r.opt.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another set of trainable parameters, same configuration: an older varup's
+            raise RuntimeError(f"{r.ckpt_path}: its optimizer state does not fit this run's trainable parameters "
+                               f"({e}); it was written by an older varup, which kept a parameter trainable that this "
+                               f"configuration never uses (the learned null caption of a text run): delete it to start "
+                               f"the run afresh") from e
         if r.scaler is not None and "scaler" in state:
             r.scaler.load_state_dict(state["scaler"])
         r.start = r.last_ckpt = int(state["step"])
@@ -333,13 +366,18 @@ def _resume(r: _Run, spec: RunSpec, out_model) -> None:
         set_rng_state(saved[r.d.rank])
 
 
-def _check_finite(r: _Run, done: int, out) -> None:
-    """Raise (naming the step and the loss components) if any step since the last check had a non-finite loss."""
-    if bool(r.bad):
+def _check_finite(r: _Run, done: int, out, guard: PreemptionGuard | None = None) -> bool:
+    """Raise (naming the step and the loss components) if any step since the last check had a non-finite loss on
+    any rank; with ``guard``, also return whether any rank was asked to stop. One host read (and, with several
+    ranks, one all-reduce) for both: every rank raises, or stops, at the same step."""
+    bad, *stop = any_rank(r.d, r.dev, r.bad, *([guard.requested_here()] if guard is not None else []))
+    if bad:
+        where = f"on some rank; rank {r.d.rank}'s last step had " if r.d.enabled else ""
         raise NonFiniteLossError(
-            f"non-finite loss at or before step {done} (loss {float(out.total.detach()):.4g}, ce {float(out.ce):.4g}, "
-            f"l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); {kept_checkpoint_note(r.ckpt_path, r.last_ckpt)}"
-            f"; lower the learning rate or check the data")
+            f"non-finite loss at or before step {done} ({where}loss {float(out.total.detach()):.4g}, "
+            f"ce {float(out.ce):.4g}, l2nd {float(out.l2nd):.4g}, lse {float(out.lse):.4g}); "
+            f"{kept_checkpoint_note(r.ckpt_path, r.last_ckpt)}; lower the learning rate or check the data")
+    return bool(stop and stop[0])
 
 
 def _checkpoint(r: _Run, spec: RunSpec, step: int, out) -> None:
@@ -391,6 +429,7 @@ def _log_record(r: _Run, step: int, logits, tok, out, gnorm, speed: dict) -> dic
 
 
 def _train_step(r: _Run, net, step: int, tok, lab):
+    """One optimiser step; nothing in it reads a device value on the host."""
     for g in r.opt.param_groups:
         g["lr"] = lr_at(step, r.oc)
     x = r.quant.idxBl_to_var_input(split_tokens(tok, r.vae.patch_nums))
@@ -398,12 +437,14 @@ def _train_step(r: _Run, net, step: int, tok, lab):
     with autocast(r.dev, r.amp):
         logits = net(lab, x)
     out = r.loss_fn(logits, tok)
-    r.opt.zero_grad(set_to_none=True)
+    r.opt.zero_grad(set_to_none=not r.d.enabled)  # under DDP the gradients stay views of its buckets, zeroed
     if r.scaler is not None:
         r.scaler.scale(out.total).backward()
         r.scaler.unscale_(r.opt)
     else:
         out.total.backward()
+    if step == r.start:
+        check_all_trained(r.model)
     gnorm = (torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0
              else torch.zeros((), device=r.dev))
     r.bad |= ~torch.isfinite(out.total.detach())
@@ -443,7 +484,7 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
     oc, d = r.oc, r.d
     net: torch.nn.Module = torch.compile(r.model) if oc.compile else r.model
     if d.enabled:
-        net = DDP(net, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
+        net = wrap_ddp(net, r.dev)
     order = BatchOrder(len(r.cache), oc.batch_size, spec.seed, d)
     log.info("run %s: VAR depth %d, %.2fM params, %d steps of global batch %d on %s (%d rank(s)), precision %s, "
              "loss %s", r.run_hash, r.model.depth, r.model.num_params() / 1e6, oc.steps, oc.batch_size, r.dev, d.world,
@@ -458,8 +499,10 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
         tokens_seen += tok.numel() * d.world
         done = step + 1
         log_now = done % oc.log_every == 0 or done == oc.steps
-        if done % oc.nonfinite_check_every == 0 or log_now:
-            _check_finite(r, done, out)
+        if log_now or done % oc.nonfinite_check_every == 0:  # a check step: the only host reads and collectives
+            signalled = _check_finite(r, done, out, guard)
+        else:  # one rank reads its own flag (no sync); several agree on the next check step
+            signalled = not d.enabled and guard.requested_here()
         if log_now:
             dt = max(time.time() - t_loop, 1e-9)
             rec = _log_record(r, done, logits, tok, out, gnorm, {
@@ -471,8 +514,7 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
         bar.update(1)
         if done % oc.ckpt_every == 0 and done < oc.steps:
             _checkpoint(r, spec, done, out)
-        stop = "signal" if guard.any_rank_requested(d, r.dev) else (
-            "stop_after" if stop_after is not None and steps_done >= stop_after else None)
+        stop = "signal" if signalled else ("stop_after" if stop_after is not None and steps_done >= stop_after else None)
         if stop:
             _checkpoint(r, spec, done, out)
             bar.close()
