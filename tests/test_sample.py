@@ -139,3 +139,44 @@ def test_sampler_input_errors(models):
     other = tiny_vqvae(patch_nums=(1, 2, 4))
     with pytest.raises(ValueError, match="does not match"):
         sample(var, other, torch.tensor([1]))
+
+
+def test_the_pipeline_and_the_benchmark_sample_under_one_precision_context(models, monkeypatch):
+    """`varup sample` (sample_shard, config sample.precision) and `bench` (sample_benchmark) enter the same
+    sampling_precision context with the configured precision, so the benchmark's img/s describe the pipeline; on CPU
+    `auto` is fp32: the samples equal those of an explicit fp32 call bit for bit."""
+    import varup.bench.suite as bench
+    import varup.sampling.sampler as sampler
+
+    vae, var = models
+    entered, real = [], sampler.sampling_precision
+
+    def recording(device, precision="auto"):
+        entered.append((torch.device(device).type, precision))
+        return real(device, precision)
+
+    monkeypatch.setattr(sampler, "sampling_precision", recording)
+    kw = dict(n_per_class=2, batch_size=4, seed=3, cfg=1.5, top_k=8, top_p=0.9, device="cpu")
+    auto = sampler.sample_shard(var, vae, **kw)
+    assert entered == [("cpu", "auto")] * len(auto["batch_index"])  # once per batch
+    fp32 = sampler.sample_shard(var, vae, precision="fp32", **kw)
+    assert all((auto[k] == fp32[k]).all() for k in ("images", "tokens", "labels"))
+    entered.clear()
+    bench.sample_benchmark(1, 2, patch_nums=PN, vocab=16, z_channels=8, num_classes=4, width=32, device="cpu",
+                           precision="bf16", vae="small", top_k=8, warmup=0, repeats=1)
+    assert entered and set(entered) == {("cpu", "bf16")}
+
+
+def test_tf32_is_on_for_cuda_sampling_only_and_restored():
+    from varup.base.runtime import tf32_matmuls
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with tf32_matmuls(torch.device("cpu")):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        with tf32_matmuls(torch.device("cuda")):  # flags only: no CUDA tensor is made
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

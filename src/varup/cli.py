@@ -413,7 +413,8 @@ def cmd_sample(a) -> None:
     p = a.params
     out = sample_shard(var, vae, n_per_class=p["n_per_class"], batch_size=p["batch_size"], seed=a.seed,
                        shard=a.shard, num_shards=a.num_shards, cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"],
-                       more_smooth=p.get("more_smooth", False), device=dev, desc=f"sample shard {a.shard}")
+                       more_smooth=p.get("more_smooth", False), device=dev, desc=f"sample shard {a.shard}",
+                       precision=p.get("precision", "auto"))
     atomic_npz_save(a.out, **out, params=np.array(json.dumps(p)))
     write_provenance(a.out, config=p, seed=a.seed, device=str(dev), started=t0, shard=a.shard, num_shards=a.num_shards)
 

@@ -263,7 +263,7 @@ def warm_start_file(w):
 
 def sample_params(w):
     s = plan.sample_settings(config, w.dataset)
-    return {k: s[k] for k in ("n_per_class", "batch_size", "cfg", "top_k", "top_p", "more_smooth")}
+    return {k: s[k] for k in ("n_per_class", "batch_size", "cfg", "top_k", "top_p", "more_smooth", "precision")}
 
 
 def shards_of(w):
@@ -281,6 +281,7 @@ def qualitative_params(w):
         "top_k": s["top_k"],
         "top_p": s["top_p"],
         "more_smooth": s["more_smooth"],
+        "precision": s["precision"],
     }
 
 

@@ -429,7 +429,7 @@ def sample_benchmark(depth: int | None = None, batch: int | None = None, *, patc
                      peak: float | None = None, ceilings: dict | None = None, seed: int = 0) -> dict:
     """One CFG sampling call of ``batch`` images (2·batch rows through the transformer) with the VQVAE decode."""
     from varup.base.seeding import make_generator
-    from varup.sampling.sampler import sample
+    from varup.sampling.sampler import sample, sampling_precision
 
     dev = resolve_device(device)
     o = _defaults(dev, depth=depth, sample_batch=batch, warmup=warmup, repeats=repeats)
@@ -445,7 +445,7 @@ def sample_benchmark(depth: int | None = None, batch: int | None = None, *, patc
     k = min(top_k, vocab)
 
     def call() -> None:
-        with torch.inference_mode(), autocast(dev, amp):
+        with torch.inference_mode(), sampling_precision(dev, precision):  # the pipeline's numerics (sample_shard)
             sample(model, tok_model, labels, cfg=cfg, top_k=k, top_p=top_p, generator=make_generator(seed, dev))
 
     t, mem = _time_calls(call, dev, o)

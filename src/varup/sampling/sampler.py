@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from varup.base.runtime import autocast, autocast_dtype, tf32_matmuls
 from varup.base.seeding import derive_seed, make_generator
 from varup.models.common import check_labels, check_pair, check_token_maps
 from varup.models.var import VAR
@@ -320,11 +321,21 @@ def shard_batches(n_images: int, batch_size: int, shard: int, num_shards: int) -
     return [(b, b * batch_size, min(n_images, (b + 1) * batch_size)) for b in range(n_batches) if b % num_shards == shard]
 
 
+@contextlib.contextmanager
+def sampling_precision(device: torch.device | str, precision: str = "auto"):
+    """The numerics of a sampling call, the same for the pipeline (:func:`sample_shard`, config ``sample.precision``)
+    and the benchmark (:func:`varup.bench.suite.sample_benchmark`): ``precision``'s autocast (``auto``: bf16 on CUDA,
+    fp32 elsewhere, so CPU results do not change) with TF32 matrix products on CUDA."""
+    dev = torch.device(device)
+    with tf32_matmuls(dev), autocast(dev, autocast_dtype(precision, dev)):
+        yield
+
+
 def sample_shard(var: VAR, vae: VQVAE, *, n_per_class: int, batch_size: int, seed: int, shard: int = 0,
                  num_shards: int = 1, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 device: torch.device | str = "cpu", desc: str = "sample") -> dict:
-    """Generate this shard's part of the class-major evaluation set; returns numpy arrays (images uint8 NHWC,
-    labels, tokens (N, L), batch seeds)."""
+                 device: torch.device | str = "cpu", desc: str = "sample", precision: str = "auto") -> dict:
+    """Generate this shard's part of the class-major evaluation set, under :func:`sampling_precision`; returns
+    numpy arrays (images uint8 NHWC, labels, tokens (N, L), batch seeds)."""
     import numpy as np
 
     from varup.base.utils import progress
@@ -338,8 +349,9 @@ def sample_shard(var: VAR, vae: VQVAE, *, n_per_class: int, batch_size: int, see
     bar = progress(total=sum(e - s for _, s, e in batches), desc=desc, unit="img")
     for b, s, e in batches:
         bseed = derive_seed(seed, "sample", b)
-        out = sample(var, vae, labels_all[s:e].to(device), cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
-                     generator=make_generator(bseed, device))
+        with sampling_precision(device, precision):
+            out = sample(var, vae, labels_all[s:e].to(device), cfg=cfg, top_k=top_k, top_p=top_p,
+                         more_smooth=more_smooth, generator=make_generator(bseed, device))
         images.append(to_uint8(out.images.float().cpu()))
         labels.append(out.labels.cpu().numpy())
         tokens.append(torch.cat(out.tokens, 1).cpu().numpy().astype(token_dtype(var.V)))
