@@ -122,8 +122,9 @@ rule encode:
         res=lambda w: ds(w)["resolution"],
         out=lambda w, output: os.path.dirname(output.meta),
     shell:
-        "varup encode --threads {threads} --device {params.device} --data {input.data} --tokenizer {input.tokenizer}"
-        " --resolution {params.res} --preprocess {params.pre} --variants {params.variants} --out {params.out}"
+        "varup encode --threads {threads} --workers {threads} --device {params.device} --data {input.data}"
+        " --tokenizer {input.tokenizer} --resolution {params.res} --preprocess {params.pre} --variants {params.variants}"
+        " --out {params.out}"
         " >> {log} 2>&1"
 
 
