@@ -119,6 +119,27 @@ def test_official_sizes_are_sane():
     assert flops.vqvae_decode_flops(batch=4) == 4 * flops.vqvae_decode_flops(batch=1) > 0
 
 
+def test_the_official_recipe_scales_fp16_gradients_and_the_compile_backend_can_be_named():
+    # the GradScaler path of plain mode on a CPU (fp16 autocast is CUDA's official recipe; CPU autocast has fp16 too)
+    dev = torch.device("cpu")
+    m = _var(depth=1, width=32, heads=2, vocab=64, z=8).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**11, growth_interval=1000)
+    quant, feed = bench._train_feed(None, dev, 2, 64, 8, PN)
+    lf = bench.UncertaintyLoss(bench.LossConfig(), PN, bench.benchmark_references(64, 4))
+    seen = []
+    step = bench._train_step(m, m, opt, lf, torch.tensor([0, 1]), quant, feed, dev, None, 2.0, scaler, seen.append)
+    before = [p.detach().clone() for p in m.parameters()]
+    step()
+    assert len(seen) == 1 and torch.isfinite(seen[0]) and scaler.get_scale() == 2.0**11
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))  # the scaled step updated the weights
+    assert bench.official_recipe(torch.device("cuda"))["precision"] == "fp16"
+    assert bench.official_recipe(dev)["precision"] == "fp32"
+    r = bench.train_benchmark(1, 2, patch_nums=PN, vocab=64, num_classes=5, device="cpu", compile="eager", warmup=1,
+                              repeats=1, peak=1.0)
+    assert r["mode"] == "compile" and r["compile"] and r["loss_ce_only"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 TINY = ["--depth", "1", "--batch", "2", "--patch-nums", "1,2,3,4", "--vocab", "64", "--num-classes", "10",
         "--sample-batch", "2", "--encode-batch", "2", "--repeats", "1", "--warmup", "1", "--matmul-size", "128",
@@ -148,6 +169,9 @@ def test_cli_all_writes_json_and_markdown_and_updates_rows(tmp_path):
     assert res["ceilings"]["matmul_tflops"]["fp32"] > 0 and res["ceilings"]["copy_gbps"] > 0
     fast, plain = res["train"]
     assert fast["mode"] == "fast" and plain["mode"] == "plain" and plain["precision"] == "fp32"
+    # plain is the official recipe: on CPU fp32 without a GradScaler (fp16 + GradScaler + TF32 on CUDA)
+    assert plain["recipe"].startswith("official") and plain["grad_scaler"] is False and fast["recipe"] == "varup"
+    assert all(torch.isfinite(torch.tensor(t[f"loss_{k}"])) for t in (fast, plain) for k in ("ce_only", "full_objective"))
     for t in (fast, plain):
         assert t["ce_only_s"] > 0 and t["full_objective_s"] > 0 and t["mfu_ce"] > 0 and t["ce_only_peak_mem_gb"] > 0
         assert t["model_tflop_per_step"] * 1e12 == pytest.approx(flops.var_train_flops(1, 2, PN, 64))

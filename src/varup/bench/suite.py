@@ -14,9 +14,11 @@ Subcommands:
 * ``train`` — one VAR training step (forward, backward, gradient clipping at 2, AdamW) with cross-entropy only
   and with the full uncertainty-preserving objective (λ1 = 0.002, λ2 = 0.01, semantic reference). The fast path
   starts from cached token rows (as :mod:`varup.training.loop`: token rows → teacher-forcing input by the quantiser →
-  step); ``--plain`` is the official trainer's way: fp32, no compile, random images encoded by a VQVAE inside the
-  step (``img_to_idxBl`` → teacher-forcing input → step), so the tokenizer's cost is in the time;
-  ``--compare-plain`` runs both and reports plain/fast. ``--compile`` wraps the model in ``torch.compile``.
+  step); ``--plain`` is **the official recipe** (the official trainer's ``--fp16=1 --tf32=1`` setting): fp16 autocast
+  with a GradScaler (initial scale 2^11, growth interval 1000), TF32 matmuls, fused AdamW, no compile, random images
+  encoded by a VQVAE inside the step (on CPU: fp32 and no scaler, as fp16 autocast is not what a CPU trains with) (``img_to_idxBl`` → teacher-forcing input → step), so the tokenizer's cost is in the time;
+  ``--compare-plain`` runs both and reports plain/fast. ``--compile`` wraps the model in ``torch.compile``. ``varup gpu-check`` (:mod:`varup.bench.gpucheck`) is
+  the one-call GPU acceptance run built on these benchmarks.
 * ``sample`` — one :func:`varup.sampling.sampler.sample` call (CFG 1.5, top-k 900, top-p 0.95, the paper's settings; the
   batch is doubled for CFG inside) including the VQVAE decode of the images.
 * ``encode`` — :meth:`VQVAE.img_to_idxBl` on random images (what building the token cache costs).
@@ -58,7 +60,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from varup.base.runtime import autocast, autocast_dtype, resolve_device
+from varup.base.runtime import autocast, autocast_dtype, resolve_device, tf32_matmuls
 from varup.bench.flops import (
     quantizer_sampling_flops,
     teacher_forcing_flops,
@@ -307,7 +309,10 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
                     seed: int = 0) -> dict:
     """One training step, CE only vs the full objective (see the module docstring for every figure).
 
-    ``plain``: fp32, no compile, the VQVAE (``vae``: official/small/auto) encodes random images inside the step.
+    ``compile``: True for ``torch.compile``'s default backend, or a backend's name (``eager``: Dynamo's tracing
+    and graph breaks without code generation). ``plain``: the official recipe (:func:`official_recipe`), the VQVAE
+    (``vae``: official/small/auto) encoding random images inside the step. ``loss_ce_only``/``loss_full_objective``:
+    the last step's loss (finite or not).
     Otherwise the step starts from random token rows (the token cache). ``ceilings``: a :func:`ceilings_benchmark`
     record for the MFU denominator (measured here if neither it nor ``peak`` is given).
     """
@@ -317,30 +322,36 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
     o = _defaults(dev, depth=depth, batch=batch, warmup=warmup, repeats=repeats)
     depth, batch = o["depth"], o["batch"]
     if plain:
-        precision, compile = "fp32", False
+        precision, compile = official_recipe(dev)["precision"], False
     amp = autocast_dtype(precision, dev)
     pk, pk_src = _peak_for(ceilings, amp, peak, dev)
     patch_nums = tuple(patch_nums)
     L = sum(p * p for p in patch_nums)
     torch.manual_seed(seed)
     model = _build_var(depth, width, vocab, z_channels, num_classes, patch_nums).init_weights().to(dev).train()
-    net = torch.compile(model) if compile else model
+    net = (torch.compile(model, backend=compile) if isinstance(compile, str) else torch.compile(model)) if compile \
+        else model
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             **({"fused": True} if dev.type == "cuda" else {}))
+    scaler = torch.amp.GradScaler(dev.type, init_scale=2.0**11, growth_interval=1000) \
+        if plain and amp == torch.float16 else None
     refs = benchmark_references(vocab)
     losses = {"ce_only": UncertaintyLoss(LossConfig(), patch_nums, refs).to(dev),  # the baseline as trained
               "full_objective": UncertaintyLoss(LossConfig(lambda_2nd=0.002, lambda_se=0.01), patch_nums, refs).to(dev)}
     lab = torch.randint(0, num_classes, (batch,), device=dev)
     vcfg = vqvae_config(vae, dev, vocab, z_channels, patch_nums) if plain else None
     quant, tokens_of_step = _train_feed(vcfg, dev, batch, vocab, z_channels, patch_nums)
-    steps = {k: _train_step(model, net, opt, lf, lab, quant, tokens_of_step, dev, amp, grad_clip)
-             for k, lf in losses.items()}
-    times, mem = time_interleaved(steps, dev, o["warmup"], o["repeats"])
+    last: dict[str, torch.Tensor] = {}
+    steps = {k: _train_step(model, net, opt, lf, lab, quant, tokens_of_step, dev, amp, grad_clip, scaler,
+                            lambda v, k=k: last.__setitem__(k, v)) for k, lf in losses.items()}
+    with tf32_matmuls(dev) if plain else contextlib.nullcontext():
+        times, mem = time_interleaved(steps, dev, o["warmup"], o["repeats"])
     flops = var_train_flops(depth, batch, patch_nums, vocab, z_channels, width)
     mode = "plain" if plain else ("compile" if compile else "fast")
     out: dict = {"benchmark": "train", "mode": mode, **env_info(dev), "depth": depth, "width": model.C,
                  "batch": batch, "params_m": round(model.num_params() / 1e6, 2), "tokens": L, "vocab": vocab,
-                 "precision": _dtype_name(amp), "compile": bool(compile), "warmup": o["warmup"],
+                 "precision": _dtype_name(amp), "compile": bool(compile), "grad_scaler": scaler is not None,
+                 "recipe": official_recipe(dev)["name"] if plain else "varup", "warmup": o["warmup"],
                  "repeats": o["repeats"], "vae": _vae_kind(vae, dev) if plain else None,
                  "model_tflop_per_step": flops / 1e12,
                  "executed_tflop_per_step": var_train_flops(depth, batch, patch_nums, vocab, z_channels, width,
@@ -350,6 +361,7 @@ def train_benchmark(depth: int | None = None, batch: int | None = None, *, patch
                  "peak_tflops": pk, "peak_source": pk_src}
     for name in losses:
         out.update(_step_figures(name, times[name], mem[name], batch, L, flops, pk))
+        out[f"loss_{name}"] = float(last[name])
     out["ratio_full_vs_ce"] = out["full_objective_s"] / out["ce_only_s"]
     del model, net, opt, quant, losses, steps, tokens_of_step
     _release(dev)
@@ -376,11 +388,20 @@ def _train_feed(vcfg: VQVAEConfig | None, dev: torch.device, batch: int, vocab: 
     return quant, lambda: (split_tokens(tok, patch_nums), tok)
 
 
+def official_recipe(dev: torch.device) -> dict:
+    """How the official trainer trains (``--fp16=1``, ``tf32=True``, ``AdamW(fused=True)``, no compile): on CUDA fp16
+    autocast with a GradScaler and TF32; on CPU fp32 (no scaler)."""
+    if dev.type == "cuda":
+        return {"name": "official: fp16 autocast + GradScaler, TF32, fused AdamW, no compile", "precision": "fp16"}
+    return {"name": "official on CPU: fp32, AdamW, no compile", "precision": "fp32"}
+
+
 def _train_step(model: VAR, net, opt: torch.optim.Optimizer, lf: UncertaintyLoss, lab: torch.Tensor,
                 quant: MultiScaleQuantizer, tokens_of_step: Callable[[], tuple[list, torch.Tensor]], dev: torch.device,
-                amp: torch.dtype | None, grad_clip: float) -> Callable[[], None]:
-    """One timed training step with the objective ``lf``: tokens, teacher-forcing input, forward, backward,
-    clipping, AdamW."""
+                amp: torch.dtype | None, grad_clip: float, scaler: torch.amp.GradScaler | None = None,
+                keep: Callable[[torch.Tensor], None] | None = None) -> Callable[[], None]:
+    """One timed training step with the objective ``lf``: tokens, teacher-forcing input, forward, backward (scaled
+    by ``scaler`` when given, unscaled before clipping), clipping, AdamW; ``keep`` receives the loss (no host read)."""
     def step() -> None:
         idx, y = tokens_of_step()
         x = quant.idxBl_to_var_input(idx)
@@ -388,10 +409,20 @@ def _train_step(model: VAR, net, opt: torch.optim.Optimizer, lf: UncertaintyLoss
             logits = net(lab, x)
         loss = lf(logits, y).total
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        if keep is not None:
+            keep(loss.detach())
     return step
 
 
@@ -415,8 +446,8 @@ def step_benchmark(depth: int, batch: int, *, patch_nums=OFFICIAL_PN, vocab: int
 
 
 def compare_plain(fast: dict, plain: dict) -> None:
-    """Add plain/fast step-time ratios to the plain record (how much the in-step tokenizer, fp32 and no compile
-    cost compared with the token-cache path)."""
+    """Add plain/fast step-time ratios to the plain record (how much the official recipe, its in-step tokenizer and
+    no compile, costs compared with the token-cache path)."""
     for k in ("ce_only", "full_objective"):
         plain[f"plain_vs_fast_{k}"] = plain[f"{k}_s"] / fast[f"{k}_s"]
 
@@ -647,10 +678,14 @@ the same key (benchmark, mode, device, torch version, depth, batch, precision); 
   precision, or `--peak-tflops`.
 * **Peak mem** — CUDA `max_memory_allocated`; CPU peak resident set size of the process.
 * Modes: `ce`/`full` — token-cache path, CE only / the full uncertainty-preserving objective; `plain` — the
-  official trainer's way (fp32, no compile, VQVAE encoding inside the step); `compile` — `torch.compile`d model;
+  official recipe (CUDA: fp16 autocast + GradScaler, TF32, fused AdamW, no compile; CPU: fp32), VQVAE encoding
+  inside the step; `compile` — `torch.compile`d model;
   `cfg` — sampling with classifier-free guidance 1.5, top-k 900, top-p 0.95, decode included.
-* Targets (one GPU, d16): training at batch 64 with MFU ≥ 45 %; full objective ≤ 1.05 × CE-only step time;
-  sampling with CFG at batch ≥ 256 at ≥ 400 images/s.
+* Targets (one GPU, d16): training at batch 64 with MFU ≥ 45 % (compiled, bf16) and ≥ 2 × the official recipe's
+  images/s; full objective ≤ 1.05 × CE-only step time; sampling with CFG at batch ≥ 256 at ≥ 400 images/s.
+* The GPU acceptance run is `varup gpu-check` (`varup.bench.gpucheck`): ceilings, d16 training eager and compiled
+  (graph breaks counted), one d20 step at the paper's per-GPU batch, sampling, every model family under DDP, a killed
+  and resumed run; one PASS/FAIL line per section, a JSON file, non-zero exit on a failure.
 * Attention (`VAR.attn_impl`, `varup.models.var`): on CPU the official SDPA with the dense additive L×L mask
   (`sdpa_dense`, the rows below); on CUDA `sdpa_prefix`: each scale's queries attend to the prefix of scales ≤ it
   with no mask (flash-eligible), the first scales (≤ 128 tokens) in one call with a small boolean mask; `flex`
@@ -730,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="training step: images/s, tokens/s, MFU, memory; CE vs full; plain mode")
     _add_model_args(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
-    p.add_argument("--plain", action="store_true", help="official trainer mode: fp32, no compile, VQVAE in the step")
+    p.add_argument("--plain", action="store_true", help="the official recipe: fp16 autocast + GradScaler, TF32, fused "
+                   "AdamW, no compile (CPU: fp32), VQVAE encoding in the step")
     p.add_argument("--compare-plain", action="store_true", help="run the fast path and plain mode, report the ratio")
     p.add_argument("--vae", default="auto", help="tokenizer of plain mode: official | small | auto (CPU: small)")
     _add_run_args(p)
