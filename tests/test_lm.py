@@ -87,6 +87,60 @@ def test_references_from_an_embedding_matrix_match_a_direct_computation():
     assert (np.argmin(((E[:, None] - means[None]) ** 2).sum(-1), 1) == cl).all()
 
 
+
+def test_references_are_computed_on_the_device_asked_for_and_equal_the_cpu_computation(monkeypatch):
+    """lm_references hands the embedding matrix to the kernels on ``device`` (before: always moved to the CPU);
+    on the CPU the result is the direct computation's, bit for bit, and every tensor comes back on the CPU."""
+    import varup.lm.sft as lmsft
+
+    _, y, emb = _tensors(V=20, E=6)
+    y[0, :4] = IGNORE
+    param = torch.nn.Parameter(emb.double())  # as an LM's weight: a parameter, here float64
+    refs = lm_references(param, y, num_clusters=4, support_k=3.0, device="cpu")
+    direct = build_references(emb.double().float(), y[y != IGNORE].reshape(-1, 1), (1,), num_clusters=4, support_k=3.0)
+    assert refs.keys() == direct.keys() and all(torch.equal(refs[k], direct[k]) for k in refs)
+    assert all(v.device.type == "cpu" for v in refs.values())
+    seen = []
+
+    def kernels(codebook, *a, **kw):
+        seen.append((codebook.device.type, codebook.dtype))
+        raise RuntimeError("stop: the device was recorded")
+
+    monkeypatch.setattr(lmsft, "build_references", kernels)
+    with pytest.raises(RuntimeError, match="stop"):
+        lm_references(param, y, num_clusters=4, device="meta")
+    assert seen == [("meta", torch.float32)]
+
+
+def test_the_lm_refs_command_computes_on_its_device_option(tmp_path, monkeypatch):
+    """``varup lm-refs --device X`` (the rule passes the GPU rules' device) reaches the kernels: ``--device cpu``
+    writes the references of the CPU computation, ``--device meta`` hands them a meta matrix (before: the option
+    was ignored and the CPU always used)."""
+    import varup.lm.sft as lmsft
+    from varup.cli import main
+    from varup.lm.hub import load_causal_lm, load_tokenizer
+
+    corpus, base = _toy(tmp_path)
+    args = ["lm-refs", "--base", str(base), "--corpus", str(corpus), "--train", json.dumps({"max_length": 24}),
+            "--params", json.dumps({"num_clusters": 4, "cluster_seed": 0, "support_k": None})]
+    main([*args, "--device", "cpu", "--out", str(tmp_path / "refs.pt")])
+    refs = torch.load(tmp_path / "refs.pt", weights_only=True)
+    data = encode_records(load_tokenizer(base), read_jsonl(corpus / "train.jsonl"), 24)
+    t = data["labels"][:, 1:]
+    emb = load_causal_lm(base).get_input_embeddings().weight.detach().float()
+    direct = build_references(emb, t[t != IGNORE].reshape(-1, 1), (1,), num_clusters=4, cluster_seed=0, support_k=None)
+    assert refs.keys() == direct.keys() and all(torch.equal(refs[k], direct[k]) for k in refs)
+    seen = []
+
+    def kernels(codebook, *a, **kw):
+        seen.append(codebook.device.type)
+        raise RuntimeError("stop: the device was recorded")
+
+    monkeypatch.setattr(lmsft, "build_references", kernels)
+    with pytest.raises(RuntimeError, match="stop"):
+        main([*args, "--device", "meta", "--out", str(tmp_path / "meta.pt")])
+    assert seen == ["meta"] and not (tmp_path / "meta.pt").exists()
+
 # --------------------------------------------------------------------------------------------- the grammar
 def test_the_grammar_writes_only_true_responses_with_their_known_mode_frequencies(tmp_path):
     s = make_corpus(tmp_path, seed=3, n_train=6000, eval_per_prompt=5, n_pretrain=200, template=TOY_TEMPLATE)

@@ -267,7 +267,7 @@ def cmd_lm_refs(a) -> None:
     from varup.lm.stages import write_lm_references
 
     write_lm_references(a.base, a.corpus, a.out, max_length=a.train.get("max_length", 64),
-                        loss_tokens=a.train.get("loss_tokens", "response"), **a.params)
+                        loss_tokens=a.train.get("loss_tokens", "response"), device=a.device, **a.params)
 
 
 def cmd_lm_sft(a) -> None:

@@ -138,13 +138,14 @@ rule lm_refs:
         **res("lm_refs"),
     params:
         code=code_of("lm-refs"),
+        device=GPU_DEVICE,
         base=lambda w, input: lm_folder(input.base),
         corpus=lambda w, input: os.path.dirname(input.corpus),
         params=q(LM["references"]),
         train=q(LM["train"]),
     shell:
-        "varup lm-refs --threads {threads} --base {params.base} --corpus {params.corpus} --params {params.params}"
-        " --train {params.train} --out {output.refs} > {log} 2>&1"
+        "varup lm-refs --threads {threads} --device {params.device} --base {params.base} --corpus {params.corpus}"
+        " --params {params.params} --train {params.train} --out {output.refs} > {log} 2>&1"
 
 
 rule lm_sft:

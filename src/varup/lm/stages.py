@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from varup.base.runtime import resolve_device
 from varup.base.utils import atomic_torch_save, atomic_write_json, write_provenance
 from varup.data.textfile import read_jsonl, read_utf8, text_lines
 from varup.lm.sft import LMTrainConfig, encode_lines, encode_records, fit, lm_references
@@ -44,20 +45,23 @@ def train_records(corpus_dir) -> list[dict]:
 
 
 def write_lm_references(base_dir, corpus_dir, out, *, max_length: int, loss_tokens: str, num_clusters: int,
-                        cluster_seed: int, support_k: float | None) -> dict:
-    """The objective's references from the base model's input-embedding matrix (and the SFT targets' histogram)."""
+                        cluster_seed: int, support_k: float | None, device: str = "auto") -> dict:
+    """The objective's references from the base model's input-embedding matrix (and the SFT targets' histogram),
+    computed on ``device`` (the rule's ``--device``: :func:`varup.base.runtime.resolve_device`), saved on the CPU."""
     from varup.lm.hub import load_causal_lm, load_tokenizer
 
+    dev = resolve_device(device)
     model, tok = load_causal_lm(base_dir), load_tokenizer(base_dir)
     data = encode_records(tok, train_records(corpus_dir), max_length, loss_tokens)
     emb = model.get_input_embeddings().weight
-    log.info("references from the %d x %d embedding matrix of %s", *emb.shape, base_dir)
+    log.info("references from the %d x %d embedding matrix of %s on %s", *emb.shape, base_dir, dev)
     refs = lm_references(emb, data["labels"][:, 1:], num_clusters=num_clusters, cluster_seed=cluster_seed,
-                         support_k=support_k)
+                         support_k=support_k, device=dev)
     atomic_torch_save(refs, out)
     stats = reference_stats(refs)
     atomic_write_json(Path(str(out) + ".json"), stats)
-    write_provenance(out, config={"num_clusters": num_clusters, "cluster_seed": cluster_seed, "support_k": support_k})
+    write_provenance(out, config={"num_clusters": num_clusters, "cluster_seed": cluster_seed, "support_k": support_k},
+                     device=str(dev))
     return stats
 
 
