@@ -9,7 +9,10 @@ Differences from the official code, none of which changes a result:
   so its validation loss is measured with dropped labels);
 * the VQVAE is not held inside the model: the trainer and the sampler pass it in;
 * the KV cache is preallocated once per sampling call instead of concatenated at every scale;
-* DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.studies.uncertainty`).
+* DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.studies.uncertainty`);
+* ``VAR.activation_checkpointing = True`` recomputes each block in the backward (``torch.utils.checkpoint``,
+  non-reentrant, RNG state replayed, so DropPath and dropout draw the same masks): equal gradients, less memory
+  (:mod:`varup.training.memplan`).
 
 Attention (``VAR.attn_impl``; every path equals the official one within float rounding):
 * ``sdpa_dense`` — the official path: SDPA with the additive (1, 1, L, L) block-causal mask. The default
@@ -37,6 +40,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from varup.base.checkpoint import CheckpointError, extract_state_dict, load_strict, read_checkpoint
 from varup.models.common import autocast_off, check_labels, compute_dtype
@@ -354,6 +358,9 @@ class VAR(nn.Module):
         self.attn_impl = "auto"
         self.attn_group_tokens = 128
         self.flex_block_masks: dict[str, object] = {}
+        # activation checkpointing of the training forward (train.activation_checkpointing): each block keeps only
+        # its input and is recomputed in the backward; equal gradients, about depth x 20 fewer B·L·C tensors kept
+        self.activation_checkpointing = False
 
     @property
     def attn_impl(self) -> str:
@@ -486,8 +493,12 @@ class VAR(nn.Module):
         x_BLC = x_BLC.to(main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(main_type)
         attn_bias = self.attention_plan(x_BLC.device, main_type)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for b in self.blocks:
-            x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias=attn_bias)
+            if recompute:  # keep the block input only; the backward re-runs the block (same RNG: DropPath, dropout)
+                x_BLC = torch.utils.checkpoint.checkpoint(b, x_BLC, cond_BD_or_gss, attn_bias, use_reentrant=False)
+            else:
+                x_BLC = b(x_BLC, cond_BD_or_gss, attn_bias=attn_bias)
         return self.get_logits(x_BLC.float(), cond_BD)
 
     # -- KV-cached stepping (used by varup.sampling.sampler) ----------------------------------------------

@@ -25,6 +25,10 @@ Reliability:
   or the Slurm clock, acted on at the next check step) and on the non-finite flag (every rank stops together).
 * strength made visible: each log line carries :meth:`UncertaintyLoss.diagnostics` (the regularisers' values,
   their logit-gradient shares against CE, the predictive dispersion and entropy beside the reference's).
+* memory (:mod:`varup.training.memplan`, ``varup plan-memory``): ``micro_batch`` splits this process's share of a
+  batch into forward/backward passes whose loss is weighted by their share of the images, so the gradients, the
+  logged loss and the non-finite check are the whole batch's (DDP all-reduces in the last one only);
+  ``activation_checkpointing`` recomputes each block in the backward.
 * multi-GPU: started by torchrun, each rank takes its slice of every global batch; gradients are averaged (DDP),
   so the loss curve equals one process with the same global batch. Only rank 0 logs and writes files. DDP
   (:func:`varup.base.runtime.wrap_ddp`) broadcasts no buffers per step (they are constants) and keeps gradients in
@@ -33,6 +37,7 @@ Reliability:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -86,7 +91,7 @@ from varup.models.textvar import CaptionedVAR, build_var
 from varup.models.var import VAR, VARConfig
 from varup.models.vqvae import VQVAE, load_vqvae, split_tokens
 from varup.tokenizer.tokens import TokenCache
-from varup.training.losses import LossConfig, UncertaintyLoss
+from varup.training.losses import LossConfig, LossOutput, UncertaintyLoss
 from varup.training.references import load_references
 
 log = logging.getLogger("varup.training.loop")
@@ -115,6 +120,11 @@ class OptimConfig:
     init_head: float = 0.02
     init_std: float = -1.0
     warm_start: bool = False  # start from the official ImageNet-1k var_d{depth}.pth (path given to train())
+    # memory (varup.training.memplan): images per forward/backward on one process (None: its whole share of a
+    # batch; "auto": the largest divisor of that share whose step the plan fits in the GPU's memory); gradients add
+    # up to the whole batch's; and per-block activation checkpointing
+    micro_batch: int | str | None = None
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -122,6 +132,9 @@ class OptimConfig:
             raise ValueError(f"train.lr_schedule must be lin0, constant or cosine, got {self.lr_schedule!r}")
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1:
             raise ValueError("train.steps, train.batch_size, train.log_every and train.ckpt_every must be >= 1")
+        if not (self.micro_batch is None or self.micro_batch == "auto"
+                or (isinstance(self.micro_batch, int) and self.micro_batch >= 1)):
+            raise ValueError(f"train.micro_batch must be an integer >= 1, 'auto' or null, got {self.micro_batch!r}")
         if self.nonfinite_check_every is None:  # unset: every log step and every checkpoint is a check step
             self.nonfinite_check_every = math.gcd(self.log_every, self.ckpt_every)
         if self.nonfinite_check_every < 1 or self.ckpt_every % self.nonfinite_check_every:
@@ -282,11 +295,12 @@ class _Run:
     last_ckpt: int | None = None
     bad: torch.Tensor | None = None
     cond_of: Callable[[int, np.ndarray], np.ndarray] | None = None  # step, token rows -> conditions (None: labels)
+    micro: int | None = None  # images per forward/backward on this process (None: its whole share of a batch)
 
 
 def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, warm_start_path, captions=None,
            text_encoder_weights=None) -> _Run:
-    """Model, loss, optimiser and token cache of one run, on its device (not yet resumed)."""
+    """Model, loss, optimiser and token cache of one run, on its device (not yet resumed), and its micro-batch."""
     d, dev = init_distributed(device)
     oc = OptimConfig(**spec.optim)
     lc = LossConfig(**spec.loss)
@@ -307,6 +321,7 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
             raise ValueError("train.warm_start is set but no official checkpoint path was given (--warm-start)")
         warm_start(model, str(warm_start_path), class_map=cache.meta.get("imagenet1k_index"))
     model.to(dev)
+    (model.var if isinstance(model, CaptionedVAR) else model).activation_checkpointing = oc.activation_checkpointing
     opt = torch.optim.AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=oc.betas,
                             **({"fused": True} if dev.type == "cuda" else {}))
     amp = autocast_dtype(oc.precision, dev)
@@ -315,7 +330,35 @@ def _setup(spec: RunSpec, tokens_dir, tokenizer, references, work_dir, device, w
                 log=ResumableLog(work / "ckpt" / "metrics.jsonl", work / "metrics.jsonl"),
                 run_hash=spec.hash(), vae=vae, quant=vae.quantize.to(dev), cache=cache, model=model,
                 loss_fn=UncertaintyLoss(lc, vae.patch_nums, refs).to(dev), opt=opt, amp=amp, scaler=scaler,
-                bad=torch.zeros((), dtype=torch.bool, device=dev), cond_of=cond_of)
+                bad=torch.zeros((), dtype=torch.bool, device=dev), cond_of=cond_of,
+                micro=resolve_micro_batch(oc, model, d.world, dev, amp))
+
+
+def resolve_micro_batch(oc: OptimConfig, model: torch.nn.Module, world: int, dev: torch.device,
+                        amp: torch.dtype | None) -> int | None:
+    """This process's micro-batch: ``train.micro_batch`` (capped at its share of a batch), or for ``auto`` the
+    largest divisor of the share that :func:`varup.training.memplan.choose_micro_batch` fits in this GPU's memory
+    (on the CPU: the whole share)."""
+    share = oc.batch_size // world
+    if oc.micro_batch is None or (oc.micro_batch == "auto" and dev.type != "cuda"):
+        return None
+    if oc.micro_batch != "auto":
+        return min(int(oc.micro_batch), share)
+    from varup.training.memplan import choose_micro_batch
+
+    var = model.var if isinstance(model, CaptionedVAR) else model
+    c = var.cfg
+    gb = torch.cuda.get_device_properties(dev).total_memory / 1e9
+    micro = choose_micro_batch(c.depth, share, gb, precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32"),
+                               activation_checkpointing=oc.activation_checkpointing, patch_nums=c.patch_nums,
+                               vocab=c.vocab_size, width=c.embed_dim, heads=c.num_heads, mlp_ratio=c.mlp_ratio,
+                               z_channels=c.z_channels, num_classes=c.num_classes)
+    if micro is None:
+        raise RuntimeError(f"train.micro_batch auto: not even one image per micro-batch fits this GPU's {gb:.0f} GB "
+                           f"at depth {c.depth} (varup plan-memory); set train.activation_checkpointing: true")
+    log.info("train.micro_batch auto: %d of this process's %d images per forward/backward (%.0f GB GPU)", micro,
+             share, gb)
+    return micro
 
 
 def _build(spec: RunSpec, vae: VQVAE, cache: TokenCache, tokens_dir, captions, encoder_weights, dev):
@@ -428,21 +471,47 @@ def _log_record(r: _Run, step: int, logits, tok, out, gnorm, speed: dict) -> dic
     return rec
 
 
-def _train_step(r: _Run, net, step: int, tok, lab):
-    """One optimiser step; nothing in it reads a device value on the host."""
+def _micro_slices(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else size
+    return [slice(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def _combine(parts: list[tuple[float, LossOutput]]) -> LossOutput:
+    """The whole step's loss terms from its micro-batches' (each weighted by its share of the images)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total, ce, l2nd, lse, per_scale = (sum(w * getattr(o, k).detach() for w, o in parts)
+                                       for k in ("total", "ce", "l2nd", "lse", "per_scale"))
+    return LossOutput(total=total, ce=ce, l2nd=l2nd, lse=lse, per_scale=per_scale)
+
+
+def _train_step(r: _Run, net, step: int, tok, lab, keep_logits: bool = True):
+    """One optimiser step in micro-batches of ``r.micro`` images: each one's token-mean loss is weighted by its
+    share of this process's images, so the gradients add up to the whole batch's (under DDP only the last
+    micro-batch all-reduces). Returns the logits (on ``keep_logits`` steps; detached and joined when split), the
+    whole step's loss terms and the gradient norm; nothing in it reads a device value on the host."""
     for g in r.opt.param_groups:
         g["lr"] = lr_at(step, r.oc)
-    x = r.quant.idxBl_to_var_input(split_tokens(tok, r.vae.patch_nums))
     net.train()
-    with autocast(r.dev, r.amp):
-        logits = net(lab, x)
-    out = r.loss_fn(logits, tok)
     r.opt.zero_grad(set_to_none=not r.d.enabled)  # under DDP the gradients stay views of its buckets, zeroed
+    slices = _micro_slices(tok.shape[0], r.micro)
+    parts, kept, logits = [], [], None
+    for i, sl in enumerate(slices):
+        share = (sl.stop - sl.start) / tok.shape[0]
+        sync = net.no_sync() if r.d.enabled and i < len(slices) - 1 else contextlib.nullcontext()
+        with sync:
+            x = r.quant.idxBl_to_var_input(split_tokens(tok[sl], r.vae.patch_nums))
+            with autocast(r.dev, r.amp):
+                logits = net(lab[sl], x)
+            out = r.loss_fn(logits, tok[sl])
+            loss = out.total if len(slices) == 1 else out.total * share
+            (r.scaler.scale(loss) if r.scaler is not None else loss).backward()
+        parts.append((share, out))
+        if keep_logits and len(slices) > 1:
+            kept.append(logits.detach())
+    out = _combine(parts)
     if r.scaler is not None:
-        r.scaler.scale(out.total).backward()
         r.scaler.unscale_(r.opt)
-    else:
-        out.total.backward()
     if step == r.start:
         check_all_trained(r.model)
     gnorm = (torch.nn.utils.clip_grad_norm_(r.model.parameters(), r.oc.grad_clip) if r.oc.grad_clip > 0
@@ -453,7 +522,7 @@ def _train_step(r: _Run, net, step: int, tok, lab):
         r.scaler.update()
     else:
         r.opt.step()
-    return logits, out, gnorm
+    return (torch.cat(kept) if kept else logits), out, gnorm
 
 
 def train(spec: RunSpec, *, tokens_dir: str | os.PathLike, tokenizer: str | os.PathLike, references: str | os.PathLike | None,
@@ -494,11 +563,11 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
     batches = Prefetcher(r.cache, order, r.start, oc.steps, r.dev, cond_of=r.cond_of)
     for step in range(r.start, oc.steps):
         tok, lab = batches.get(step)
-        logits, out, gnorm = _train_step(r, net, step, tok, lab)
-        steps_done += 1
-        tokens_seen += tok.numel() * d.world
         done = step + 1
         log_now = done % oc.log_every == 0 or done == oc.steps
+        logits, out, gnorm = _train_step(r, net, step, tok, lab, keep_logits=log_now)
+        steps_done += 1
+        tokens_seen += tok.numel() * d.world
         if log_now or done % oc.nonfinite_check_every == 0:  # a check step: the only host reads and collectives
             signalled = _check_finite(r, done, out, guard)
         else:  # one rank reads its own flag (no sync); several agree on the next check step
@@ -544,7 +613,8 @@ def _finish(r: _Run, spec: RunSpec, out_model, order: BatchOrder, steps_done: in
         "s_per_step": wall / max(steps_done, 1), "imgs_per_s": steps_done * oc.batch_size / max(wall, 1e-9),
         "steps_per_epoch": order.per_epoch, "epoch_s": wall / max(steps_done, 1) * order.per_epoch,
         "peak_mem_mb_per_device": round(_peak_memory_mb(r.dev), 1), "device": str(r.dev),
-        "precision": str(r.amp or "fp32"),
+        "precision": str(r.amp or "fp32"), "micro_batch": r.micro or oc.batch_size // r.d.world,
+        "activation_checkpointing": oc.activation_checkpointing,
         "final": {k: rec[k] for k in ("loss", "ce", "l2nd", "lse", *_DIAG_KEYS)} if rec else None,
     }
     if r.d.is_main:
