@@ -807,6 +807,29 @@ def add_report_commands(cmd) -> None:
     p.add_argument("--out", required=True)
 
 
+def cmd_plan_memory(a) -> int:
+    from varup.config.schema import load_config
+    from varup.training.memplan import format_plan, plan_config
+
+    rows = plan_config(load_config(a.configfile))
+    print(format_plan(rows))
+    over = [r for r in rows if not r["fits"]]
+    for r in over:
+        print(f"{a.configfile}: run {r['run']} needs about {r['peak_gb']:.1f} GB per GPU, over cluster.gpu_mem_gb "
+              f"{r['gpu_mem_gb']:g} (with its margin): set train.micro_batch (auto), train.activation_checkpointing: "
+              f"true, or more train.gpus", file=sys.stderr)
+    if over:  # a run that does not fit: exit status 1 (what a pre-submission check tests)
+        raise SystemExit(1)
+    return 0
+
+
+def add_plan_commands(cmd) -> None:
+    """The memory plan of a config's training runs (``varup.training.memplan``)."""
+    p = cmd("plan-memory", cmd_plan_memory, "estimated peak GPU memory of every training run of a config against "
+            "cluster.gpu_mem_gb; exit 1 when a run does not fit")
+    p.add_argument("--configfile", required=True, help="the config file (e.g. config/paper.yaml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="varup", description="VAR uncertainty-preservation pipeline stages")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -829,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_commands(cmd)
     add_prompt_commands(cmd)
     add_lm_commands(cmd)
+    add_plan_commands(cmd)
     return ap
 
 
