@@ -807,6 +807,13 @@ def add_report_commands(cmd) -> None:
     p.add_argument("--out", required=True)
 
 
+def cmd_gpu_check(a) -> int:
+    from varup.bench.gpucheck import gpu_check
+
+    rc, _ = gpu_check(a.device, tiny=a.tiny, sections=a.sections.split(",") if a.sections else None, out=a.out)
+    return rc
+
+
 def cmd_plan_memory(a) -> int:
     from varup.config.schema import load_config
     from varup.training.memplan import format_plan, plan_config
@@ -830,6 +837,16 @@ def add_plan_commands(cmd) -> None:
     p.add_argument("--configfile", required=True, help="the config file (e.g. config/paper.yaml)")
 
 
+def add_bench_commands(cmd) -> None:
+    """The GPU acceptance run (``varup.bench.gpucheck``): one PASS/FAIL line per section, exit 1 on a failure."""
+    p = cmd("gpu-check", cmd_gpu_check, "GPU acceptance: matmul ceilings, d16 training eager/compiled, a d20 step, "
+            "sampling, every family under DDP, kill and resume; one PASS/FAIL line per section")
+    p.add_argument("--tiny", action="store_true", help="every section's code path on CPU with tiny models (tests)")
+    p.add_argument("--out", default=None, help="write every section's record to this JSON file")
+    p.add_argument("--sections", default=None, help="comma-separated subset of: ceilings, train_d16, train_d20, "
+                   "sample, ddp, resume (default: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="varup", description="VAR uncertainty-preservation pipeline stages")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -842,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto | auto:gpu | auto:any | cpu | cuda | cuda:N (auto: CUDA "
                        "if torch sees a GPU, else the CPU, refused where GPUs were allocated; auto:gpu also refuses it "
                        "in a Slurm job; auto:any never; see varup.base.runtime.resolve_device)")
+        p.add_argument("--deterministic", action="store_true", help="torch's deterministic algorithms, cuDNN "
+                       "deterministic, CUBLAS_WORKSPACE_CONFIG (config `deterministic`, which the workflow passes as "
+                       "VARUP_DETERMINISTIC=1; varup.base.runtime.set_deterministic)")
         return p
 
     add_data_commands(cmd)
@@ -852,6 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_commands(cmd)
     add_prompt_commands(cmd)
     add_lm_commands(cmd)
+    add_bench_commands(cmd)
     add_plan_commands(cmd)
     return ap
 
@@ -862,12 +883,16 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(a.log)
     set_threads(a.threads)
+    if a.deterministic or os.environ.get("VARUP_DETERMINISTIC", "") not in ("", "0"):  # torch is imported only then
+        from varup.base.runtime import deterministic_requested, set_deterministic
+
+        set_deterministic(a.deterministic or deterministic_requested())
     remove_orphan_provenance(getattr(a, "out", None))  # a sidecar left by a failed run of this output
     t0 = time.time()
     log.info("varup %s: %s", a.command, " ".join(sys.argv[1:]) if argv is None else " ".join(argv))
-    a.func(a)
+    rc = a.func(a) or 0  # a command may return an exit code (gpu-check: 1 when a section failed)
     log.info("varup %s finished in %.1f s", a.command, time.time() - t0)
-    return 0
+    return rc
 
 
 if __name__ == "__main__":  # pragma: no cover
