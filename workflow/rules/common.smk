@@ -101,6 +101,8 @@ SERIAL_THREADS = config["serial_threads"]
 # or where GPUs were allocated, unless allow_cpu_fallback (varup.config.cluster.job_device, varup.base.runtime.resolve_device)
 DEVICE = cluster.job_device(config, gpu_rule=False)
 GPU_DEVICE = cluster.job_device(config, gpu_rule=True)
+# config `deterministic` reaches every job as VARUP_DETERMINISTIC (varup.cli main: varup.base.runtime.set_deterministic)
+os.environ["VARUP_DETERMINISTIC"] = "1" if config["deterministic"] else "0"
 
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
@@ -110,6 +112,7 @@ envvars:
     "PATH",
     "PYTHONPATH",
     "VARUP_SRC",
+    "VARUP_DETERMINISTIC",
 
 
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:

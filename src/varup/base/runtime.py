@@ -149,6 +149,44 @@ def tf32_matmuls(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+#: cuBLAS's workspace setting for reproducible results (one of the two values NVIDIA documents, ``:4096:8`` and
+#: ``:16:8``; read at the process's first cuBLAS call): a user's own choice of the two is kept
+CUBLAS_WORKSPACE = ":4096:8"
+#: the environment variable by which the workflow passes config ``deterministic`` to its jobs (workflow/rules/common.smk)
+DETERMINISTIC_ENV = "VARUP_DETERMINISTIC"
+
+
+def deterministic_requested(env=None) -> bool:
+    """Whether :data:`DETERMINISTIC_ENV` asks for :func:`set_deterministic` (``1``/``true``; unset, ``0``/``false``:
+    no). Any other value is refused, naming the variable."""
+    v = str((os.environ if env is None else env).get(DETERMINISTIC_ENV, "")).strip().lower()
+    if v in ("", "0", "false"):
+        return False
+    if v in ("1", "true"):
+        return True
+    raise ValueError(f"environment variable {DETERMINISTIC_ENV}={v!r}: use 1 or 0 (the workflow sets it from config "
+                     f"key `deterministic`, workflow/rules/common.smk)")
+
+
+def set_deterministic(on: bool) -> dict[str, Any]:
+    """Config ``deterministic: true``: torch's deterministic algorithms (``warn_only=False``: an operation without a
+    deterministic implementation stops the job, naming it), cuDNN deterministic with its autotuner off, and
+    ``CUBLAS_WORKSPACE_CONFIG`` (call this before the first cuBLAS call). Logs and returns what it set; off
+    (the default) changes nothing and returns ``{}``. It makes a GPU run repeat itself on the same GPU model,
+    driver, torch/CUDA versions and world size; it does not make runs agree across GPU models or world sizes."""
+    if not on:
+        return {}
+    if torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        log.warning("deterministic: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG was set: cuBLAS may not "
+                    "use it in this process")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    done = {"use_deterministic_algorithms": True, "CUBLAS_WORKSPACE_CONFIG": os.environ["CUBLAS_WORKSPACE_CONFIG"],
+            "cudnn.deterministic": True, "cudnn.benchmark": False}
+    log.info("deterministic: %s", ", ".join(f"{k}={v}" for k, v in done.items()))
+    return done
+
 # ------------------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
