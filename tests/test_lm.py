@@ -527,3 +527,121 @@ def test_the_step_memory_estimate_at_the_paper_config():
         8 * 512 * per_token
     with pytest.raises(ValueError, match="dtype"):
         step_activation_bytes(64, 4, 512, 10, 8, None, "int8", **kw)
+
+
+# ------------------------------------------------------------------------------------ the stop rule (issue 24)
+def _chain_model(tok, succ: dict[str, str], default: str):
+    """A one-layer Qwen2 whose greedy next token is a function of the current token alone: ``succ`` (else
+    ``default``). Attention and MLP outputs are zero, so the residual stream is the one-hot embedding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    V, H = len(tok), 64
+    cfg = Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = Qwen2ForCausalLM(cfg).eval()
+    head = torch.zeros(V, H)
+    for a in range(V):
+        head[tok.convert_tokens_to_ids(succ.get(tok.convert_ids_to_tokens(a), default)), a] = 10.0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(V, H))
+        model.lm_head.weight.copy_(head)
+    return model
+
+
+def test_generation_stops_at_the_templates_next_instruction_header(tmp_path):
+    """A model that answers "red" and then opens a new "### instruction :" block forever: with the default stop rule
+    its row ends at the header and stores "red"; the other row of the batch (which never writes the header) runs on
+    to max_new_tokens; with ``stop: eos`` the row runs on into the new blocks, as before the rule."""
+    from transformers import StoppingCriteriaList
+
+    from varup.lm.generate import StopAtText, as_decoded, generate
+    from varup.lm.toy import build_toy_tokenizer
+
+    tok = build_toy_tokenizer(TOY_TEMPLATE)
+    model = _chain_model(tok, {":": "red", "red": "###", "###": "instruction", "instruction": ":"}, "green")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    header = TOY_TEMPLATE.format(instruction="name a colour")
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"prompt": p, "response": "red"}) + "\n" for p in (header, "name a colour green")))
+    dec = {"n_per_prompt": 1, "max_new_tokens": 12, "do_sample": False, "batch_size": 2}
+    generate(tmp_path / "m", ev, tmp_path / "stop.jsonl", decode=dec, seed=0, device="cpu")
+    generate(tmp_path / "m", ev, tmp_path / "eos.jsonl", decode={**dec, "stop": "eos"}, seed=0, device="cpu")
+    stop, eos = read_jsonl(tmp_path / "stop.jsonl"), read_jsonl(tmp_path / "eos.jsonl")
+    assert [r["generation"] for r in stop] == ["red", " ".join(["green"] * 12)]
+    # the toy's word-level decoder writes "###" as "#" glued to the word before: the header as it is decoded
+    assert eos[0]["generation"] == "red# instruction : red# instruction : red# instruction :" and eos[1] == stop[1]
+    stops = as_decoded(tok, ["### instruction :"])
+    assert stops == ["### instruction :", "# instruction :"]
+    # the stopped row is padded from the step after the header while the other row goes on
+    enc = tok([header, "name a colour green"], return_tensors="pt", padding=True, add_special_tokens=False)
+    start = enc["input_ids"].shape[1]
+    out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id,
+                         stopping_criteria=StoppingCriteriaList([StopAtText(tok, stops, start)]))
+    assert out.shape[1] == start + 12
+    assert tok.convert_ids_to_tokens(out[0, start:start + 4]) == ["red", "###", "instruction", ":"]
+    assert (out[0, start + 4:] == tok.pad_token_id).all() and (out[1, start:] == tok.convert_tokens_to_ids("green")).all()
+
+
+def test_the_stop_header_of_each_template_and_a_header_inside_a_token():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from varup.lm.dolly import format_prompt
+    from varup.lm.generate import DecodeConfig, StopAtText, cut_at_stop, instruction_header, stop_strings
+
+    assert instruction_header("dolly") == "### Instruction:" and instruction_header(TOY_TEMPLATE) == "### instruction :"
+    assert instruction_header("plain") is None and instruction_header("Q: {instruction}\nA:") == "Q:"
+    rec = {"instruction": "Say hi", "context": ""}
+    assert stop_strings([format_prompt(rec, "dolly")], "template") == ["### Instruction:"]
+    assert stop_strings([format_prompt(rec, TOY_TEMPLATE)], "template") == ["### instruction :"]
+    assert stop_strings([format_prompt(rec, "plain")], "template") == []  # no header: eos only
+    assert stop_strings([format_prompt(rec, "dolly")], "eos") == []
+    assert stop_strings(["Q: hi\nA:"], "template", template="Q: {instruction}\nA:") == ["Q:"]
+    assert DecodeConfig().stop == "template"
+    with pytest.raises(ValueError, match="lm.generate.stop"):
+        DecodeConfig(stop="never")
+    # a header that starts inside a token ("done.###") is found on the decoded text, and the text is cut before it
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "done.###", "Instruction:", "###", "Hi"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by single spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    ids = torch.tensor([[5, 4, 6, 3, 4], [5, 4, 6, 3, 0], [0, 0, 6, 5, 6]])  # the prompt (first 2) holds a header
+    crit = StopAtText(tok, ["### Instruction:"], start=2)
+    assert crit(ids, None).tolist() == [True, False, False]
+    text = tok.decode(ids[0, 2:], skip_special_tokens=True)
+    assert text == "Hi done.### Instruction:" and cut_at_stop(text, crit.stops) == "Hi done."
+    assert cut_at_stop("no header here", crit.stops) == "no header here"
+
+
+def test_lm_generate_stop_is_typed_and_self_bleu_within_prompts_needs_two_samples():
+    """``lm.generate.stop`` takes template | eos; ``self_bleu_over: prompt`` with one sample per prompt is refused when
+    the workflow is planned (it would be a NaN), naming both keys."""
+    from pathlib import Path
+
+    import yaml
+
+    from varup.config.errors import ConfigError
+    from varup.config.lmplan import check_lm
+    from varup.config.schema import validate
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+    cfg = json.loads(json.dumps(raw))
+    cfg["lm"]["generate"]["stop"] = "eos"
+    check_lm(validate(cfg))
+    cfg["lm"]["generate"]["stop"] = "never"
+    with pytest.raises(ConfigError, match="lm/generate/stop: 'never' is not one of"):
+        validate(cfg)
+    cfg = json.loads(json.dumps(raw))
+    cfg["lm"]["score"]["self_bleu_over"] = "prompt"
+    cfg["lm"]["generate"]["n_per_prompt"] = 1
+    with pytest.raises(ConfigError, match=r"lm/score/self_bleu_over: 'prompt'.*lm/generate/n_per_prompt >= 2"):
+        check_lm(validate(cfg))
+    cfg["lm"]["generate"]["n_per_prompt"] = 2
+    check_lm(validate(cfg))
