@@ -162,3 +162,34 @@ def test_mauve_needs_two_samples():
         mauve_score(x[:1], x)
     with pytest.raises(ValueError, match="p=5, q=0"):
         mauve_score(x, x[:0])
+
+
+# ------------------------------------------------------------------------------------ MAUVE's equal truncation
+def test_mauve_cuts_human_and_generated_texts_to_the_same_first_tokens(lm, tmp_path):
+    """Human responses and generations that share their first ``max_length`` featurizer tokens and differ after
+    them are the same texts to MAUVE (score 1), whatever the featurizer tokenizer's own ``truncation_side``
+    (here ``left``, which would keep the differing ends), and the number cut on each side is recorded."""
+    import json
+
+    from varup.lm.score import n_truncated, score_generations
+
+    model, tok = lm
+    folder = tmp_path / "feat"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)  # a tokenizer whose config asks for left truncation (some hub tokenizers do)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "truncation_side": "left"}))
+    heads = ["the cat sat on the mat", "a big red dog ran on", "then the small blue cat sat",
+             "on a mat and then a", "the dog and the cat ran", "a red mat and a blue"]
+    human = [{"prompt": f"p{i}", "response": f"{h} and then the dog ran"} for i, h in enumerate(heads)]
+    gens = [{"prompt_id": i, "sample": 0, "prompt": f"p{i}", "generation": f"{h} blue blue red"}
+            for i, h in enumerate(heads)] + [{"prompt_id": 9, "sample": 0, "prompt": "p9", "generation": "a dog"}]
+    human.append({"prompt": "p9", "response": "a dog"})
+    for name, recs in (("eval", human), ("gens", gens)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = score_generations(tmp_path / "gens.jsonl", tmp_path / "eval.jsonl", folder, tmp_path / "scores.json",
+                            score={"max_length": 6, "batch_size": 4}, toy=False, featurizer_label="t", device="cpu")
+    assert out["truncated"] == {"human": 6, "generated": 6, "max_length": 6}
+    assert out["mauve"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "scores.json").read_text())["truncated"] == out["truncated"]
+    assert n_truncated(tok, ["the cat sat on the mat", "the cat sat on the mat red"], 6) == 1

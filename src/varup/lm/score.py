@@ -4,7 +4,10 @@ Self-BLEU of the generations, and, on the toy grammar, how the generations cover
 * MAUVE: p = the human responses of ``eval.jsonl``, q = the generations (mauve-text's convention), both featurised
   by the featurizer model (on a cluster GPT-2 large, the standard one; offline a small LM trained on the toy corpus:
   ``toy-MAUVE``, named so in the table). What is featurised is ``lm.score.featurize``: ``response`` (the response
-  text alone) or ``prompt_response``.
+  text alone) or ``prompt_response``. Both sides are cut the same way: each text to its first ``lm.score.max_length``
+  featurizer tokens (truncation from the right, set on the featurizer's tokenizer whatever its own
+  ``truncation_side``), so a long human response and a long generation are compared over the same length; how many
+  texts of each side were cut is stored as ``truncated``.
 * Self-BLEU: over all generations (``lm.score.self_bleu_over: all``) or within each prompt's samples, averaged
   over prompts (``prompt``); the human responses' own Self-BLEU is stored beside it as a reference point.
 * Toy modes (:func:`varup.lm.grammar.mode_of`): ``valid`` share (the response is one of its instruction's modes),
@@ -80,6 +83,11 @@ def _texts(records: list[dict], key: str, sc: ScoreConfig) -> list[str]:
     return [r[key] if sc.featurize == "response" else f"{r['prompt']} {r[key]}" for r in records]
 
 
+def n_truncated(tok, texts: list[str], max_length: int) -> int:
+    """How many of ``texts`` have more than ``max_length`` tokens (featurised by their first ``max_length``)."""
+    return sum(len(tok(t, truncation=True, max_length=max_length + 1)["input_ids"]) > max_length for t in texts)
+
+
 def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score: dict, toy: bool,
                       featurizer_label: str, device: str = "auto") -> dict:
     """Write one set's scores: mauve, self_bleu, human_self_bleu, n, (toy) the mode scores."""
@@ -94,8 +102,10 @@ def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score
         if len(recs) < 2:  # MAUVE (and Self-BLEU) compare at least 2 texts on each side
             raise ValueError(f"{path}: {len(recs)} {what}; MAUVE needs at least 2 samples on each side ({keys})")
     fmodel, ftok = load_causal_lm(featurizer_dir, device=str(dev)), load_tokenizer(featurizer_dir)
-    feats = {name: featurize(fmodel, ftok, _texts(recs, key, sc), max_length=sc.max_length, batch_size=sc.batch_size,
-                             device=str(dev)) for name, recs, key in (("p", human, "response"), ("q", gens, "generation"))}
+    ftok.truncation_side = "right"  # human and generated texts alike: their first max_length tokens
+    texts = {"p": _texts(human, "response", sc), "q": _texts(gens, "generation", sc)}
+    feats = {k: featurize(fmodel, ftok, t, max_length=sc.max_length, batch_size=sc.batch_size, device=str(dev))
+             for k, t in texts.items()}
     mv = mauve_score(feats["p"], feats["q"], seed=sc.mauve_seed, scaling_factor=sc.mauve_scaling_factor,
                      num_buckets=sc.mauve_num_buckets)
     by_prompt: dict[int, list[str]] = defaultdict(list)
@@ -106,7 +116,9 @@ def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score
         h_by_prompt[h["prompt"]].append(h["response"])
     out = {"mauve": mv["mauve"], "mauve_features": featurizer_label, "self_bleu": _self_bleu(by_prompt, sc),
            "human_self_bleu": _self_bleu(dict(enumerate(h_by_prompt.values())), sc), "n": len(gens),
-           "n_human": len(human), "config": asdict(sc)}
+           "n_human": len(human), "config": asdict(sc),
+           "truncated": {"human": n_truncated(ftok, texts["p"], sc.max_length),
+                         "generated": n_truncated(ftok, texts["q"], sc.max_length), "max_length": sc.max_length}}
     if toy:  # the human responses are draws from the true modes: their TV is the sampling floor of the set size
         out["modes"] = toy_mode_scores(gens)
         out["human_modes"] = toy_mode_scores([{"instruction": h["instruction"], "generation": h["response"]}
@@ -118,4 +130,4 @@ def score_generations(gens_jsonl, eval_jsonl, featurizer_dir, out_json, *, score
     return out
 
 
-__all__ = ["ScoreConfig", "score_generations", "toy_mode_scores", "FEATURIZE", "SELF_BLEU_OVER"]
+__all__ = ["ScoreConfig", "score_generations", "toy_mode_scores", "n_truncated", "FEATURIZE", "SELF_BLEU_OVER"]
