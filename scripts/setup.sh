@@ -7,6 +7,9 @@
 # are pinned by requirements.lock, used as pip constraints (regenerate it with scripts/lock.sh).
 # VARUP_TORCH_PIN="torch==A torchvision==B" installs another matching pair: the lock then constrains everything
 # except torch, torchvision and the CUDA wheels that torch build brings (nvidia-*, cuda-*, triton).
+# VARUP_CUDA=12 installs the second lock, requirements-cu12.lock, instead: torch 2.10.0 / torchvision 0.25.0 built for
+# CUDA 12.8, for a node whose NVIDIA driver predates CUDA 13 (the main lock's torch needs a driver >= 580; README:
+# "On an older CUDA driver"). Give it its own venv (VARUP_VENV=.venv-cu12) or it replaces .venv.
 # Re-running is cheap: nothing is installed when pyproject.toml, the lock and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +17,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VARUP_VENV:-.venv}
 LOCK=requirements.lock
+case "${VARUP_CUDA:-13}" in
+  13) ;;
+  12) LOCK=requirements-cu12.lock ;;
+  *) echo "setup: VARUP_CUDA=${VARUP_CUDA}: use 13 (requirements.lock, driver >= 580) or 12 (requirements-cu12.lock," \
+       "driver >= 525.60.13; see README, On an older CUDA driver)" >&2; exit 2 ;;
+esac
 TORCH_PIN=${VARUP_TORCH_PIN:-$(grep -E '^(torch|torchvision)==' "$LOCK" | tr '\n' ' ')}
 
 stamp="$VENV/.varup-setup"
@@ -23,7 +32,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-echo "setup: creating $VENV with $("$PYTHON" --version 2>&1)"
+echo "setup: creating $VENV with $("$PYTHON" --version 2>&1), pins from $LOCK"
 "$PYTHON" -m venv "$VENV"
 constraints="$VENV/.varup-constraints.txt"
 if [ -n "${VARUP_TORCH_PIN:-}" ]; then
