@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from helpers import tiny_var
 from varup.base.runtime import CUBLAS_WORKSPACE, DETERMINISTIC_ENV, deterministic_requested, set_deterministic
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def torch_settings() -> dict:
@@ -103,3 +107,24 @@ def test_the_command_line_and_the_workflow_variable_switch_it_on_before_the_comm
     assert cli.main(argv) == 0
     assert len(seen) == 1 and seen[0]["algorithms"] is expected
     assert seen[0]["CUBLAS_WORKSPACE_CONFIG"] == (CUBLAS_WORKSPACE if expected else None)
+
+
+PROBE = """configfile: "{repo}/config/config.yaml"
+include: "{repo}/workflow/rules/common.smk"
+
+rule probe:
+    output: "probe.txt"
+    shell: "echo $VARUP_DETERMINISTIC > {{output}}"
+"""
+
+
+@pytest.mark.parametrize(("config", "expected"), [([], "0"), (["--config", "deterministic=true"], "1")])
+def test_the_workflow_passes_config_deterministic_to_its_jobs(tmp_path, config, expected):
+    """A job of a workflow built on workflow/rules/common.smk sees VARUP_DETERMINISTIC as the config says (a user's
+    own value in the environment does not count)."""
+    (tmp_path / "Snakefile").write_text(PROBE.format(repo=REPO))
+    env = {**os.environ, DETERMINISTIC_ENV: "1" if expected == "0" else "0"}
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(tmp_path / "Snakefile"), "-d", str(tmp_path / "w"),
+                        "--cores", "1", "-q", *config], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "w" / "probe.txt").read_text().strip() == expected
