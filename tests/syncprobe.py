@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -62,10 +63,10 @@ class SyncProbe:
                 setattr_(dist, name, self._wrap(getattr(dist, name), name))
         real_step = loop._train_step
 
-        def step(r, net, s, tok, lab):
+        def step(r, net, s, tok, lab, **kw):
             self.phase = ("in_step", s + 1)
             try:
-                return real_step(r, net, s, tok, lab)
+                return real_step(r, net, s, tok, lab, **kw)
             finally:
                 self.phase = ("after_step", s + 1)
 
@@ -74,7 +75,9 @@ class SyncProbe:
 
     def _wrap(self, fn, what: str):
         def wrapper(*args, **kwargs):
-            if _called_by_varup(2):
+            # the prefetch thread (varup.training.loop.Prefetcher) gathers the next steps' rows from the memory-mapped
+            # cache in host memory: its reads are of CPU tensors by construction, not device syncs of the step
+            if threading.current_thread() is threading.main_thread() and _called_by_varup(2):
                 self.events.append((*self.phase, what))
             return fn(*args, **kwargs)
 

@@ -193,6 +193,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: bool = False  # in a process group (torchrun), even of one rank: DDP, all-reduces
 
     @property
     def is_main(self) -> bool:
@@ -200,14 +201,16 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.group
 
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set): NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group when started by torchrun (RANK and WORLD_SIZE set; NCCL on GPU, gloo on CPU), at
+    world size 1 too (``torchrun --nproc_per_node=1``: the DDP code path on one GPU, what ``varup gpu-check`` runs);
+    a plain start (no RANK) runs without one."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist(), resolve_device(device_name)
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -215,7 +218,7 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local), device
+    return Dist(rank=rank, world=world, local_rank=local, group=True), device
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

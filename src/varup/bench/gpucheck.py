@@ -50,7 +50,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from varup.base.runtime import Dist, resolve_device, tf32_matmuls
+from varup.base.runtime import resolve_device, tf32_matmuls
 from varup.bench import suite
 
 SECTIONS = ("ceilings", "train_d16", "train_d20", "sample", "ddp", "resume")
@@ -293,34 +293,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class WorldOfOne(Dist):
-    """Rank 0 of a one-rank process group that the trainers treat as distributed (DDP wrapper, all-reduces)."""
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-
 @contextlib.contextmanager
 def ddp_world_one(dev: torch.device):
-    """The trainers' ``init_distributed`` joins a fresh one-rank process group (NCCL on CUDA, gloo on CPU;
-    MASTER_ADDR 127.0.0.1, a free port, RANK 0, WORLD_SIZE 1) and returns :class:`WorldOfOne`; restored after."""
+    """The environment torchrun gives one rank (MASTER_ADDR 127.0.0.1, a free port, RANK 0, WORLD_SIZE 1), so the
+    trainers' ``init_distributed`` joins a one-rank process group (NCCL on CUDA, gloo on CPU) and trains through
+    the DDP wrapper and its all-reduces; the group is destroyed and the environment restored after."""
     import torch.distributed as dist
 
-    def init(device_name: str = "auto") -> tuple[Dist, torch.device]:
-        if not dist.is_initialized():
-            env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                   "LOCAL_RANK": "0"}
-            with mock.patch.dict(os.environ, env):
-                dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
-        return WorldOfOne(), dev
-
-    targets = ["varup.training.loop.init_distributed"]
-    if "varup.lm.sft" in sys.modules:
-        targets.append("varup.lm.sft.init_distributed")
-    with contextlib.ExitStack() as st:
-        for t in targets:
-            st.enter_context(mock.patch(t, init))
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    with mock.patch.dict(os.environ, env):
         try:
             yield
         finally:
@@ -472,4 +454,4 @@ def gpu_check(device: str = "auto", *, tiny: bool = False, sections: Sequence[st
     return (1 if failed else 0), results
 
 
-__all__ = ["gpu_check", "SECTIONS", "build_tiny_assets", "ddp_world_one", "WorldOfOne"]
+__all__ = ["gpu_check", "SECTIONS", "build_tiny_assets", "ddp_world_one"]
