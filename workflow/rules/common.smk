@@ -102,7 +102,8 @@ SERIAL_THREADS = config["serial_threads"]
 DEVICE = cluster.job_device(config, gpu_rule=False)
 GPU_DEVICE = cluster.job_device(config, gpu_rule=True)
 # config `deterministic` reaches every job as VARUP_DETERMINISTIC (varup.cli main: varup.base.runtime.set_deterministic)
-os.environ["VARUP_DETERMINISTIC"] = "1" if config["deterministic"] else "0"
+DETERMINISTIC = "1" if config["deterministic"] else "0"
+os.environ["VARUP_DETERMINISTIC"] = DETERMINISTIC
 
 
 # Rules call the `varup` command. Without --sdm conda it is the one beside the interpreter running Snakemake
