@@ -214,11 +214,11 @@ def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identic
     (no signal has to reach it), checkpoints and requeues its job, which Slurm restarts under the same id with a
     fresh limit while Snakemake keeps waiting; the resumed run ends with the weights and the whole loss curve of an
     uninterrupted one."""
-    # a window is 3 min − 150 s margin − start-up, about 15 s of training: 30 s of this machine's steps need two (or
-    # three) windows whatever its speed (a fixed 2,400 steps needed six windows at 28 steps/s, each followed by
-    # Slurm's 2-minute hold of a requeued job, and finished before the stop point at 63 steps/s with 1,200); the
-    # hold itself is lifted as soon as Slurm sets it (_requeue_holds_lifted)
-    steps = _steps_for(finished, 30)
+    # a window is 3 min − 150 s margin − start-up, about 15 s of training: 60 s of this machine's steps (read from the
+    # shared tiny DAG's speed) need several windows whatever its speed, and still more than one if the DAG was timed
+    # on a machine twice as busy (30 s once fitted in one window then). Slurm's 2-minute hold of each requeued job is
+    # lifted as soon as Slurm sets it (_requeue_holds_lifted), so a window costs its start-up and its training only
+    steps = _steps_for(finished, 60)
     work, f, cfg = _one_run_config(tmp_path, finished, runtime_min=3, steps=steps, stop_before_limit_s=150)
     with _requeue_holds_lifted(slurm):
         r = _smk_slurm(slurm, work, f, str(_model(work, 0)))
