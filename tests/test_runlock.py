@@ -125,6 +125,12 @@ def wait_for(cond, what: str, log: Path, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
+def _ctrl_c_reaches_it() -> None:
+    """SIGINT handled as a terminal's Ctrl-C reaches a foreground Snakemake: a shell that starts a job in the
+    background (CI, `nohup … &`) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_second_run_from_another_folder_is_refused_while_the_first_holds_the_results(tmp_path):
     """The issue's trial: two working folders, one absolute results_dir. Run A makes two cheap jobs but may start
     only one per 10 minutes, so after the first it waits, holding results/toy/. Run B (dry run: warned; run and
@@ -142,7 +148,7 @@ def test_a_second_run_from_another_folder_is_refused_while_the_first_holds_the_r
         a = subprocess.Popen([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(a_dir),
                               "--configfile", str(cfgfile), "--cores", "1", "--max-jobs-per-timespan", "1/600s",
                               *targets], stdout=out, stderr=subprocess.STDOUT,
-                             env={**os.environ, "VARUP_NO_PROGRESS": "1"})
+                             env={**os.environ, "VARUP_NO_PROGRESS": "1"}, preexec_fn=_ctrl_c_reaches_it)
     try:
         wait_for(lambda: "1 of 2 steps (50%) done" in log.read_text() or a.poll() is not None, "A's first job", log)
         assert a.poll() is None and lock.is_file(), log.read_text()[-4000:]
