@@ -5,41 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from helpers import tiny_vqvae
+from test_train import assets  # noqa: F401  (the tiny tokenizer, token cache and references)
 from varup.cli import main as cli_main
 from varup.models.var import VAR, VARConfig
-from varup.tokenizer.tokens import TokenCache, encode_split, write_meta
 from varup.training.loop import RunSpec, train
 from varup.training.losses import LossConfig, UncertaintyLoss
 from varup.training.memplan import choose_micro_batch, fits, plan_step, tensor_bytes, track_live_bytes
-from varup.training.references import build_references
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("assets")
-    vae = tiny_vqvae().eval()
-    vae.quantize.embedding.weight.data.normal_(0, 0.3)
-    torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, d / "vqvae.pt")
-    imgs = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    labels = [i % 4 for i in range(48)]
-    splits = {s: encode_split(vae, lambda i, v: imgs[i], labels, d / "tokens", s, batch_size=16) for s in ("train", "val")}
-    write_meta(d / "tokens", vae, splits, ["a", "b", "c", "d"])
-    cache = TokenCache(d / "tokens")
-    refs = build_references(vae.quantize.embedding.weight.detach(), torch.from_numpy(cache.tokens.astype(np.int64)),
-                            vae.patch_nums, num_clusters=8)
-    torch.save(refs, d / "refs.pt")
-    return d
-
-
-def _run(assets, out: Path, **optim) -> tuple[dict, list[dict]]:
+def _run(assets, out: Path, **optim) -> tuple[dict, list[dict]]:  # noqa: F811
     # class dropout and DropPath off: a split batch draws their masks in another order (statistically the same)
     o = dict(steps=4, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, ckpt_every=4, precision="fp32")
     o.update(optim)
@@ -53,7 +33,7 @@ def _run(assets, out: Path, **optim) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.parametrize("micro", [2, 4])
-def test_micro_batches_train_like_the_whole_batch(assets, tmp_path, micro):
+def test_micro_batches_train_like_the_whole_batch(assets, tmp_path, micro):  # noqa: F811
     whole, c_whole = _run(assets, tmp_path / "whole")
     split, c_split = _run(assets, tmp_path / f"m{micro}", micro_batch=micro)
     assert whole.keys() == split.keys()
