@@ -188,8 +188,8 @@ def test_entangled_weights_and_one_class_mix_equals_label_conditioning(models):
     for bad, msg in (([], "at least one"), ([1, 1], "duplicate"), ([5], "outside")):
         with pytest.raises(ValueError, match=msg):
             entangled_weights(5, bad)
-    sets = entanglement_sets(var, vae, [[2], [2, 4]], n=6, seed=5, batch_size=4, rate=0.2, T=3, sigma_seeds=(0, 1),
-                             **KW)
+    sets = entanglement_sets(var, vae, [[2], [2, 4]], n=6, seed=5, batch_size=4, rate=0.0, T=3, sigma_seeds=(0, 1),
+                             **KW)  # rate 0: DropPath off (the study's 0.05: test_droppath)
     one, two = sets
     assert one["images"].shape == (6, 16, 16, 3) and one["images"].dtype == np.uint8 and one["n_concepts"] == 1
     for b, (s, e) in enumerate(((0, 4), (4, 6))):
@@ -224,17 +224,27 @@ def test_stage_files_tables_and_figures(models, toy, tmp_path):
     torch.save({"model": vae.state_dict(), "config": vae.cfg.to_dict()}, tmp_path / "vqvae.pt")
     common = dict(cfg=1.5, top_k=900, top_p=0.95, device="cpu")
     mc, sweeps, ents = [], [], []
-    for method in ("baseline", "ours"):
+    for method, reading in (("baseline", "dropout"), ("ours", "both")):
         meta = {"dataset": "shapes", "depth": 4, "method": method, "seed": 0}
         r = run_mc_dropout(tmp_path / "model.pt", tmp_path / "vqvae.pt", toy, tmp_path / method / "mc.json",
                            tmp_path / method / "mc.npz", classes=[0, 3], seeds=[0, 1], T=4, rate=0.3, meta=meta,
-                           segmentation_images=32, **common)
+                           segmentation_images=32, sigma_reading=reading, **common)
         mc.append(r)
         sweeps.append(run_sweep_sets(tmp_path / "model.pt", tmp_path / "vqvae.pt", tmp_path / method / "sweep",
                                      rates=(0.1, 0.3), n_per_class=1, seed=0, sigma_pairs=[(0, 0)], T=3, meta=meta,
-                                     **common))
+                                     sigma_reading=reading, **common))
         ents.append(run_entanglement_sets(tmp_path / "model.pt", tmp_path / "vqvae.pt", tmp_path / method / "ent",
                                           mixes=[[0], [0, 1]], n=3, seed=0, T=3, meta=meta, **common))
+    # both σ readings: the samples reading's fields beside the dropout reading's, region σ under each
+    both = mc[1]
+    assert both["sigma_readings"] == ["dropout", "samples"] and both["droppath_masks"] == "per_call"
+    assert both["mean_sigma_samples"] > both["mean_sigma"] > 0 and "mean_sigma_samples" not in mc[0]
+    assert both["region"]["inside_samples"] is not None and "inside_samples" not in mc[0]["region"]
+    with np.load(tmp_path / "ours" / "mc.npz") as z:
+        assert z["sigma_samples"].shape == (4, 16, 16) and str(z["reading"]) == "dropout"
+        assert [float(s.mean()) for s in z["sigma_samples"]] == pytest.approx(
+            [p["mean_sigma_samples"] for p in both["pairs"]])
+    assert sweeps[1]["rates"][0]["mean_sigma_samples"] is not None and "mean_sigma_samples" not in sweeps[0]["rates"][0]
     r = mc[0]
     assert json.loads((tmp_path / "baseline" / "mc.json").read_text())["mean_sigma"] == pytest.approx(r["mean_sigma"])
     assert len(r["pairs"]) == 4 and r["region"]["available"] and r["region"]["segmentation_check"]["n"] == 32
@@ -297,10 +307,16 @@ def test_stage_files_tables_and_figures(models, toy, tmp_path):
     assert row.seeds == 2 and row.fid_mean == pytest.approx(12.0)
     assert row.fid_std == pytest.approx(np.std([10, 14], ddof=1))
     assert row.sigma_mean == pytest.approx(sweeps[0]["rates"][0]["mean_sigma"]) and row.sigma_std == 0
-    assert df[(df.method == "ours")].fid_mean.isna().all() and len(df) == 4 and "σ" in disp.columns
-    rt, _ = region_table(mc)
+    assert df[(df.method == "ours")].fid_mean.isna().all() and len(df) == 4
+    assert {"σ (dropout)", "σ (samples)"} <= set(disp.columns)  # both readings labelled; — where not computed
+    ours = df[(df.method == "ours") & (df.rate == 0.3)].iloc[0]
+    assert ours.sigma_samples_mean == pytest.approx(sweeps[1]["rates"][1]["mean_sigma_samples"])
+    assert df[df.method == "baseline"].sigma_samples_mean.isna().all()
+    rt, rdisp = region_table(mc)
     assert set(rt.method) == {"baseline", "ours"}
     assert rt.iloc[0].sigma_object_mean == pytest.approx(mc[0]["region"]["inside"])
+    assert rt.iloc[1].sigma_object_samples_mean == pytest.approx(mc[1]["region"]["inside_samples"])
+    assert {"σ object (dropout)", "σ background (samples)"} <= set(rdisp.columns)
     et, _ = entanglement_table(ents)
     assert sorted(et.concepts.tolist()) == [1, 1, 2, 2]
     two = et[(et.method == "ours") & (et.concepts == 2)].iloc[0]

@@ -30,6 +30,8 @@ rule mc_dropout:
                 **unc_common(w),
                 "T": UNC["T"],
                 "rate": UNC["mc_rate"],
+                "droppath_masks": UNC["droppath_masks"],
+                "sigma_reading": UNC["sigma_reading"],
                 "classes": UNC["classes"],
                 "seeds": UNC["sample_seeds"],
                 "mask_dir": unc_mask_dir(w),
@@ -73,6 +75,9 @@ rule uncertainty_sets:
                 "batch_size": plan.sample_settings(config, w.dataset)["batch_size"],
                 "sigma_seeds": UNC["sample_seeds"],
                 "classes": UNC["classes"],
+                "set_droppath_rate": UNC["set_droppath_rate"],
+                "droppath_masks": UNC["droppath_masks"],
+                "sigma_reading": UNC["sigma_reading"],
             }
         ),
         sweep_dir=lambda w, output: os.path.dirname(output.sweep),

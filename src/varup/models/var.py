@@ -9,7 +9,8 @@ Differences from the official code, none of which changes a result:
   so its validation loss is measured with dropped labels);
 * the VQVAE is not held inside the model: the trainer and the sampler pass it in;
 * the KV cache is preallocated once per sampling call instead of concatenated at every scale;
-* DropPath can be switched on at inference with a seeded generator (MC-dropout, :mod:`varup.studies.uncertainty`);
+* DropPath can be switched on at inference with seeded generators (MC-dropout, :mod:`varup.studies.uncertainty`),
+  drawing a fresh mask per call as the official code does in training mode, or one mask held for a whole pass;
 * ``VAR.activation_checkpointing = True`` recomputes each block in the backward (``torch.utils.checkpoint``,
   non-reentrant, RNG state replayed, so DropPath and dropout draw the same masks): equal gradients, less memory
   (:mod:`varup.training.memplan`).
@@ -35,7 +36,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -86,21 +87,37 @@ class VARConfig:
 
 # --------------------------------------------------------------------------------------------------
 class DropPath(nn.Module):
-    """Per-sample stochastic depth (scaled by 1/keep). Active in training, or at inference while an
-    MC-dropout mask is installed (:meth:`set_mc_mask`), which keeps the same dropped paths for every
-    scale of one generation (one sampled sub-network per pass)."""
+    """Per-sample stochastic depth (scaled by 1/keep). Active in training, or at inference in MC-dropout mode
+    (:func:`varup.sampling.sampler.mc_dropout`), which installs one of two mask draws:
+
+    * :meth:`set_mc_draw` (``per_call``, as the official VAR / VAR-CLIP draw it with DropPath on): a fresh Bernoulli
+      mask on EVERY call -- so separately for the attention and the FFN branch of a block, for every scale, and for
+      every row of the CFG-doubled (2B) batch -- from a seeded generator (or one per image: row b and row B + b
+      draw from generator b);
+    * :meth:`set_mc_mask` (``per_pass``): one given mask, held for both branches, every scale and both CFG halves
+      (one sampled sub-network per pass)."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = float(drop_prob)
         self.mc_mask: torch.Tensor | None = None
+        self.mc_draw: tuple[float, Any] | None = None  # (keep probability, generator or one generator per image)
 
     def set_mc_mask(self, mask: torch.Tensor | None) -> None:
         self.mc_mask = mask
 
+    def set_mc_draw(self, keep: float | None, generator=None) -> None:
+        """Draw a fresh mask with keep probability ``keep`` on every call (None: stop)."""
+        self.mc_draw = None if keep is None else (float(keep), generator)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_mask is not None:
             return x * self.mc_mask.to(x.dtype)
+        if self.mc_draw is not None:
+            keep, gen = self.mc_draw
+            if keep >= 1.0:  # the official model has no DropPath on such a block (nn.Identity)
+                return x
+            return x * call_mask(x.shape[0], keep, gen, x.device).to(x.dtype)
         if not self.training or self.drop_prob <= 0.0:
             return x
         keep = 1.0 - self.drop_prob
@@ -109,6 +126,19 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.4f}"
+
+
+def call_mask(rows: int, keep: float, generator, device) -> torch.Tensor:
+    """A (rows, 1, 1) float32 DropPath mask, 0 or 1/keep. ``generator``: one for all rows, or a list of one per image
+    of a CFG-doubled batch (rows = 2 x images): image b's generator draws rows b and images + b, the cond and the
+    uncond row, as a batch of one would draw its two rows."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.empty(rows, 1, 1, device=device).bernoulli_(keep, generator=generator).div_(keep)
+    n = len(generator)
+    if rows != 2 * n:
+        raise ValueError(f"{n} DropPath generators (one per image) for a CFG batch of {rows} rows: need {rows // 2}")
+    pairs = torch.cat([torch.empty(1, 2, 1, device=device).bernoulli_(keep, generator=g) for g in generator])
+    return pairs.transpose(0, 1).reshape(rows, 1, 1).div_(keep)
 
 
 class FFN(nn.Module):

@@ -20,6 +20,25 @@ def _fid(entry: Mapping[str, Any], name: str) -> float | None:
 
 
 _FID_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid_mean", 4), ("is", "IS ↑", "isc_mean", 2))
+# σ readings (uncertainty.sigma_reading): record key suffix, CSV key suffix, display label
+READINGS = (("", "", "dropout"), ("_samples", "_samples", "samples"))
+SIGMA_NOTE = ("σ (dropout): the T passes share one sampling noise, so only the DropPath masks vary (0 at rate 0); "
+              "σ (samples): every pass also draws its own sampling noise, the sample-to-sample spread "
+              "(uncertainty.sigma_reading). The study's σ (0.19–0.23, nearly flat in the DropPath rate and equal on "
+              "object and background) matches the samples reading's scale; the dropout reading is several times "
+              "smaller (README, 'Where the paper is ambiguous').")
+
+
+def readings_in(entries: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """The σ readings some entry carries (``mean_sigma``: dropout, ``mean_sigma_samples``: samples)."""
+    return [r for r in READINGS if any(e.get(f"mean_sigma{r[0]}") is not None for e in entries)] or [READINGS[0]]
+
+
+def _add_sigmas(row: dict, d: dict, es: Sequence[Mapping[str, Any]], readings, get=None, title: str = "σ") -> None:
+    """σ columns per reading: CSV ``sigma`` / ``sigma_samples``, display "σ (dropout)" / "σ (samples)"."""
+    for rk, ck, label in readings:
+        values = (e.get(f"mean_sigma{rk}") for e in es) if get is None else (get(e, rk) for e in es)
+        add_stat(row, d, f"sigma{ck}", f"{title} ({label})", values, 4)
 
 
 def droppath_table(records: Sequence[Mapping[str, Any]]):
@@ -28,13 +47,14 @@ def droppath_table(records: Sequence[Mapping[str, Any]]):
     import pandas as pd
 
     rows, disp = [], []
+    readings = readings_in([e for r in records for e in r["rates"]])
     for key, rs in grouped(records).items():
         rates = sorted({e["rate"] for r in rs for e in r["rates"]})
         for rate in rates:
             es = [e for r in rs for e in r["rates"] if e["rate"] == rate]
             row = {**key_cols(key), "rate": rate, "seeds": len(es)}
             d = {**key_cols(key), "DropPath rate": f"{rate:g}", "n": len(es)}
-            add_stat(row, d, "sigma", "σ", (e["mean_sigma"] for e in es), 4)
+            _add_sigmas(row, d, es, readings)
             for k, title, name, digits in _FID_COLS:
                 add_stat(row, d, k, title, (_fid(e, name) for e in es), digits)
             rows.append(row)
@@ -49,17 +69,16 @@ def region_table(records: Sequence[Mapping[str, Any]]):
     import pandas as pd
 
     rows, disp = [], []
+    readings = readings_in(records)
     for key, rs in grouped(records).items():
         row = {**key_cols(key), "seeds": len(rs)}
         d = {**key_cols(key), "n": len(rs)}
-        add_stat(row, d, "sigma", "σ (all)", (r["mean_sigma"] for r in rs), 4)
+        _add_sigmas(row, d, rs, readings, title="σ all")
         avail = [r for r in rs if r.get("region", {}).get("available")]
         if avail:
             reg = [r["region"] for r in avail]
-            add_stat(row, d, "sigma_object", "σ object", (g["inside"] for g in reg), 4)
-            add_stat(row, d, "sigma_background", "σ background", (g["outside"] for g in reg), 4)
-            diff = (None if g["inside"] is None or g["outside"] is None else g["outside"] - g["inside"] for g in reg)
-            add_stat(row, d, "sigma_bg_minus_object", "σ background − object", diff, 4)
+            for rk, ck, label in readings:
+                _region_cols(row, d, reg, rk, ck, label)
             ious = [g.get("segmentation_check", {}).get("mean_iou") for g in reg]
             ious = [x for x in ious if x is not None]
             row["segmentation_mean_iou"] = float(np.mean(ious)) if ious else None
@@ -67,10 +86,20 @@ def region_table(records: Sequence[Mapping[str, Any]]):
         else:
             reason = next((r.get("region", {}).get("reason") for r in rs), None) or "no region σ"
             row["region_unavailable_reason"] = reason
-            d["σ object"] = d["σ background"] = f"absent: {reason}"
+            for *_, label in readings:
+                d[f"σ object ({label})"] = d[f"σ background ({label})"] = f"absent: {reason}"
         rows.append(row)
         disp.append(d)
     return pd.DataFrame(rows), pd.DataFrame(disp)
+
+
+def _region_cols(row: dict, d: dict, reg: Sequence[Mapping[str, Any]], rk: str, ck: str, label: str) -> None:
+    """σ inside / outside the object and their difference under one σ reading."""
+    ins, outs = [g.get(f"inside{rk}") for g in reg], [g.get(f"outside{rk}") for g in reg]
+    add_stat(row, d, f"sigma_object{ck}", f"σ object ({label})", ins, 4)
+    add_stat(row, d, f"sigma_background{ck}", f"σ background ({label})", outs, 4)
+    diff = (None if i is None or o is None else o - i for i, o in zip(ins, outs))
+    add_stat(row, d, f"sigma_bg_minus_object{ck}", f"σ background − object ({label})", diff, 4)
 
 
 def entanglement_table(records: Sequence[Mapping[str, Any]]):
@@ -79,6 +108,7 @@ def entanglement_table(records: Sequence[Mapping[str, Any]]):
     import pandas as pd
 
     rows, disp = [], []
+    readings = readings_in([e for r in records for e in r["mixes"]])
     for key, rs in grouped(records).items():
         for k in sorted({e["n_concepts"] for r in rs for e in r["mixes"]}):
             per = [[e for e in r["mixes"] if e["n_concepts"] == k] for r in rs]
@@ -92,7 +122,7 @@ def entanglement_table(records: Sequence[Mapping[str, Any]]):
             row = {**key_cols(key), "concepts": k, "mixes": sorted({tuple(e["mix"]) for es in per for e in es}),
                    "seeds": len(per)}
             d = {**key_cols(key), "concepts": k, "n": len(per)}
-            add_stat(row, d, "sigma", "σ", (avg(es, lambda e: e["mean_sigma"]) for es in per), 4)
+            _add_sigmas(row, d, per, readings, get=lambda es, rk: avg(es, lambda e: e.get(f"mean_sigma{rk}")))
             for col, title, name, digits in _FID_COLS:
                 add_stat(row, d, col, title, (avg(es, lambda e, n=name: _fid(e, n)) for es in per), digits)
             row["mixes"] = ";".join("-".join(map(str, m)) for m in row["mixes"])
@@ -158,17 +188,19 @@ def sigma_figure(npz_by_method: Mapping[str, Any], out_dir, name: str = "mc_drop
             if j == 0:
                 cname = class_names[c] if class_names is not None else f"class {c}"
                 axes[r][0].set_ylabel(f"{cname}\nseed {s}", fontsize=8)
-    rate = float(np.asarray(data[methods[0]]["rate"]))
-    T = int(np.asarray(data[methods[0]]["T"]))
-    fig.suptitle(f"MC-Dropout (DropPath {rate:g}, T = {T}): mean, sample and pixel-wise σ (shared scale)", fontsize=9)
+    d0 = data[methods[0]]
+    rate, T = float(np.asarray(d0["rate"])), int(np.asarray(d0["T"]))
+    how = f", σ reading {d0['reading']}, masks {d0['droppath_masks']}" if "reading" in d0 else ""
+    fig.suptitle(f"MC-Dropout (DropPath {rate:g}, T = {T}{how}): mean, sample and pixel-wise σ (shared scale)",
+                 fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="σ")
     save_figure(fig, out_dir, name)
     return vmax
 
 
 def sweep_figure(records: Sequence[Mapping[str, Any]], out_dir, name: str = "droppath_sweep") -> None:
-    """PNG + PDF: σ, FID and KID vs DropPath rate per (dataset, depth, method), mean ± std over the records.
-    Panels without any filled ``fidelity`` say so."""
+    """PNG + PDF: σ (each reading: dropout solid, samples dashed), FID and KID vs DropPath rate per (dataset, depth,
+    method), mean ± std over the records. Panels without any filled ``fidelity`` say so."""
     import matplotlib.pyplot as plt
 
     from varup.base.plotting import save_figure  # selects the Agg backend (files only) before any figure
@@ -179,16 +211,18 @@ def sweep_figure(records: Sequence[Mapping[str, Any]], out_dir, name: str = "dro
     group_cols = [k for k in GROUP_KEYS if k in table.columns]
     for ax, (key, title) in zip(axes, panels):
         any_data = False
+        cols = [(c, sfx) for c, sfx in ((key, ""), (f"{key}_samples", " (samples)")) if f"{c}_mean" in table]
         for gkey, g in table.groupby(group_cols, sort=False, dropna=False) if group_cols else [((), table)]:
             g = g.sort_values("rate")
-            m = g[f"{key}_mean"].astype(float)
-            if m.isna().all():
-                continue
-            any_data = True
-            s = g[f"{key}_std"].astype(float).fillna(0)
             kv = dict(zip(group_cols, gkey if isinstance(gkey, tuple) else (gkey,)))
             label = " ".join(f"d{v}" if k == "depth" else str(v) for k, v in kv.items())
-            ax.errorbar(g["rate"], m, yerr=s, marker="o", capsize=3, label=label)
+            for col, sfx in cols:
+                m = g[f"{col}_mean"].astype(float)
+                if m.isna().all():
+                    continue
+                any_data = True
+                s = g[f"{col}_std"].astype(float).fillna(0)
+                ax.errorbar(g["rate"], m, yerr=s, marker="o", capsize=3, label=label + sfx, ls="--" if sfx else "-")
         ax.set_xlabel("DropPath rate")
         ax.set_title(title, fontsize=10)
         if any_data:

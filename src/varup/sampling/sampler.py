@@ -6,7 +6,8 @@
   gives the same images on the same device. It optionally teacher-forces given tokens where a mask says so
   (in-/out-painting, class-conditional editing as in the official zero-shot edit demo), mixes class embeddings
   (class entanglement), and returns the raw logits of both CFG halves for inspection.
-* :func:`mc_dropout` — a context that keeps DropPath active at inference with seeded masks (MC-dropout).
+* :func:`mc_dropout` — a context that keeps DropPath active at inference with seeded masks (MC-dropout), drawn
+  per call (as the official code) or held per pass.
 * :func:`edit_masks` — per-scale force masks from a box, as the official ``get_edit_mask``.
 """
 from __future__ import annotations
@@ -278,19 +279,34 @@ def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: in
     return h, idx_Bl
 
 
+MASK_DRAWS = ("per_call", "per_pass")
+
+
 @contextlib.contextmanager
-def mc_dropout(var: VAR, rate: float, batch_size: int, generator: Generators) -> Iterator[None]:
+def mc_dropout(var: VAR, rate: float, batch_size: int, generator: Generators, masks: str = "per_call"
+               ) -> Iterator[None]:
     """Keep DropPath active at inference (MC-dropout): block i drops its residual branches with probability
-    ``linspace(0, rate, depth)[i]`` (the official per-block schedule), one mask per image drawn from ``generator``
-    (or, given one generator per image, image b's masks from its own, as in a batch of one) and held for every
-    scale of the generation; both CFG halves of an image share it."""
+    ``linspace(0, rate, depth)[i]`` (the official per-block schedule). ``masks`` (``uncertainty.droppath_masks``):
+
+    * ``per_call`` -- as the official VAR / VAR-CLIP with DropPath on: a fresh mask on every call of a DropPath
+      module, i.e. per branch (attention, FFN), per scale and per row of the CFG-doubled batch (the cond and
+      uncond halves draw their own), from ``generator`` (or, given one generator per image, image b's rows from
+      its own, as in a batch of one); blocks at rate 0 draw nothing;
+    * ``per_pass`` -- one mask per image and block drawn here (per image: from its own generator), held for both
+      branches and every scale of the generation, both CFG halves sharing it (one sub-network per pass)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"MC-dropout rate must be in [0, 1), got {rate}")
+    if masks not in MASK_DRAWS:
+        raise ValueError(f"DropPath masks must be one of {MASK_DRAWS} (uncertainty.droppath_masks), got {masks!r}")
     device = var.lvl_1L.device
     rates = torch.linspace(0, rate, len(var.blocks)).tolist()
+    _per_image(generator, batch_size)  # one generator per image: as many as images
     try:
         for b, p in zip(var.blocks, rates):
             keep = 1.0 - p
+            if masks == "per_call":
+                b.drop_path.set_mc_draw(keep, generator)
+                continue
             if _per_image(generator, batch_size):
                 m = torch.cat([torch.empty(1, 1, 1, device=device).bernoulli_(keep, generator=g) for g in generator])
             else:
@@ -301,9 +317,10 @@ def mc_dropout(var: VAR, rate: float, batch_size: int, generator: Generators) ->
     finally:
         for b in var.blocks:
             b.drop_path.set_mc_mask(None)
+            b.drop_path.set_mc_draw(None)
 
 
-__all__ = ["sample", "SampleOutput", "mc_dropout", "edit_masks", "box_mask", "top_k_top_p_filter_", "sample_top_k_top_p_"]
+__all__ = ["sample", "SampleOutput", "mc_dropout", "MASK_DRAWS", "edit_masks", "box_mask", "top_k_top_p_filter_", "sample_top_k_top_p_"]
 
 
 # ------------------------------------------------------------------------------------- sampling stage
