@@ -495,7 +495,8 @@ def cmd_mc_dropout(a) -> None:
     p = a.params
     run_mc_dropout(a.model, a.tokenizer, a.data, a.out, a.out_npz, classes=p["classes"], seeds=p["seeds"], T=p["T"],
                    rate=p["rate"], cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"],
-                   device=a.device, meta=_run_of_model(a.model), mask_dir=p.get("mask_dir"))
+                   device=a.device, meta=_run_of_model(a.model), mask_dir=p.get("mask_dir"), masks=p["droppath_masks"],
+                   sigma_reading=p["sigma_reading"])
 
 
 def cmd_uncertainty_sets(a) -> None:
@@ -503,11 +504,12 @@ def cmd_uncertainty_sets(a) -> None:
 
     p = a.params
     common = dict(cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], more_smooth=p["more_smooth"], T=p["T"],
-                  batch_size=p["batch_size"], device=a.device, meta=_run_of_model(a.model))
+                  batch_size=p["batch_size"], device=a.device, meta=_run_of_model(a.model), masks=p["droppath_masks"],
+                  sigma_reading=p["sigma_reading"])
     run_sweep_sets(a.model, a.tokenizer, a.sweep_dir, rates=p["rates"], n_per_class=p["n_per_class"], seed=a.seed,
                    sigma_pairs=[(c, s) for c in p["classes"] for s in p["sigma_seeds"]], **common)
     run_entanglement_sets(a.model, a.tokenizer, a.mix_dir, mixes=p["mixes"], n=p["n_mix"], seed=a.seed,
-                          sigma_seeds=p["sigma_seeds"], **common)
+                          sigma_seeds=p["sigma_seeds"], rate=p["set_droppath_rate"], **common)
 
 
 def cmd_score_sets(a) -> None:

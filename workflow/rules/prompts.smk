@@ -142,7 +142,10 @@ rule prompt_sets:
         code=code_of("prompt-sets"),
         device=GPU_DEVICE,
         family=lambda w: "text" if w.fam else "var",
-        params=q({k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd")}),
+        params=q(
+            {k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd")}
+            | {k: UNC[k] for k in ("set_droppath_rate", "droppath_masks", "sigma_reading")}
+        ),
         weights=lambda w, input: f"--text-encoder-weights {input.encoder}" if input.encoder else "",
     shell:
         "varup prompt-sets --threads {threads} --device {params.device} --model {input.model}"

@@ -39,7 +39,7 @@ from varup.config.textplan import FAMILY_NAMES
 from varup.report.figure4 import figure4_data
 from varup.report.modes import mode_coverage_table
 from varup.report.tablefmt import MISSING, add_stat, fmt, html_table, latex_table, mean_std, spread_note
-from varup.report.uncertainty import droppath_table, entanglement_table, region_table
+from varup.report.uncertainty import SIGMA_NOTE, droppath_table, entanglement_table, region_table
 
 log = logging.getLogger("varup.report.tables")
 
@@ -311,16 +311,17 @@ UNCERTAINTY_TABLES = {  # name: (table function, run file, caption, the study's 
     "uncertainty_droppath": (droppath_table, "uncertainty/sweep_scored.json",
                              "MC-Dropout: generation quality and pixel-wise σ (std over T stochastic passes of the decoded "
                              "image in [0,1]) against the DropPath rate kept active at inference, baseline vs ours. "
-                             f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_droppath_sweep", "rate"),
+                             f"{spread_note()}. {SIGMA_NOTE} {STUDY_NOTE}", "mc_dropout_droppath_sweep", "rate"),
     "uncertainty_region": (region_table, "uncertainty/mc_dropout.json",
                            "MC-Dropout σ inside vs outside the object (toy: the object segmented in the mean image, "
                            "checked against the exact masks; real datasets: absent, with the reason). "
-                           f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_region_sigma", None),
+                           f"{spread_note()}. {SIGMA_NOTE} {STUDY_NOTE}", "mc_dropout_region_sigma", None),
     "uncertainty_entanglement": (entanglement_table, "uncertainty/entanglement_scored.json",
                                  "Class entanglement: conditioning on an equal-weight mix of 1, 2 or 3 class "
                                  "embeddings; FID/KID against the real images of the mixed classes, and σ (each "
                                  "run's mixes of the same size averaged first). "
-                                 f"{spread_note()}. {STUDY_NOTE}", "mc_dropout_entanglement", "concepts"),
+                                 f"{spread_note()}. {SIGMA_NOTE} {STUDY_NOTE}", "mc_dropout_entanglement",
+                                 "concepts"),
 }
 
 
@@ -549,8 +550,22 @@ def cmmd_title(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 PROMPT_COLS = (("fid", "FID ↓", "fid", 2), ("kid", "KID ↓", "kid", 4), ("is", "IS ↑", "isc", 2),
-               ("cmmd", None, "cmmd", 3), ("sigma", "σ", None, 4), ("in_prompt", "in-prompt ↑", "in_prompt", 3),
-               ("modes_covered", "modes covered", "modes_covered", 1))
+               ("cmmd", None, "cmmd", 3), ("sigma", "σ (dropout)", None, 4),
+               ("sigma_samples", "σ (samples)", "mean_sigma_samples", 4), ("sigma_object", "σ object", "region.inside", 4),
+               ("sigma_background", "σ background", "region.outside", 4),
+               ("in_prompt", "in-prompt ↑", "in_prompt", 3), ("modes_covered", "modes covered", "modes_covered", 1))
+
+
+def _prompt_value(e: Mapping[str, Any], name: str | None):
+    """A prompt set's mean σ (``None``), its region σ (``region.inside`` / ``.outside``: object vs background of the
+    MC mean image, absent without a mask) or a score."""
+    if name is None:
+        return e.get("mean_sigma")
+    if name.startswith("mean_sigma"):  # another σ reading (uncertainty.sigma_reading)
+        return e.get(name)
+    if name.startswith("region."):
+        return (e.get("region") or {}).get(name.split(".", 1)[1])
+    return _prompt_score(e, name)
 
 
 def _prompt_row_key(study: str, e: Mapping[str, Any]):
@@ -573,8 +588,7 @@ def _prompt_row(key: tuple, study: str, ref: Mapping[str, Any], ok: list, toy: b
     if toy:
         d["modes allowed"] = MISSING if allowed is None else str(allowed)
     for col, title, name, digits in PROMPT_COLS:
-        add_stat(row, d, col, title or ctitle, [e["mean_sigma"] if name is None else _prompt_score(e, name)
-                                                for e in ok], digits)
+        add_stat(row, d, col, title or ctitle, [_prompt_value(e, name) for e in ok], digits)
     return row, d
 
 
@@ -630,7 +644,8 @@ def prompt_tables(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
             last = df["level"].max()
             df["prompt_type"] = [("simple" if lv == 0 else "complex" if lv == last else None) for lv in df["level"]]
         df, disp = with_study(df, disp, study_key, match)
-        write_table(df, out, name, f"{caption}. {PROMPT_NOTE.format(cmmd=cmmd)}{spread_note()}. {STUDY_NOTE}", disp)
+        write_table(df, out, name, f"{caption}. {PROMPT_NOTE.format(cmmd=cmmd)}{spread_note()}. {SIGMA_NOTE} "
+                    f"{STUDY_NOTE}", disp)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 

@@ -10,9 +10,11 @@ entanglement with "A", "A or B", "A or B or C" prompts ("Arctic fox or teddy ...
   applicable to it and are skipped (the tables show "—").
 
 Per prompt set: ``n_images`` images (seeds as :mod:`varup.studies.uncertainty`: batch b samples with
-``derive_seed(seed, 'sample', b)``; the DropPath sweep's sets keep DropPath on at the rate, one mask per image),
-and σ, the mean over ``sigma_seeds`` of the pixel-wise std over T MC-Dropout passes (:func:`varup.studies.uncertainty.
-sigma_map`). Scoring (:func:`score_prompt_sets`) compares each set with the real images the prompt describes
+``derive_seed(seed, 'sample', b)``), generated with DropPath on -- the sweep's sets at their rate, the entanglement
+and descriptiveness sets at ``uncertainty.set_droppath_rate`` (the study's 0.05), masks drawn as
+``uncertainty.droppath_masks`` says -- and σ at the set's rate, the mean over ``sigma_seeds`` of the pixel-wise std
+over T MC-Dropout passes (:func:`varup.studies.uncertainty.sigma_map`), under each reading of
+``uncertainty.sigma_reading`` (``mean_sigma``: dropout, ``mean_sigma_samples``: samples). Scoring (:func:`score_prompt_sets`) compares each set with the real images the prompt describes
 (toy: the images whose mode the prompt allows, :func:`varup.data.captions.caption_modes`; other datasets: the
 classes it names, else all) in a reference pool of the train split (:func:`prompt_reference`): FID/KID
 (Inception), CMMD (:mod:`varup.metrics.cmmd`: CLIP ViT-L/14@336 on a cluster; offline the same estimator on the
@@ -67,12 +69,15 @@ def n_concepts(prompt: str) -> int:
 
 
 def prompt_sets(params: Mapping[str, Any]) -> list[dict]:
-    """The study's sets: (study, prompt, DropPath rate of the set or None)."""
+    """The study's sets: (study, prompt, DropPath rate of the set). The entanglement and descriptiveness sets are
+    generated, and their σ computed, at ``set_droppath_rate`` (``uncertainty.set_droppath_rate``, the study's 0.05:
+    its tables share the sweep's 0.05 row), so a prompt of the sweep at that rate is the same set."""
+    fixed = float(params["set_droppath_rate"])
     sets = [{"study": "droppath", "prompt": params["droppath"]["prompt"], "rate": float(r)}
             for r in params["droppath"]["rates"]]
-    sets += [{"study": "entanglement", "prompt": p, "rate": None, "concepts": n_concepts(p)}
+    sets += [{"study": "entanglement", "prompt": p, "rate": fixed, "concepts": n_concepts(p)}
              for p in params["entanglement"]]
-    sets += [{"study": "descriptiveness", "prompt": p, "rate": None, "level": i}
+    sets += [{"study": "descriptiveness", "prompt": p, "rate": fixed, "level": i}
              for i, p in enumerate(params["descriptiveness"])]
     names: dict[tuple, str] = {}  # one image set per distinct (prompt, rate): "a circle" serves several studies
     for s in sets:
@@ -97,15 +102,16 @@ def condition_of(family: str, prompt: str, var, encoder=None, null: torch.Tensor
 # ------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(var, vae, condition, n: int, *, seed: int, batch_size: int, rate: float | None, cfg: float,
-             top_k: int, top_p: float) -> dict[str, np.ndarray]:
-    """``n`` images of one condition: uint8 NHWC images and the token maps (L per image)."""
+             top_k: int, top_p: float, masks: str = "per_call") -> dict[str, np.ndarray]:
+    """``n`` images of one condition: uint8 NHWC images and the token maps (L per image); with a ``rate``, DropPath
+    on (masks drawn as ``masks`` says: :func:`varup.sampling.sampler.mc_dropout`)."""
     from varup.data.folder import to_uint8
 
     dev = var.lvl_1L.device
     images, tokens = [], []
     for b, s in enumerate(range(0, n, batch_size)):
         B = min(batch_size, n - s)
-        ctx = (mc_dropout(var, rate, B, make_generator(derive_seed(seed, "droppath", b), dev))
+        ctx = (mc_dropout(var, rate, B, make_generator(derive_seed(seed, "droppath", b), dev), masks=masks)
                if rate else contextlib.nullcontext())
         with ctx:
             o = sample(var, vae, **condition_kwargs(var, condition, B), cfg=cfg, top_k=min(int(top_k), var.V),
@@ -116,11 +122,13 @@ def generate(var, vae, condition, n: int, *, seed: int, batch_size: int, rate: f
 
 
 def sigma_of(var, vae, condition, *, rate: float, T: int, seeds: Sequence[int], cfg: float, top_k: int,
-             top_p: float) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean σ over the sampling seeds, σ map of the first seed, its mean image) of T MC-Dropout passes."""
+             top_p: float, masks: str = "per_call", reading: str = "dropout") -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean σ over the sampling seeds, σ map of the first seed, its mean image) of T MC-Dropout passes under a σ
+    reading (:func:`varup.studies.uncertainty.mc_passes`)."""
     from varup.studies.uncertainty import mc_passes, sigma_map
 
-    maps = [sigma_map(mc_passes(var, vae, condition, T=T, rate=rate, seed=s, cfg=cfg, top_k=top_k, top_p=top_p))
+    maps = [sigma_map(mc_passes(var, vae, condition, T=T, rate=rate, seed=s, cfg=cfg, top_k=top_k, top_p=top_p,
+                                masks=masks, reading=reading))
             for s in seeds]
     return float(np.mean([m[1].mean() for m in maps])), maps[0][1], maps[0][0]
 
@@ -160,13 +168,19 @@ def _make_set(var, vae, cond, s: Mapping[str, Any], out_dir: Path, p: Mapping[st
 
     if cond is None:
         return {"applicable": False}
-    kw = dict(cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"])
+    from varup.studies.uncertainty import readings_of, sigma_key
+
+    kw = dict(cfg=p["cfg"], top_k=p["top_k"], top_p=p["top_p"], masks=p["droppath_masks"])
     g = generate(var, vae, cond, p["n_images"], seed=p["seed"], batch_size=p["batch_size"], rate=s["rate"], **kw)
     atomic_npz_save(out_dir / s["set"], images=g["images"], tokens=g["tokens"])
-    sigma, sigma_map, mean = sigma_of(var, vae, cond, rate=s["rate"] or p["mc_rate"], T=p["T"],
-                                      seeds=p["sigma_seeds"], **kw)
-    maps[s["set"][:-4] + "_sigma"], maps[s["set"][:-4] + "_mean"] = sigma_map, mean
-    return {"applicable": True, "mean_sigma": sigma, "n_images": int(len(g["images"]))}
+    out: dict[str, Any] = {"applicable": True, "n_images": int(len(g["images"]))}
+    for r in readings_of(p["sigma_reading"]):  # the σ maps of the first reading, the others' means
+        sigma, sigma_map, mean = sigma_of(var, vae, cond, rate=s["rate"], T=p["T"], seeds=p["sigma_seeds"],
+                                          reading=r, **kw)
+        out[sigma_key(r)] = sigma
+        if s["set"][:-4] + "_sigma" not in maps:
+            maps[s["set"][:-4] + "_sigma"], maps[s["set"][:-4] + "_mean"] = sigma_map, mean
+    return out
 
 
 def _null_of(model, encoder) -> torch.Tensor | None:
