@@ -31,8 +31,10 @@ include: "workflow/rules/uncertainty.smk"
 include: "workflow/rules/paper.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/lambda_study.smk"
+include: "workflow/rules/scaling.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/lm.smk"
+include: "workflow/rules/digits.smk"
 
 
 # `snakemake --report` before the workflow has run: say so (instead of Snakemake's "Missing metadata" warnings and a
@@ -51,6 +53,12 @@ rule lambda_study:
     """The λ study of experiments.lambda_study (not part of all: points x seeds training runs)."""
     input:
         [f"{RES}/tables/lambda_study.{e}" for e in ("csv", "md", "tex")] if LAMBDA else [],
+
+
+rule scaling_study:
+    """The scaling study of experiments.scaling (not part of all: depths x methods x seeds training runs)."""
+    input:
+        scaling_outputs(),
 
 
 rule prompt_study:

@@ -365,7 +365,7 @@ def prefetch_files():
     )
     out += sorted({f"{RSC}/weights/var_d{r.depth}.pth" for r in RUNS if warm_start(r.dataset)})
     if TEXT_ON:  # CLIP weights: VAR-CLIP's text encoder and CMMD's image encoder, where configured
-        out += text_encoder_weights(None)
+        out += text_encoder_weights(None) + varclip_checkpoint()
         if PROMPTS["cmmd"]["features"] == "clip":
             out.append(clip_file("ViT-L-14-336"))
     if LM_ON:  # the LM arm: dolly-15k and the hub models (base, MAUVE featurizer)
@@ -463,6 +463,28 @@ def lambda_entries():
     ]
 
 
+# The scaling study (workflow/rules/scaling.smk): its (method, run) pairs, the per-run held-out files, the target's files.
+SCALING = EXPERIMENTS.get("scaling")
+SCALING_RUNS = plan.scaling_runs(config)
+if scaling_problems := plan.scaling_problems(config):
+    raise WorkflowError("; ".join(scaling_problems) + " (fix them in the config file)")
+
+
+def scaling_entries():
+    return [
+        {"method": m, "depth": r.depth, "seed": r.seed, "run": r.path, "heldout": f"{RES}/{r.path}/heldout.json"}
+        for m, r in SCALING_RUNS
+    ]
+
+
+def scaling_outputs():
+    """The target's files: the table (csv, md, tex, html) and the figure (png, pdf)."""
+    if not SCALING:
+        return []
+    tables = [f"{RES}/tables/scaling.{e}" for e in ("csv", "md", "tex", "html")]
+    return tables + [f"{RES}/figures/scaling.{e}" for e in ("png", "pdf")]
+
+
 # The text arm, the text-conditioned VAR, and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight
 # files, CMMD inputs. Like the LM arm's below: its problems stop the DAG here, naming the key; no runs when it is off.
 import varup.config.textplan as vt
@@ -510,6 +532,18 @@ def cmmd_flags(input):
 
 def study_model(w):
     return f"{RES}/{w.dataset}/{w.fam}d{w.depth}/{w.method}/seed{w.seed}/model.pt"
+
+
+def varclip_checkpoint():
+    """VAR-CLIP's released checkpoint as rule varclip_weights fetches it (text.released), or nothing."""
+    r = TEXT.get("released")
+    return [f"{RSC}/varclip/var_clip_d{r['depth']}.pth"] if r and TEXT_ON else []
+
+
+def prompt_mask_dir(w):
+    """The folder of object masks of a study run's prompt-set mean images (text.prompts.mask_dir), or None."""
+    root = PROMPTS.get("mask_dir")
+    return os.path.join(root, f"{w.fam}d{w.depth}", w.method, f"seed{w.seed}") if root else None
 
 
 # The LM arm (lm.smk; varup.config.lmplan): Table 6's runs.

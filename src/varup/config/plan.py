@@ -1,5 +1,5 @@
-"""The run plan of the image arm: which training runs exist (main, ablation, lambda study, cfg sweep, OOD,
-uncertainty, modes) and the complete per-job settings of each. A *run* is one training job (dataset, depth, method,
+"""The run plan of the image arm: which training runs exist (main, ablation, lambda study, scaling study, cfg sweep,
+OOD, uncertainty, modes) and the complete per-job settings of each. A *run* is one training job (dataset, depth, method,
 seed); its results live under ``results/{experiment}/{dataset}/d{depth}/{method}/seed{seed}/``.
 
 Its shape is that of every arm's plan (:mod:`varup.config.textplan` for the text arm, :mod:`varup.config.lmplan` for
@@ -115,8 +115,63 @@ def lambda_runs(cfg: dict) -> list[tuple[str, Run]]:
     return [(p, Run(ls["dataset"], depth, m, int(s))) for p, m in lambda_points(cfg).items() for s in ls["seeds"]]
 
 
+def scaling_steps(cfg: dict) -> int | None:
+    """The scaling study's own training steps (``experiments.scaling.steps``); None where its runs train with their
+    dataset's ``train.steps`` and so are the configured methods' own runs (Table 2's at its depths), reused."""
+    sc = cfg["experiments"].get("scaling")
+    if not sc or sc.get("steps") is None or sc["dataset"] not in cfg["datasets"]:
+        return None
+    steps = int(sc["steps"])
+    return None if steps == int(train_settings(cfg, sc["dataset"])["steps"]) else steps
+
+
+def scaling_method(cfg: dict, method: str) -> str:
+    """The method that trains a scaling run of configured ``method``: itself, or ``<method>_steps<N>`` when the
+    study trains for its own N steps (another run specification, so another folder)."""
+    steps = scaling_steps(cfg)
+    return method if steps is None else f"{method}_steps{steps}"
+
+
+def scaling_methods(cfg: dict) -> dict[str, dict]:
+    """The extra methods of the scaling study (only when it has its own steps): the configured methods' losses."""
+    if scaling_steps(cfg) is None:
+        return {}
+    return {scaling_method(cfg, m): dict(cfg["methods"][m]) for m in cfg["experiments"]["scaling"]["methods"]}
+
+
+def scaling_runs(cfg: dict) -> list[tuple[str, Run]]:
+    """(configured method, run) for every depth x method x seed of the scaling study (``experiments.scaling``;
+    no depths: model.depths; no seeds: the config's seeds)."""
+    sc = cfg["experiments"].get("scaling")
+    if not sc:
+        return []
+    depths = [int(d) for d in sc.get("depths") or cfg["model"]["depths"]]
+    seeds = [int(s) for s in sc.get("seeds") or cfg["seeds"]]
+    return [(m, Run(sc["dataset"], d, scaling_method(cfg, m), s)) for d in depths for m in sc["methods"] for s in seeds]
+
+
+def scaling_problems(cfg: dict) -> list[str]:
+    """What stops the scaling study, each naming its key."""
+    sc = cfg["experiments"].get("scaling")
+    if not sc:
+        return []
+    out = []
+    if sc["dataset"] not in cfg["datasets"]:
+        out.append(f"experiments/scaling/dataset: {sc['dataset']!r} is not defined under datasets")
+    out += [f"experiments/scaling/methods: {m!r} is not defined under methods" for m in sc["methods"]
+            if m not in cfg["methods"]]
+    if sc["baseline"] not in sc["methods"]:
+        out.append(f"experiments/scaling/baseline: {sc['baseline']!r} is not one of experiments/scaling/methods "
+                   f"{sc['methods']}")
+    depths = sc.get("depths") or cfg["model"]["depths"]
+    if len(set(depths)) < 2:
+        out.append(f"experiments/scaling/depths: {depths} (or model/depths when it is not set): a power law needs at "
+                   "least two depths")
+    return out
+
+
 def all_methods(cfg: dict) -> dict[str, dict]:
-    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg)}
+    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg), **scaling_methods(cfg)}
 
 
 def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:
@@ -167,6 +222,8 @@ def run_spec(cfg: dict, run: Run) -> dict:
     """The complete, JSON-able specification of one training job (varup.training.loop.RunSpec fields). Snakemake records
     it as a rule parameter, so editing anything in it re-runs exactly this job and what depends on it."""
     optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k not in LAUNCH_KEYS}
+    if run.method in scaling_methods(cfg):  # the scaling study's own steps
+        optim["steps"] = scaling_steps(cfg)
     return {"model": model_settings(cfg, run.depth), "loss": dict(all_methods(cfg)[run.method]), "optim": optim,
             "seed": run.seed, "extra": {}}
 
