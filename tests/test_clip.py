@@ -102,11 +102,40 @@ def test_openai_weights_get_quick_gelu_and_a_fresh_model_differs(tiny):
     model, files = tiny
     enc = ClipTextEncoder(files["torchscript"], arch=TINY)
     assert type(enc.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
-    gelu = ClipTextEncoder(files["torchscript"], arch=TINY, quick_gelu=False)
+    gelu = ClipTextEncoder(files["torchscript"], arch=TINY, act="gelu")
     assert (gelu.encode(CAPTIONS) - enc.encode(CAPTIONS)).abs().max() > 1e-4
     fresh = open_clip.create_model(TINY, force_quick_gelu=True).eval()
     with torch.no_grad():
         assert (reference_text(fresh, CAPTIONS) - enc.encode(CAPTIONS)).abs().max() > 1e-3
+
+
+class Formula(torch.nn.Module):
+    """An MLP activation written out: OpenAI's QuickGELU x·sigmoid(1.702x), or the exact (erf) GELU."""
+
+    def __init__(self, act: str):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x) if self.act == "quick_gelu" else 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "torchscript"])
+def test_the_activation_changes_the_text_embedding_as_written_on_saved_weights(tiny, fmt):
+    """text.encoder.act on saved weights: gelu (VAR-CLIP's) and quick_gelu (OpenAI's) give different embeddings,
+    each equal to the saved tower computed with that activation written out in every MLP."""
+    model, files = tiny
+    got = {act: ClipTextEncoder(files[fmt], arch=TINY, act=act).encode(CAPTIONS) for act in ("gelu", "quick_gelu")}
+    assert (got["gelu"] - got["quick_gelu"]).abs().max() > 1e-3
+    for act, out in got.items():
+        ref = open_clip.create_model(TINY, force_quick_gelu=False).eval()
+        ref.load_state_dict(model.state_dict())
+        for block in ref.transformer.resblocks:
+            block.mlp.gelu = Formula(act)
+        with torch.no_grad():
+            torch.testing.assert_close(out, reference_text(ref, CAPTIONS), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="text.encoder.act"):
+        ClipTextEncoder(files[fmt], arch=TINY, act="auto")
 
 
 def test_torchscript_extras_are_dropped_and_detected(tiny):

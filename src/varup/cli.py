@@ -92,6 +92,15 @@ def cmd_prepare_ood(a) -> None:
     prepare_ood(a.source, a.out, resolution=a.resolution)
 
 
+def cmd_corrupt_images(a) -> None:
+    from varup.data.corruptions import write_corrupted_set
+
+    p = dict(a.params)
+    write_corrupted_set(a.data, a.out, resolution=a.resolution, names=p["names"], severities=p["severities"],
+                        max_images=p["max_images"], seed=p["seed"], mid_reso=dict(a.preprocess).get("mid_reso", 1.0),
+                        split=a.split)
+
+
 # ------------------------------------------------------------------------------------ tokenizer
 def cmd_tokenizer_train(a) -> None:
     import torch
@@ -197,13 +206,29 @@ def cmd_clip_weights(a) -> None:
     log.info("CLIP weights %s: %s", a.name, path)
 
 
+def cmd_varclip_weights(a) -> None:
+    from varup.models.textvar import fetch_varclip
+
+    r = fetch_varclip(a.url, a.out, a.sha256 or None)
+    log.info("VAR-CLIP released checkpoint %s (sha256 %s, %s)", r["path"], r["sha256"],
+             "pinned" if r["pinned"] else "recorded on first use")
+
+
+def cmd_varclip_model(a) -> None:
+    from varup.models.checkpoint import released_model_file
+
+    released_model_file(a.checkpoint, a.out, null_condition=a.null_condition, act=a.act, arch=a.arch, depth=a.depth,
+                        source=a.source)
+
+
 def cmd_prompt_sets(a) -> None:
     from varup.base.utils import read_json
     from varup.studies.prompts import run_prompt_sets
 
     names = read_json(os.path.join(a.data, "dataset.json"))["classes"]
     run_prompt_sets(a.model, a.tokenizer, os.path.dirname(a.out), family=a.family, params=a.params, class_names=names,
-                    text_encoder_weights=a.text_encoder_weights, device=a.device, meta=_run_of_model(a.model))
+                    text_encoder_weights=a.text_encoder_weights, device=a.device, meta=_run_of_model(a.model),
+                    data_dir=a.data, mask_dir=a.mask_dir)
 
 
 def cmd_prompt_reference(a) -> None:
@@ -373,12 +398,27 @@ def add_prompt_commands(cmd) -> None:
     p.add_argument("--sha256", default=None)
     p.add_argument("--out-dir", required=True)
 
+    p = cmd("varclip-weights", cmd_varclip_weights, "fetch VAR-CLIP's released checkpoint (sha256, strict load)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sha256", default="", help="empty: pinned on first download")
+    p.add_argument("--out", required=True)
+
+    p = cmd("varclip-model", cmd_varclip_model, "VAR-CLIP's released checkpoint as a varup model file (strict load)")
+    p.add_argument("--checkpoint", required=True, help="ar-ckpt-last.pth (['trainer']['var_wo_ddp']) or a state dict")
+    p.add_argument("--out", required=True)
+    p.add_argument("--null-condition", choices=("empty_caption", "learned"), required=True)
+    p.add_argument("--act", choices=("quick_gelu", "gelu"), required=True, help="CLIP text tower's activation")
+    p.add_argument("--arch", default="ViT-L-14")
+    p.add_argument("--depth", type=int, default=None, help="the depth the workflow expects")
+    p.add_argument("--source", default=None, help="the URL it came from (recorded)")
+
     p = cmd("prompt-sets", cmd_prompt_sets, "generate a run's prompt-study image sets and MC-Dropout σ")
     for k in ("model", "tokenizer", "data", "out"):
         p.add_argument(f"--{k}", required=True)
     p.add_argument("--family", choices=("var", "text"), required=True)
     p.add_argument("--params", type=_json, required=True)
     p.add_argument("--text-encoder-weights", default=None)
+    p.add_argument("--mask-dir", default=None, help="object masks of the sets' mean images (<set>.png; region σ)")
 
     p = cmd("prompt-reference", cmd_prompt_reference, "Inception and CMMD features of the prompt study's real pool")
     for k in ("data", "inception", "out"):
@@ -464,6 +504,14 @@ def cmd_ood(a) -> None:
                 class_mode=a.class_mode, device=str(resolve_device(a.device)))
     log.info("OOD AUROC %.4f (ID NLL/token %.4f, OOD NLL/token %.4f)", r["auroc"], r["id"]["mean_nll_per_token"],
              r["ood"]["mean_nll_per_token"])
+
+
+def cmd_corruption_eval(a) -> None:
+    from varup.base.runtime import resolve_device
+    from varup.studies.corruptions import run_corruption_eval
+
+    run_corruption_eval(a.model, a.tokenizer, a.tokens, a.data, a.out, class_mode=a.class_mode,
+                        device=str(resolve_device(a.device)))
 
 
 def cmd_downstream(a) -> None:
@@ -556,6 +604,38 @@ def cmd_toy_metrics_floor(a) -> None:
                   device=str(resolve_device(a.device)))
 
 
+def cmd_digits_images(a) -> None:
+    from varup.data.digits import write_digits_folder
+
+    write_digits_folder(a.out, resolution=a.resolution, val_fraction=a.val_fraction)
+
+
+def cmd_digit_classifier(a) -> None:
+    from varup.metrics.digits import run_digit_classifier
+
+    run_digit_classifier(a.data, a.out, a.record, resolution=a.resolution)
+
+
+def cmd_digit_scores(a) -> None:
+    from varup.metrics.digits import run_digit_scores
+
+    run_digit_scores(a.classifier, a.samples, a.out, meta=_run_meta(a.run))
+
+
+def cmd_digits_floor(a) -> None:
+    from varup.base.runtime import resolve_device
+    from varup.metrics.digits import run_digits_floor
+
+    run_digits_floor(a.classifier, a.data, a.inception, a.real_features, a.out, params=a.params, dataset=a.dataset,
+                     device=str(resolve_device(a.device)))
+
+
+def cmd_digits_table(a) -> None:
+    from varup.report.digits import digits_table
+
+    digits_table(a.config, a.results, a.out)
+
+
 def cmd_tables(a) -> None:
     from varup.report.tables import make_tables
 
@@ -626,6 +706,15 @@ def add_data_commands(cmd) -> None:
     p.add_argument("--source", type=_json, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True)
+
+    p = cmd("corrupt-images", cmd_corrupt_images, "ImageNet-C corruptions of a dataset's held-out images (Table 3 mCE)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--preprocess", type=_json, default={})
+    p.add_argument("--params", type=_json, required=True,
+                   help="names, severities, max_images, seed (JSON; experiments.ood.corruptions)")
+    p.add_argument("--out", required=True)
 
 
 def add_tokenizer_commands(cmd) -> None:
@@ -731,6 +820,11 @@ def add_metric_commands(cmd) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--class-mode", choices=["null", "max"], default="null")
 
+    p = cmd("corruption-eval", cmd_corruption_eval, "token error and NLL of one run on every corrupted set (Table 3)")
+    for k in ("model", "tokenizer", "tokens", "data", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--class-mode", choices=["label", "null"], default="label")
+
     p = cmd("downstream", cmd_downstream, "out-painting, in-painting and class-conditional editing figures")
     p.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_PATH, one per method (column group)")
     p.add_argument("--tokenizer", required=True)
@@ -809,6 +903,34 @@ def add_report_commands(cmd) -> None:
     p.add_argument("--out", required=True)
 
 
+def add_digits_commands(cmd) -> None:
+    """The digits rehearsal (target ``digits``): scikit-learn's digits as an image folder, the digit classifier, the
+    samples' class error, the real-vs-real floor and the table."""
+    p = cmd("digits-images", cmd_digits_images, "write scikit-learn's digits as an image folder (train/val/<digit>/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True, help="px, a multiple of 8 (nearest-neighbour upscaling)")
+    p.add_argument("--val-fraction", type=float, required=True, help="held-out share per class (stratified, seeded)")
+
+    p = cmd("digit-classifier", cmd_digit_classifier, "fit the digit classifier on the train split, test it on val")
+    for k in ("data", "out", "record"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+
+    p = cmd("digit-scores", cmd_digit_scores, "class error of a run's samples read by the digit classifier")
+    for k in ("classifier", "samples", "run", "out"):
+        p.add_argument(f"--{k}", required=True)
+
+    p = cmd("digits-floor", cmd_digits_floor, "real-vs-real floor of the digits' Inception metrics and class error")
+    for k in ("classifier", "data", "dataset", "inception", "real-features", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True, help="reference / floor sets and metric settings (JSON)")
+
+    p = cmd("digits-table", cmd_digits_table, "the digits table (tables/digits.{csv,md,tex,html})")
+    p.add_argument("--config", type=_json, required=True, help="the validated config (JSON)")
+    p.add_argument("--results", required=True, help="results/<experiment>")
+    p.add_argument("--out", required=True)
+
+
 def cmd_gpu_check(a) -> int:
     from varup.bench.gpucheck import gpu_check
 
@@ -876,6 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lm_commands(cmd)
     add_bench_commands(cmd)
     add_plan_commands(cmd)
+    add_digits_commands(cmd)
     return ap
 
 

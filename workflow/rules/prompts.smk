@@ -4,7 +4,14 @@
 # MC-Dropout σ -> scores (FID/KID, CMMD, modes) against a real reference pool -> tables and the σ figure.
 localrules:
     clip_weights,
+    varclip_weights,
     prompt_tables,
+
+
+ruleorder: varclip_model > train_text  # text_d<depth>/released/seed0 is VAR-CLIP's released model, not trained here
+
+
+STUDY_METHOD = "|".join(re.escape(m) for m in [*plan.all_methods(config), vt.RELEASED])  # the study's methods
 
 
 rule captions:
@@ -52,6 +59,52 @@ rule clip_weights:
         out=lambda w, output: os.path.dirname(output[0]),
     shell:
         "varup clip-weights --name {params.name} {params.url} {params.sha} --out-dir {params.out} > {log} 2>&1"
+
+
+rule varclip_weights:
+    """VAR-CLIP's released checkpoint (text.released): resumable, sha256-checked (pinned, or recorded on first use)."""
+    input:
+        lambda w: local_source(TEXT["released"]["url"], "text.released.url"),
+    output:
+        f"{RSC}/varclip/var_clip_d{{depth}}.pth",
+    log:
+        f"{RES}/logs/varclip_weights/d{{depth}}.log",
+    benchmark:
+        f"{RES}/benchmarks/varclip_weights/d{{depth}}.tsv"
+    conda:
+        CONDA_ENV
+    params:
+        code=code_of("varclip-weights"),
+        url=lambda w: TEXT["released"]["url"],
+        sha=lambda w: TEXT["released"]["sha256"] or "",
+    shell:
+        "varup varclip-weights --url {params.url:q} --sha256 '{params.sha}' --out {output} > {log} 2>&1"
+
+
+rule varclip_model:
+    """The released VAR-CLIP as a model file of the text family (method released): loaded strictly, its CLIP text
+    tower's activation and its null condition recorded (text.encoder.act, text.null_condition: auto = VAR-CLIP's)."""
+    input:
+        f"{RSC}/varclip/var_clip_d{{depth}}.pth",
+    output:
+        f"{RES}/{{dataset}}/text_d{{depth}}/released/seed0/model.pt",
+    log:
+        f"{RES}/logs/varclip_model/{{dataset}}_d{{depth}}.log",
+    benchmark:
+        f"{RES}/benchmarks/varclip_model/{{dataset}}_d{{depth}}.tsv"
+    conda:
+        CONDA_ENV
+    resources:
+        **CPU,
+    params:
+        code=code_of("varclip-model"),
+        null=lambda w: vt.text_settings(config)["null_condition"],
+        act=lambda w: vt.text_settings(config)["act"],
+        arch=TEXT["encoder"]["arch"],
+        url=lambda w: TEXT["released"]["url"],
+    shell:
+        "varup varclip-model --checkpoint {input} --out {output} --null-condition {params.null} --act {params.act}"
+        " --arch {params.arch} --depth {wildcards.depth} --source {params.url:q} > {log} 2>&1"
 
 
 use rule train as train_text with:
@@ -124,6 +177,7 @@ rule prompt_sets:
         tokenizer=tokenizer_file,
         data=f"{RES}/{{dataset}}/data",
         encoder=lambda w: text_encoder_weights(w) if w.fam else [],
+        masks=lambda w: [d] if (d := prompt_mask_dir(w)) and os.path.isdir(d) else [],  # text.prompts.mask_dir
     output:
         f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/sets.json",
     log:
@@ -132,6 +186,7 @@ rule prompt_sets:
         f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_sets.tsv"
     wildcard_constraints:
         fam="(text_)?",
+        method=STUDY_METHOD,
     conda:
         CONDA_ENV
     threads: THREADS
@@ -143,14 +198,15 @@ rule prompt_sets:
         device=GPU_DEVICE,
         family=lambda w: "text" if w.fam else "var",
         params=q(
-            {k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd")}
+            {k: v for k, v in PROMPTS.items() if k not in ("families", "real_per_group", "cmmd", "mask_dir")}
             | {k: UNC[k] for k in ("set_droppath_rate", "droppath_masks", "sigma_reading")}
         ),
         weights=lambda w, input: f"--text-encoder-weights {input.encoder}" if input.encoder else "",
+        masks=lambda w: f"--mask-dir {q(d)}" if (d := prompt_mask_dir(w)) else "",
     shell:
         "varup prompt-sets --threads {threads} --device {params.device} --model {input.model}"
         " --tokenizer {input.tokenizer} --data {input.data} --family {params.family} --params {params.params}"
-        " {params.weights} --out {output} > {log} 2>&1"
+        " {params.weights} {params.masks} --out {output} > {log} 2>&1"
 
 
 rule prompt_scores:
@@ -170,6 +226,7 @@ rule prompt_scores:
         f"{RES}/benchmarks/prompts/{{dataset}}_{{fam}}d{{depth}}_{{method}}_seed{{seed}}_scores.tsv"
     wildcard_constraints:
         fam="(text_)?",
+        method=STUDY_METHOD,
     conda:
         CONDA_ENV
     threads: THREADS

@@ -23,6 +23,7 @@ from varup.config.plan import Run, run_spec
 
 FAMILY_NAMES = {"var": "VAR", "text": "VAR-CLIP"}  # the generator families of the prompt study, as tables name them
 TOY_ENCODER_KEYS = ("dim", "width", "depth", "heads", "max_len")
+RELEASED = "released"  # the method name of VAR-CLIP's released generator in the prompt study (text.released)
 TOY_FUNCTION_WORDS = {"a", "or", "on", "background", "shape"}
 #: the toy caption kinds (varup.data.captions.KINDS, unset weights 1) and the shapes each names: or2 / or3 need 2 / 3
 TOY_CAPTION_KINDS = {"shape": 1, "class": 1, "attributes": 1, "full": 1, "or2": 2, "or3": 3}
@@ -68,17 +69,42 @@ def text_runs(cfg: dict, family: str = "text") -> list[TextRun]:
             for method in text_methods(cfg) for seed in seeds]
 
 
+def released_run(cfg: dict) -> TextRun | None:
+    """VAR-CLIP's released generator as a run of the text family (method :data:`RELEASED`, seed 0), when
+    ``text.released`` is set, the arm is on and the study samples the text family; else None."""
+    t = cfg["text"]
+    if not text_enabled(cfg) or not t.get("released") or "text" not in t["prompts"]["families"]:
+        return None
+    return TextRun(text_dataset(cfg), int(t["released"]["depth"]), RELEASED, 0, "text")
+
+
 def study_runs(cfg: dict) -> list[TextRun]:
-    """The runs of the prompt study: every family of ``text.prompts.families``."""
-    return [r for f in cfg["text"]["prompts"]["families"] for r in text_runs(cfg, f)]
+    """The runs of the prompt study: every family of ``text.prompts.families``, and the released VAR-CLIP."""
+    runs = [r for f in cfg["text"]["prompts"]["families"] for r in text_runs(cfg, f)]
+    return runs + [r for r in [released_run(cfg)] if r is not None]
+
+
+def text_settings(cfg: dict) -> dict:
+    """The one home of the text settings whose default follows the weights: ``act`` (``text.encoder.act``) and
+    ``null_condition`` (``text.null_condition``). Their schema default ``auto`` means: with VAR-CLIP's released
+    weights (``text.released`` set) what VAR-CLIP ran, plain GELU in CLIP's text tower (open_clip loads its
+    ``ViT-L-14.pt`` by path) and its learned null vector for CFG; otherwise OpenAI's QuickGELU and the empty
+    caption. A value other than ``auto`` is kept as given."""
+    t = cfg["text"]
+    released = bool(t.get("released"))
+    act = t["encoder"].get("act", "auto")
+    null = t.get("null_condition", "auto")
+    return {"act": ("gelu" if released else "quick_gelu") if act == "auto" else act,
+            "null_condition": ("learned" if released else "empty_caption") if null == "auto" else null}
 
 
 def encoder_spec(cfg: dict) -> dict:
-    """The text encoder's settings that define the run (the toy encoder's sizes, or CLIP's architecture)."""
+    """The text encoder's settings that define the run (the toy encoder's sizes, or CLIP's architecture and
+    activation)."""
     e = cfg["text"]["encoder"]
     if e["kind"] == "toy":
         return {"kind": "toy", **{k: e[k] for k in TOY_ENCODER_KEYS}}
-    return {"kind": "clip", "arch": e["arch"]}
+    return {"kind": "clip", "arch": e["arch"], "act": text_settings(cfg)["act"]}
 
 
 def text_run_spec(cfg: dict, run: TextRun) -> dict:
@@ -87,7 +113,7 @@ def text_run_spec(cfg: dict, run: TextRun) -> dict:
     settings and the text settings (encoder, null condition) added."""
     spec = run_spec(cfg, Run(run.dataset, run.depth, run.method, run.seed))
     spec["optim"] = deep_merge(spec["optim"], cfg["text"]["train"])
-    spec["text"] = {"encoder": encoder_spec(cfg), "null_condition": cfg["text"]["null_condition"]}
+    spec["text"] = {"encoder": encoder_spec(cfg), "null_condition": text_settings(cfg)["null_condition"]}
     return spec
 
 
@@ -114,7 +140,7 @@ def text_problems(cfg: dict) -> list[str]:
         problems.append(f"text/dataset: {ds!r} is not a key of datasets")
     problems += [f"text/methods/{i}: {m!r} is not a key of methods" for i, m in enumerate(t.get("methods") or [])
                  if m not in cfg["methods"]]
-    problems += _size_problems(cfg)
+    problems += _size_problems(cfg) + _released_problems(cfg)
     if problems:
         return problems
     problems += _caption_problems(cfg, cfg["datasets"][ds])
@@ -138,6 +164,26 @@ def _size_problems(cfg: dict) -> list[str]:
         out.append(f"text/prompts/n_images: {n} images per prompt set; FID/KID scoring takes precision/recall and "
                    f"PRDC too, which need {need} (metrics/prc_neighborhood {m['prc_neighborhood']}, "
                    f"metrics/prdc_nearest_k {m['prdc_nearest_k']})")
+    return out
+
+
+def _released_problems(cfg: dict) -> list[str]:
+    """VAR-CLIP's released generator needs CLIP's text tower and the official VQVAE it was trained with, and its
+    method name must be free."""
+    t = cfg["text"]
+    if not t.get("released"):
+        return []
+    out = []
+    if t["encoder"]["kind"] != "clip":
+        out.append("text/released: VAR-CLIP's released generator reads CLIP ViT-L/14 text embeddings: set "
+                   "text/encoder/kind clip")
+    ds = text_dataset(cfg)
+    tok = cfg["datasets"].get(ds, {}).get("tokenizer")
+    if ds in cfg["datasets"] and cfg["tokenizers"].get(tok, {}).get("kind") != "official":
+        out.append(f"text/released: VAR-CLIP's released generator decodes with the official VQVAE "
+                   f"(vae_ch160v4096z32): datasets/{ds}/tokenizer must name a tokenizer of kind official")
+    if RELEASED in cfg["methods"]:
+        out.append(f"methods/{RELEASED}: the name is taken by VAR-CLIP's released generator (text/released)")
     return out
 
 

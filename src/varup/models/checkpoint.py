@@ -64,4 +64,31 @@ def load_text_encoder(path: str | os.PathLike, weights: str | os.PathLike | None
 
     if weights is None:
         raise ValueError(f"{path} was trained on CLIP text embeddings: give the CLIP weights file")
-    return ClipTextEncoder(weights, arch=obj["run"]["text"]["encoder"].get("arch", "ViT-L-14"), device=map_location)
+    spec = obj["run"]["text"]["encoder"]  # a file of before text.encoder.act was OpenAI's QuickGELU
+    return ClipTextEncoder(weights, arch=spec.get("arch", "ViT-L-14"), act=spec.get("act", "quick_gelu"),
+                           device=map_location)
+
+
+def released_model_file(checkpoint: str | os.PathLike, out: str | os.PathLike, *, null_condition: str, act: str,
+                        arch: str = "ViT-L-14", depth: int | None = None, source: str | None = None) -> dict:
+    """VAR-CLIP's released checkpoint (``ar-ckpt-last.pth``) as a varup model file that every later stage loads
+    like a trained text run: the generator loaded strictly (:func:`varup.models.textvar.load_varclip`), its
+    CLIP text tower recorded (``arch``, ``act``) and the null condition of its CFG. ``depth``: the depth the
+    workflow expects (a file of another depth is refused, naming it). Returns what it recorded."""
+    from varup.base.utils import atomic_torch_save
+    from varup.models.clip import check_act
+    from varup.models.textvar import NULL_CONDITIONS, load_varclip
+
+    if null_condition not in NULL_CONDITIONS:
+        raise ValueError(f"text.null_condition must be one of {NULL_CONDITIONS} (resolved), got {null_condition!r}")
+    var = load_varclip(checkpoint)
+    if depth is not None and var.depth != depth:
+        raise ValueError(f"{checkpoint}: a VAR-CLIP of depth {var.depth}, but text.released.depth is {depth}: "
+                         f"set it to {var.depth}")
+    enc = {"kind": "clip", "arch": arch, "act": check_act(act)}
+    text = {"captions": [], "null_condition": null_condition, "encoder": {"kind": "clip"}}
+    run = {"text": {"encoder": enc, "null_condition": null_condition}, "released": str(source or checkpoint)}
+    atomic_torch_save({"model": var.state_dict(), "config": var.cfg.to_dict(), "text": text, "run": run}, out)
+    log.info("VAR-CLIP released d%d (%s) -> %s: CLIP %s with %s, null condition %s", var.depth, checkpoint, out,
+             arch, act, null_condition)
+    return {"depth": var.depth, **run["text"]}

@@ -5,8 +5,12 @@ Why our own loader: the OpenAI release files (``ViT-L-14.pt``, ``ViT-L-14-336px.
 and ``open_clip.create_model(name, pretrained=PATH)`` reads a path with ``torch.load(weights_only=True)``, which
 refuses TorchScript. TorchScript is not a pickle, so :func:`load_clip_state_dict` opens it with
 ``torch.jit.load`` and takes its ``state_dict()``; any other file (a ``torch.save`` state dict, safetensors) is
-read weights-only. The weights go strictly into an open_clip model built from its config name with QuickGELU
-(OpenAI's activation; open_clip only switches it on for its own ``pretrained='openai'`` tag, never for a path).
+read weights-only. The weights go strictly into an open_clip model built from its config name with the MLP
+activation ``act`` (:data:`ACTIVATIONS`): ``quick_gelu`` is OpenAI's (their weights were trained with it; open_clip
+only switches it on for its own ``pretrained='openai'`` tag, never for a path), ``gelu`` is what VAR-CLIP runs
+(``open_clip.create_model_and_transforms('ViT-L-14', pretrained='pretrained/ViT-L-14.pt')``: a path, so plain
+GELU), hence the embeddings its released generator was trained on. The config key ``text.encoder.act`` chooses;
+its ``auto`` is resolved in one place, :func:`varup.config.textplan.text_settings`.
 
 :data:`CLIP_WEIGHTS` records the two OpenAI files (URL and sha256: the URL's path segment is the file's sha256, as
 openai/CLIP's ``_MODELS`` has it) and :func:`fetch_clip_weights` fetches one with :func:`varup.base.download.fetch_file`.
@@ -29,6 +33,8 @@ from varup.base.download import fetch_file
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{file}"
 # Tensors of the OpenAI / TorchScript state dicts that are no weights (ints, and the causal mask TorchScript keeps).
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+#: the MLP activation of the CLIP towers: OpenAI's QuickGELU, or the plain GELU open_clip gives a weights path
+ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def missing_weights_message(path: Path, arch: str) -> str:
 
 def load_clip_model(weights: str | os.PathLike, arch: str, *, device: str | torch.device = "cpu",
                     quick_gelu: bool = True) -> torch.nn.Module:
-    """Build open_clip's ``arch`` (QuickGELU for OpenAI weights), load ``weights`` strictly, freeze it, eval mode."""
+    """Build open_clip's ``arch`` (QuickGELU for OpenAI weights; ``quick_gelu=False``: plain GELU), load ``weights``
+    strictly, freeze it, eval mode."""
     import open_clip
 
     path = Path(weights)
@@ -156,18 +163,27 @@ def image_size(model: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- text encoder
+def check_act(act: str) -> str:
+    """``act`` if it is one of :data:`ACTIVATIONS`, else a ValueError naming the config key."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"text.encoder.act must be one of {ACTIVATIONS} (resolved; 'auto' is resolved by "
+                         f"varup.config.textplan.text_settings), got {act!r}")
+    return act
+
+
 class ClipTextEncoder:
     """Frozen CLIP text tower for VAR-CLIP's conditioning: ``encode(captions)`` gives (B, dim) float32
     L2-normalised embeddings (as VAR-CLIP's CLIPWrapper normalises them). The empty caption ``""`` encodes CLIP's
-    empty prompt (start and end tokens only), the unconditional input of classifier-free guidance."""
+    empty prompt (start and end tokens only), the unconditional input of classifier-free guidance. ``act``: the
+    tower's MLP activation (``quick_gelu``: OpenAI's; ``gelu``: VAR-CLIP's, see the module docstring)."""
 
     def __init__(self, weights: str | os.PathLike, arch: str = "ViT-L-14", *, device: str | torch.device = "cpu",
-                 quick_gelu: bool = True):
+                 act: str = "quick_gelu"):
         import open_clip
 
         self.device = torch.device(device)
-        self.arch = arch
-        self.model = load_clip_model(weights, arch, device=self.device, quick_gelu=quick_gelu)
+        self.arch, self.act = arch, check_act(act)
+        self.model = load_clip_model(weights, arch, device=self.device, quick_gelu=act == "quick_gelu")
         self.model.visual = None  # the image tower (300 M parameters for ViT-L/14) is never used here
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.dim = int(self.model.text_projection.shape[1])

@@ -16,9 +16,15 @@ are the official ``var_d16.pth`` keys (``word_embed``, ``pos_start``, ``pos_1LC`
 is not part of it (VAR-CLIP runs CLIP beside the transformer, frozen; see :mod:`varup.models.textenc`).
 
 Choices (README, "Where the paper is ambiguous"): the unconditional condition is the *empty caption's* embedding
-(``text.null_condition: empty_caption``, the default) or VAR-CLIP's learned ``noise`` vector (``learned``); caption
-dropout is Bernoulli(``cond_drop_rate``) per image in training mode only, as our class-conditional VAR (VAR-CLIP
-drops exactly floor(0.1 B) captions per batch, also in eval mode).
+(``text.null_condition: empty_caption``) or VAR-CLIP's learned ``noise`` vector (``learned``, what VAR-CLIP always
+guides with); the default ``auto`` is ``learned`` with VAR-CLIP's released weights (``text.released``) and
+``empty_caption`` otherwise (:func:`varup.config.textplan.text_settings`). Caption dropout is
+Bernoulli(``cond_drop_rate``) per image in training mode only, as our class-conditional VAR (VAR-CLIP drops exactly
+floor(0.1 B) captions per batch, also in eval mode).
+
+VAR-CLIP's released checkpoint (``text.released``) is fetched by :func:`fetch_varclip` (resumable, sha256-checked or
+pinned on first use, accepted only when it loads strictly) and turned into a varup model file by
+:func:`varup.models.checkpoint.released_model_file`.
 """
 from __future__ import annotations
 
@@ -166,5 +172,21 @@ def load_varclip(path: str | os.PathLike, model: TextVAR | None = None, map_loca
     return load_checkpoint_file(path, model, lambda sd: TextVAR(infer_varclip_config(sd, **overrides)), map_location)
 
 
-__all__ = ["TextVAR", "CaptionedVAR", "build_var", "load_varclip", "infer_varclip_config", "VARCLIP_KEY_MAP",
-           "NULL_CONDITIONS"]
+def fetch_varclip(url: str, dest: str | os.PathLike, sha256: str | None = None, **kw) -> dict:
+    """Fetch VAR-CLIP's released checkpoint into ``dest`` (:func:`varup.base.download.fetch_file`: resumable; a
+    pinned ``sha256`` is verified, none is recorded on first use) and accept it only when it loads strictly as a
+    VAR-CLIP (an HTML page or another model is deleted, never trusted). Offline, the error says what to do."""
+    from varup.base.download import ChecksumError, DownloadError, fetch_file
+
+    try:
+        return fetch_file(url, dest, sha256, config_key="text.released.sha256", validate=load_varclip, **kw)
+    except ChecksumError:
+        raise
+    except DownloadError as e:
+        raise DownloadError(f"{e}. VAR-CLIP's released checkpoint (text.released.url) could not be fetched: run "
+                            f"`snakemake prefetch` where there is internet, or put the file anywhere and set "
+                            f"text.released.url to its file:// URL") from e
+
+
+__all__ = ["TextVAR", "CaptionedVAR", "build_var", "load_varclip", "fetch_varclip", "infer_varclip_config",
+           "VARCLIP_KEY_MAP", "NULL_CONDITIONS"]

@@ -260,7 +260,8 @@ def build_captioned(spec: RunSpec, vae: VQVAE, captions: CaptionTable, encoder_w
 
     if encoder_weights is None:
         raise ValueError("text.encoder.kind is clip but no CLIP weights file was given (--text-encoder-weights)")
-    clip = ClipTextEncoder(encoder_weights, arch=enc.get("arch", "ViT-L-14"), device=device)
+    clip = ClipTextEncoder(encoder_weights, arch=enc.get("arch", "ViT-L-14"), act=enc.get("act", "quick_gelu"),
+                           device=device)
     table = torch.cat([clip.encode(captions.captions[i:i + 256]).cpu() for i in range(0, len(captions.captions), 256)])
     return CaptionedVAR(build_model(spec, vae, 1, clip.dim), captions.captions, table=table,
                         empty=clip.encode([""])[0].cpu(), null_condition=null)
