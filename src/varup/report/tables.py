@@ -258,12 +258,49 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
+def _corruption_errors(path: Path, names: Sequence[str], severities: Sequence[int]) -> tuple[np.ndarray, dict]:
+    """(corruption x severity) token errors of one run's corruptions.json, and the file's record."""
+    rec = read_json(path)
+    got = {(s["corruption"], int(s["severity"])): s["token_error"] for s in rec["sets"]}
+    missing = [f"{n}/{v}" for n in names for v in severities if (n, v) not in got]
+    if missing:
+        raise ValueError(f"{path} has no token error for {', '.join(missing[:4])} (experiments.ood.corruptions): "
+                         f"re-run the corrupt_data, encode_corrupt and corruption_eval rules")
+    return np.array([[got[(n, v)] for v in severities] for n in names]), rec
+
+
+def _mce_cells(cfg: dict, results: Path, dataset: str, depth: int, rs: list[Run]) -> dict:
+    """mCE (percent, mean and std over the training seeds) of a run group against the reference method's run of the
+    same dataset, depth and seed, the mean token error and NLL over the corrupted sets and the clean set's error."""
+    from varup.studies.corruptions import mce
+
+    c = cfg["experiments"]["ood"].get("corruptions") or {}
+    if not c.get("enabled"):
+        return {}
+    names, sev = c["names"], c["severities"]
+    ref = {r.seed: r for r in ood_runs(cfg) if (r.dataset, r.depth, r.method) == (dataset, depth, c["reference"])}
+    out: dict[str, list] = {"mce": [], "err": [], "nll": [], "clean": []}
+    for r in rs:
+        if r.seed not in ref:
+            raise ValueError(f"experiments.ood.corruptions.reference {c['reference']!r} has no run of {dataset} "
+                             f"d{depth} seed {r.seed} to pair with {r.path}")
+        e, rec = _corruption_errors(results / r.path / "corruptions.json", names, sev)
+        e_ref, _ = _corruption_errors(results / ref[r.seed].path / "corruptions.json", names, sev)
+        out["mce"].append(mce(e, e_ref, names)["mce"])
+        out["err"].append(float(e.mean()))
+        out["nll"].append(float(np.mean([s["nll_per_token"] for s in rec["sets"] if s["corruption"] in names])))
+        out["clean"].append(rec["clean"]["token_error"] if rec.get("clean") else None)
+    return {k: mean_std(v) for k, v in out.items()} | {"reference": c["reference"]}
+
+
 def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
-    """Token-likelihood NLL and OOD AUROC (in-distribution val images vs the OOD set), beside the paper."""
+    """Token-likelihood NLL and OOD AUROC (in-distribution val images vs the OOD set), and the mCE on ImageNet-C
+    corruptions of the held-out images against the reference method, beside the paper."""
     paper = {r["method"]: r for r in paper_results()["table3"]}
     rows, disp = [], []
     for (dataset, depth, method), rs in _groups(cfg, ood_runs(cfg)).items():
         ms = _load(results, rs, "ood.json")
+        cm = _mce_cells(cfg, results, dataset, depth, rs)
         auc = mean_std(100 * m["auroc"] for m in ms)
         nll_tok = mean_std(m["id"]["mean_nll_per_token"] for m in ms)
         nll_img = mean_std(m["id"]["mean_nll_total"] for m in ms)
@@ -275,20 +312,39 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "class_mode": ms[0].get("class_mode"), "paper_nll": p["nll"] if p else None,
                      "paper_auroc_percent": p["auroc_percent"] if p else None,
                      "auroc_minus_paper": _diff(auc[0], p["auroc_percent"] if p else None)})
+        if cm:
+            rows[-1].update({"mce_percent_mean": cm["mce"].mean, "mce_percent_std": cm["mce"].std,
+                             "mce_reference": cm["reference"], "corrupt_token_error_mean": cm["err"].mean,
+                             "corrupt_nll_per_token_mean": cm["nll"].mean, "clean_token_error_mean": cm["clean"].mean,
+                             "paper_mce": p["mce"] if p else None})
         disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs),
                      "NLL / token (ID) ↓": fmt(nll_tok[0], nll_tok[1], 3), "NLL / image (ID) ↓": fmt(nll_img[0], nll_img[1], 1),
                      "NLL / token (OOD)": fmt(ood_tok[0], None, 3), "AUROC % ↑": fmt(auc[0], auc[1], 1),
                      "NLL (paper)": p["nll"] if p else "—", "AUROC % (paper)": p["auroc_percent"] if p else "—",
                      "Δ AUROC": f"{rows[-1]['auroc_minus_paper']:+.1f}" if rows[-1]["auroc_minus_paper"] is not None else "—"})
+        if cm:
+            disp[-1].update({"mCE % ↓": (f"{cm['mce'].mean:.1f} (reference)" if method == cm["reference"]
+                                         else fmt(cm["mce"].mean, cm["mce"].std, 1)),
+                             "Token error (corrupt / clean)": f"{fmt(cm['err'].mean, None, 3)} / "
+                                                              f"{fmt(cm['clean'].mean, None, 3)}",
+                             "mCE (paper)": p["mce"] if p else "—"})
     df, disp = pd.DataFrame(rows), pd.DataFrame(disp)
     if df.empty or df["paper_auroc_percent"].isna().all():  # a Δ only for rows on the paper's dataset
         disp = disp.drop(columns="Δ AUROC", errors="ignore")
     write_table(df, out, "table3", "Table 3 layout: OOD detection from token likelihoods (score = NLL; AUROC of OOD "
                 "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper's values (its "
                 "ImageNet experiment), with Δ AUROC = ours − paper, are shown only for ImageNet-100 rows. The paper "
-                f"does not define its NLL unit; mCE (ImageNet-C) is not reproduced. {spread_note()}; the OOD NLL is "
-                "their mean.", disp)
+                f"does not define its NLL unit. {MCE_NOTE} {spread_note()}; the OOD NLL and the token errors "
+                "are their means.", disp)
     return df
+
+
+MCE_NOTE = ("mCE: ImageNet-C corruptions (imagecorruptions, experiments.ood.corruptions) of the held-out images, "
+            "tokenized by the dataset's tokenizer; error = teacher-forced token error (1 - top-1 accuracy of the "
+            "next-scale token predictions); CE_c = sum over severities of the run's error / the reference's (the "
+            "reference method's run of the same depth and seed, whose mCE is 100 by construction), mCE = mean over "
+            "the corruptions, in percent, then mean ± std over the seeds. The paper does not name its reference (its "
+            "baseline has 68.0), so its mCE values are printed beside ours, not differenced.")
 
 
 def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
@@ -624,7 +680,9 @@ PROMPT_TABLES = {  # name: (study, caption, the companion study's rows, the colu
 }
 PROMPT_NOTE = ("FID/KID (Inception) against the real train images the prompt describes (toy: the images of the modes "
                "it allows; n_real per set in the CSV); IS only with the genuine Inception weights (— with the "
-               "FID-only fallback); {cmmd}; σ: mean pixel-wise std over T MC-Dropout passes; "
+               "FID-only fallback); {cmmd}; σ: mean pixel-wise std over T MC-Dropout passes; σ object / "
+               "background: mean σ inside / outside the object of the set's MC mean image (toy: segmented; else "
+               "masks from text.prompts.mask_dir; — without); "
                "in-prompt: share of samples the toy mode classifier puts in a mode the prompt allows, modes covered: "
                "how many of those modes the samples hit. ")
 

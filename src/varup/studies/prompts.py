@@ -48,6 +48,18 @@ STOPWORDS = {"a", "an", "the", "or", "photo", "of", "picture"}
 
 
 # ------------------------------------------------------------------------------------------- prompts
+def classes_named(prompt: str, class_names: Sequence[str]) -> list[int]:
+    """Every class a prompt names, whatever else it says ("a photo of a brown dog with floppy ears" -> [dog])."""
+    text = " " + " ".join(words_of(prompt)) + " "
+    named = []
+    for i, name in sorted(enumerate(class_names), key=lambda x: -len(x[1])):  # longest names first
+        phrase = " " + " ".join(words_of(name.replace("_", " "))) + " "
+        if phrase in text:
+            named.append(i)
+            text = text.replace(phrase, " ")
+    return sorted(named)
+
+
 def class_mix_of(prompt: str, class_names: Sequence[str]) -> list[int] | None:
     """The classes a prompt names, when it names nothing else (``"a circle or a square"`` -> [0, 1]); None when it
     names no class or also other words (a detail a class-conditional model cannot take)."""
@@ -134,8 +146,10 @@ def sigma_of(var, vae, condition, *, rate: float, T: int, seeds: Sequence[int], 
 
 
 def run_prompt_sets(model, tokenizer, out_dir, *, family: str, params: Mapping[str, Any], class_names: Sequence[str],
-                    text_encoder_weights=None, device: str = "auto", meta: Mapping[str, Any] | None = None) -> dict:
-    """Generate every set of the study for one run and its σ; write ``sets.json``, the sets and ``sigma.npz``."""
+                    text_encoder_weights=None, device: str = "auto", meta: Mapping[str, Any] | None = None,
+                    data_dir=None, mask_dir=None) -> dict:
+    """Generate every set of the study for one run and its σ; write ``sets.json``, the sets and ``sigma.npz``.
+    With ``data_dir`` (or ``mask_dir``) each set also gets region σ (:func:`add_region_sigma`)."""
     from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_npz_save, atomic_write_json, progress, write_provenance
     from varup.models.checkpoint import load_model, load_text_encoder
@@ -155,6 +169,8 @@ def run_prompt_sets(model, tokenizer, out_dir, *, family: str, params: Mapping[s
             done[s["set"]] = _make_set(var, vae, condition_of(family, s["prompt"], var, encoder, null, class_names),
                                        s, out_dir, p, maps)
         entries.append({**s, "family": family, **done[s["set"]]})
+    if data_dir is not None or mask_dir is not None:
+        add_region_sigma(entries, maps, data_dir=data_dir, mask_dir=mask_dir)
     atomic_npz_save(out_dir / "sigma.npz", **maps)
     res = {"kind": "prompt_sets", **dict(meta or {}), "family": family, "sets": entries, "params": dict(p)}
     atomic_write_json(out_dir / "sets.json", res)
@@ -181,6 +197,32 @@ def _make_set(var, vae, cond, s: Mapping[str, Any], out_dir: Path, p: Mapping[st
         if s["set"][:-4] + "_sigma" not in maps:
             maps[s["set"][:-4] + "_sigma"], maps[s["set"][:-4] + "_mean"] = sigma_map, mean
     return out
+
+
+def add_region_sigma(entries: list[dict], maps: dict, *, data_dir=None, mask_dir=None) -> None:
+    """Region σ of every applicable set (the study's object vs background σ), in place: ``entry['region']`` holds
+    the mean σ inside / outside the object of the set's MC mean image (the first sigma seed's, saved in
+    ``sigma.npz`` as ``<set>_mean``; its mask as ``<set>_mask``), or ``available: False`` and the reason. Masks:
+    ``mask_dir/<set>.png`` when a folder is given (e.g. made with SAM; grey > 127 = object), else on a toy dataset
+    the object segmented in the mean image (:func:`varup.studies.uncertainty.object_mask`), else none."""
+    from varup.studies.uncertainty import has_object_masks, object_mask, read_mask, region_sigma
+
+    toy, reason = has_object_masks(data_dir) if data_dir is not None else (False, "no dataset given")
+    for e in entries:
+        if not e.get("applicable"):
+            continue
+        stem = e["set"][:-4]
+        sigma, mean = maps[stem + "_sigma"], maps[stem + "_mean"]
+        if mask_dir is not None and (Path(mask_dir) / f"{stem}.png").is_file():
+            mask, how = read_mask(Path(mask_dir) / f"{stem}.png", sigma.shape), f"mask {Path(mask_dir) / stem}.png"
+        elif toy:
+            mask, how = object_mask(mean), "Otsu threshold on chroma (max-min RGB) of the MC mean image"
+        else:
+            why = f"no mask {Path(mask_dir) / stem}.png" if mask_dir is not None else reason
+            e["region"] = {"available": False, "reason": f"{why} (text.prompts.mask_dir: README, prompt study)"}
+            continue
+        maps[stem + "_mask"] = mask
+        e["region"] = {"available": True, **region_sigma(sigma, mask), "segmentation": how}
 
 
 def _null_of(model, encoder) -> torch.Tensor | None:
@@ -254,12 +296,13 @@ def prompt_reference(data_dir, out_path, inception_json, *, per_group: int, cmmd
 
 # ------------------------------------------------------------------------------------------- scoring
 def reference_mask(prompt: str, ref: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> np.ndarray:
-    """The reference images a prompt describes (toy: by allowed mode; else by the classes it names, or all)."""
+    """The reference images a prompt describes (toy: by allowed mode; else by the classes it names, also within a
+    detailed caption, or all)."""
     if "modes" in info:
         from varup.data.captions import caption_modes
 
         return np.isin(ref["modes"], caption_modes(prompt, info))
-    mix = class_mix_of(prompt, info["classes"])
+    mix = classes_named(prompt, info["classes"])
     return np.isin(ref["labels"], mix) if mix else np.ones(len(ref["labels"]), bool)
 
 
@@ -333,6 +376,6 @@ def score_prompt_sets(sets_json, out_json, *, reference, data_dir, inception_jso
     return rec
 
 
-__all__ = ["STUDIES", "FAMILIES", "class_mix_of", "n_concepts", "prompt_sets", "condition_of", "generate", "sigma_of",
-           "run_prompt_sets", "prompt_reference", "reference_rows", "reference_mask", "score_prompt_sets",
-           "score_set", "mode_scores", "cmmd_features"]
+__all__ = ["STUDIES", "FAMILIES", "classes_named", "class_mix_of", "n_concepts", "prompt_sets", "condition_of",
+           "generate", "sigma_of", "run_prompt_sets", "add_region_sigma", "prompt_reference", "reference_rows",
+           "reference_mask", "score_prompt_sets", "score_set", "mode_scores", "cmmd_features"]
