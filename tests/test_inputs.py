@@ -82,6 +82,9 @@ def test_every_path_like_key_of_the_schema_is_an_input_of_the_job_that_reads_it(
     text["captions"] = {"kind": "file", "path": str(file("captions.csv"))}
     text["encoder"] = {"kind": "clip", "url": url("clip/ViT-L-14.pt")}
     text["prompts"]["cmmd"] = {"features": "clip", "url": url("clip/ViT-L-14-336px.pt")}
+    text["released"] = {"url": url("varclip.pth")}  # VAR-CLIP's released model: on afhq, with the official tokenizer
+    text["dataset"], cfg["datasets"]["afhq"]["tokenizer"] = "afhq", "vq_official"
+    text["prompts"]["mask_dir"] = str(tree("pmasks", "pmasks/text_d16/released/seed0"))
     lm = cfg["lm"]
     lm["corpus"] = {"kind": "dolly", "url": url("dolly.jsonl"), "n_eval": 2}
     hub = {"kind": "hub", "endpoint": src.as_uri(), "files": ["config.json", "model.safetensors"]}
@@ -103,6 +106,8 @@ def test_every_path_like_key_of_the_schema_is_an_input_of_the_job_that_reads_it(
         "text.captions.path": [src / "captions.csv"],
         "text.encoder.url": [src / "clip/ViT-L-14.pt"],
         "text.prompts.cmmd.url": [src / "clip/ViT-L-14-336px.pt"],
+        "text.released.url": [src / "varclip.pth"],
+        "text.prompts.mask_dir": [src / "pmasks/text_d16/released/seed0"],
         "lm.corpus.url": [src / "dolly.jsonl"],
         **{f"lm.{part}.{k}": [src / f"org/{part[:4]}/resolve/main/{f}" for f in hub["files"]]
            for part in ("base", "featurizer") for k in ("endpoint", "files")},
@@ -114,7 +119,8 @@ def test_every_path_like_key_of_the_schema_is_an_input_of_the_job_that_reads_it(
     res, rsc = f"{cfg['results_dir']}/{cfg['experiment']}", cfg["resources_dir"]
     targets = [f"{res}/{d}/data" for d in ("fold", "inet", "afhq")] + [
         f"{res}/shapes/ood_data", f"{res}/shapes/d1/baseline/seed0/uncertainty/mc_dropout.json",
-        f"{res}/shapes/captions/captions.json", f"{rsc}/weights/vae_test.pth", f"{rsc}/weights/var_d1.pth", "prefetch"]
+        f"{res}/shapes/captions/captions.json", f"{rsc}/weights/vae_test.pth", f"{rsc}/weights/var_d1.pth", "prefetch",
+        f"{res}/afhq/text_d16/released/seed0/prompts/sets.json"]
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(cfg))
     r = smk(tmp_path / "work", tmp_path / "all.yaml", "-n", *targets, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
