@@ -147,10 +147,10 @@ def test_study_prompts_map_to_classes_only_when_they_name_only_classes():
     assert class_mix_of("a shape", names) is None
     assert n_concepts("a circle or a square or a triangle") == 3
     sets = prompt_sets({"droppath": {"prompt": "a circle", "rates": [0.1, 0.2]}, "entanglement": ["a circle"],
-                        "descriptiveness": ["a shape", "a circle"]})
+                        "descriptiveness": ["a shape", "a circle"], "set_droppath_rate": 0.05})
     assert [(s["study"], s.get("rate"), s.get("level")) for s in sets] == [
-        ("droppath", 0.1, None), ("droppath", 0.2, None), ("entanglement", None, None),
-        ("descriptiveness", None, 0), ("descriptiveness", None, 1)]
+        ("droppath", 0.1, None), ("droppath", 0.2, None), ("entanglement", 0.05, None),
+        ("descriptiveness", 0.05, 0), ("descriptiveness", 0.05, 1)]
     names = [s["set"] for s in sets]  # one image set per distinct (prompt, rate)
     assert names[2] == names[4] and len(set(names)) == 4
 

@@ -66,7 +66,7 @@ def test_uncertainty_tables_print_one_seed_without_plus_minus():
     assert df.loc[0, "sigma_std"] == pytest.approx(np.std([0.01, 0.02], ddof=1))
     rec = {"dataset": "shapes", "depth": 2, "method": "ours", "mean_sigma": 0.2, "region": {"available": False}}
     _, disp = region_table([rec])
-    assert disp.loc[0, "σ (all)"] == "0.2000" and disp.loc[0, "n"] == 1
+    assert disp.loc[0, "σ all (dropout)"] == "0.2000" and disp.loc[0, "n"] == 1
 
 
 # ------------------------------------------------------------------------------------------ tables.py
