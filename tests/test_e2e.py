@@ -51,6 +51,8 @@ def test_tables_have_the_expected_contents(finished):
     t3 = pd.read_csv(tables / "table3.csv")
     assert sorted(t3["method"]) == ["baseline", "ours"] and t3["auroc_percent_mean"].between(0, 100).all()
     assert (t3["id_nll_per_token_mean"] > 0).all() and t3["paper_auroc_percent"].isna().all()  # toy: no paper row
+    mce = t3.set_index("method")["mce_percent_mean"]  # mCE against the baseline of the same depth and seed
+    assert mce["baseline"] == pytest.approx(100.0) and np.isfinite(mce["ours"]) and mce["ours"] > 0
     assert t2["paper_fid"].isna().all()
 
     mc = pd.read_csv(tables / "mode_coverage.csv")
@@ -119,9 +121,10 @@ def test_editing_a_loss_weight_reruns_exactly_the_affected_jobs(finished):
     for rule, wc in jobs:
         by_rule.setdefault(rule, []).append(wc)
     assert set(by_rule) == {"train", "sample_shard", "merge_samples", "evaluate", "sample_qualitative", "ood_eval",
-                            "downstream", "mode_coverage", "mc_dropout", "uncertainty_sets", "score_uncertainty_sets",
+                            "corruption_eval", "downstream", "mode_coverage", "mc_dropout", "uncertainty_sets", "score_uncertainty_sets",
                             "toy_metrics", "tables", "figures", "all"}, sorted(by_rule)  # not the floor: no run in it
-    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval", "mode_coverage", "toy_metrics"):
+    for rule in ("train", "sample_shard", "merge_samples", "evaluate", "ood_eval", "corruption_eval", "mode_coverage",
+                 "toy_metrics"):
         assert sorted(w["seed"] for w in by_rule[rule]) == ["0", "1"] and {w["method"] for w in by_rule[rule]} == {"ours"}
     assert by_rule["sample_qualitative"] == [{"dataset": "shapes", "depth": "1", "method": "ours", "seed": "0"}]
     assert by_rule["downstream"] == [{"dataset": "shapes", "depth": "1"}]  # it shows ours beside the baseline

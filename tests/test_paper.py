@@ -78,6 +78,7 @@ def test_paper_dag_resolves_completely(paper_cfg, tmp_path):
         "sample_shard": sum(shards[r.dataset] for r in runs(cfg)), "merge_samples": n_all, "evaluate": n_all,
         "sample_qualitative": 2 * 2 * 2, "sample_cfg_shard": 10 * shards["afhq"], "merge_cfg_samples": 10,
         "evaluate_cfg": 10, "data_ood": 1, "encode_ood": 1, "ood_eval": len(ood_runs(cfg)), "downstream": 1,
+        "corrupt_data": 1, "encode_corrupt": 1, "corruption_eval": len(ood_runs(cfg)),  # Table 3's mCE
         "tables": 1, "figures": 1, "all": 1,
         # uncertainty studies: the first seed's runs of both datasets, depths and methods (no toy: no mode coverage)
         "mc_dropout": 8, "uncertainty_sets": 8, "score_uncertainty_sets": 8,
@@ -154,7 +155,8 @@ def test_256px_code_path_end_to_end(tmp_path):
     cfg["train"].update(steps=3, warmup_steps=1, log_every=1, ckpt_every=2, nonfinite_check_every=1, gpus=1)
     cfg["sample"]["qualitative"] = {"cfg": 3.0, "n_per_class": 1}
     cfg["experiments"] = {
-        "ood": {"dataset": "folder256", "source": {"kind": "folder", "root": str(tmp_path / "ood")}, "max_images": 4},
+        "ood": {"dataset": "folder256", "source": {"kind": "folder", "root": str(tmp_path / "ood")}, "max_images": 4,
+                "corruptions": {"names": ["fog"], "severities": [2], "max_images": 2}},  # mCE at 256 px, cheaply
         "downstream": {"dataset": "folder256", "depth": 1, "n_images": 1, "n_samples": 1, "tasks": ["outpaint"]}}
     cfg["uncertainty"]["enabled"] = False  # 256 px decodes are slow on CPU; the studies' code runs in test_e2e
     cfg["references"]["num_clusters"] = 8

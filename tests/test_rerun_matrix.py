@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 #: rules of the tiny DAG that use the tokenizer's output or train/sample/score models
 SAMPLES_ON = {"sample_shard", "merge_samples", "sample_qualitative", "evaluate", "toy_metrics", "mode_coverage",
               "mc_dropout", "uncertainty_sets", "score_uncertainty_sets", "downstream", "tables", "figures", "all"}
-TRAIN_ON = SAMPLES_ON | {"train", "ood_eval"}
-TOKENIZER_ON = TRAIN_ON | {"tokenizer_train", "tokenizer_gate", "encode", "encode_ood", "references", "toy_metrics_floor"}
+TRAIN_ON = SAMPLES_ON | {"train", "ood_eval", "corruption_eval"}
+TOKENIZER_ON = TRAIN_ON | {"tokenizer_train", "tokenizer_gate", "encode", "encode_ood", "encode_corrupt", "references",
+                                "toy_metrics_floor"}
 
 #: module edited (under src/varup) -> the rules that must re-run, exactly
 MATRIX = {
@@ -32,7 +33,7 @@ MATRIX = {
     "models/vqvae.py": TOKENIZER_ON,
 }
 #: never re-run by any edit above: the data, the Inception weights, the classifier and the real set's features
-UPSTREAM = {"data_toy", "data_ood", "inception_weights", "mode_classifier", "real_features"}
+UPSTREAM = {"data_toy", "data_ood", "corrupt_data", "inception_weights", "mode_classifier", "real_features"}
 
 
 @pytest.fixture(scope="module")

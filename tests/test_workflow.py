@@ -101,6 +101,7 @@ def test_default_dry_run_plans_the_whole_dag(tmp_path):
                  "real_features": 1, "train": n_runs, "sample_shard": n_runs, "merge_samples": n_runs,
                  "evaluate": n_runs, "sample_qualitative": 2, "tables": 1, "figures": 1, "all": 1,
                  "data_ood": 1, "encode_ood": 1, "ood_eval": n_runs, "downstream": 1,
+                 "corrupt_data": 1, "encode_corrupt": 1, "corruption_eval": n_runs,  # Table 3's mCE
                  "mode_classifier": 1, "mode_coverage": n_runs, "mc_dropout": 2, "uncertainty_sets": 2,
                  "score_uncertainty_sets": 2,  # uncertainty studies: the first seed's runs
                  "toy_metrics": n_runs, "toy_metrics_floor": 1}  # toy-feature metrics: every run, a floor per dataset

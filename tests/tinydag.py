@@ -33,6 +33,8 @@ def tiny_config(results: Path) -> dict:
     cfg["metrics"]["calibration"] = {"n_bins": 10, "max_rows": 24}
     cfg["experiments"]["ood"].update(max_images=16)
     cfg["experiments"]["ood"]["source"]["generator"].update(n_val_per_class=4)
+    cfg["experiments"]["ood"]["corruptions"].update(names=["gaussian_noise", "pixelate"], severities=[1, 3],
+                                                    max_images=4)
     cfg["experiments"]["downstream"].update(depth=1, n_images=2, n_samples=2)
     cfg["uncertainty"].update(T=4, classes=[0, 1], sample_seeds=[0], sweep_rates=[0.1, 0.3], sweep_n_per_class=4,
                               entanglement_mixes=[[0], [0, 1]], entanglement_n=8)

@@ -12,6 +12,7 @@ rule tables:
         metrics=run_files("metrics.json"),
         summaries=run_files("train/summary.json"),
         ood=[f"{RES}/{r.path}/ood.json" for r in OOD_RUNS],
+        corruptions=[f"{RES}/{r.path}/corruptions.json" for r in CORRUPT_RUNS],
         sweep=cfg_sweep_files("metrics.json"),
         unc=[
             f"{RES}/{r.path}/uncertainty/{f}"

@@ -272,7 +272,7 @@ def _corruption_errors(path: Path, names: Sequence[str], severities: Sequence[in
 def _mce_cells(cfg: dict, results: Path, dataset: str, depth: int, rs: list[Run]) -> dict:
     """mCE (percent, mean and std over the training seeds) of a run group against the reference method's run of the
     same dataset, depth and seed, the mean token error and NLL over the corrupted sets and the clean set's error."""
-    from varup.studies.corruptions import mce
+    from varup.report.mce import mce
 
     c = cfg["experiments"]["ood"].get("corruptions") or {}
     if not c.get("enabled"):
