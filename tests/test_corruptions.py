@@ -221,3 +221,37 @@ def test_run_corruption_eval_writes_the_error_table(corrupted, tmp_path):
     (bad / "dataset.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="re-run the encode_corrupt rule"):
         run_corruption_eval(d / "model.pt", d / "vqvae.pt", d / "tokens", bad, tmp_path / "x.json")
+
+
+def test_table3_pairs_each_run_with_the_reference_run_of_its_seed(tmp_path):
+    """table3's mCE from the runs' corruptions.json: ours' errors are a per-corruption fraction f_c of the baseline
+    run of the same seed (the baseline's errors differ by seed), so mCE(ours) = 100 * mean f_c exactly, and only
+    when each run is paired with its own seed's reference."""
+    import pandas as pd
+    import yaml
+
+    from varup.config.plan import ood_runs
+    from varup.config.schema import validate
+    from varup.report.tables import table3
+
+    cfg = validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    c = cfg["experiments"]["ood"]["corruptions"]
+    names, sev = c["names"], c["severities"]
+    f = [0.5 if k % 2 == 0 else 1.0 for k in range(len(names))]
+    for r in ood_runs(cfg):
+        d = tmp_path / "res" / r.path
+        d.mkdir(parents=True)
+        (d / "ood.json").write_text(json.dumps({"auroc": 0.6, "id": {"mean_nll_per_token": 2.0, "mean_nll_total": 170},
+                                                "ood": {"mean_nll_per_token": 3.0}, "class_mode": "null"}))
+        sets = [{"corruption": n, "severity": v, "nll_per_token": 1.0,
+                 "token_error": (0.1 * (k + 1) + 0.01 * v + 0.2 * r.seed) * (f[k] if r.method == "ours" else 1.0)}
+                for k, n in enumerate(names) for v in sev]
+        (d / "corruptions.json").write_text(json.dumps({"sets": sets, "clean": {"token_error": 0.05}}))
+    df = table3(cfg, tmp_path / "res", tmp_path / "tables").set_index("method")
+    assert df.loc["baseline", "mce_percent_mean"] == pytest.approx(100.0)
+    assert df.loc["ours", "mce_percent_mean"] == pytest.approx(100 * np.mean(f))
+    assert df.loc["ours", "mce_percent_std"] == pytest.approx(0.0, abs=1e-9)  # the same ratio at both seeds
+    assert df.loc["ours", "clean_token_error_mean"] == pytest.approx(0.05) and df["paper_mce"].isna().all()  # toy
+    md = (tmp_path / "tables" / "table3.md").read_text()
+    assert "100.0 (reference)" in md and f"{100 * np.mean(f):.1f} ± 0.0" in md and "not reproduced" not in md
+    assert list(pd.read_csv(tmp_path / "tables" / "table3.csv")["mce_reference"]) == ["baseline", "baseline"]
