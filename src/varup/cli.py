@@ -607,7 +607,7 @@ def cmd_toy_metrics_floor(a) -> None:
 def cmd_digits_images(a) -> None:
     from varup.data.digits import write_digits_folder
 
-    write_digits_folder(a.out, resolution=a.resolution, val_fraction=a.val_fraction)
+    write_digits_folder(a.out, resolution=a.resolution, val_fraction=a.val_fraction, max_per_class=a.max_per_class)
 
 
 def cmd_digit_classifier(a) -> None:
@@ -910,6 +910,7 @@ def add_digits_commands(cmd) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True, help="px, a multiple of 8 (nearest-neighbour upscaling)")
     p.add_argument("--val-fraction", type=float, required=True, help="held-out share per class (stratified, seeded)")
+    p.add_argument("--max-per-class", type=int, default=None, help="keep the first N digits per class and split")
 
     p = cmd("digit-classifier", cmd_digit_classifier, "fit the digit classifier on the train split, test it on val")
     for k in ("data", "out", "record"):
