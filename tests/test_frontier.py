@@ -1,12 +1,12 @@
-"""varup.studies.frontier on synthetic curves: a dominating method moves the frontier; a temperature-shifted copy (the
+"""varup.base.frontier on synthetic curves: a dominating method moves the frontier; a temperature-shifted copy (the
 same curve sampled further along) does not, though its default point is more diverse; crossing curves are mixed."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import varup.studies.frontier as fr
-from varup.studies.frontier import compare_frontiers, describe, frontier, pareto_front
+import varup.base.frontier as fr
+from varup.base.frontier import compare_frontiers, describe, frontier, pareto_front
 
 ALONG, LOWERS, MIXED, MOVES, SAME, UNDETERMINED = fr.ALONG, fr.LOWERS, fr.MIXED, fr.MOVES, fr.SAME, fr.UNDETERMINED
 

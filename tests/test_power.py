@@ -1,4 +1,4 @@
-"""varup.studies.power: the paired t-test's power against a simulation, the MDE and n against textbook values, Holm
+"""varup.base.power: the paired t-test's power against a simulation, the MDE and n against textbook values, Holm
 and Benjamini–Hochberg against hand computations."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from varup.studies.power import adjust, benjamini_hochberg, holm, mde, n_needed, paired_t, power
+from varup.base.power import adjust, benjamini_hochberg, holm, mde, n_needed, paired_t, power
 
 
 def _simulated_power(effect, n, sd, alpha, reps, seed):

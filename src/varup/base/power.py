@@ -18,6 +18,8 @@ tests) give adjusted p-values; :func:`adjust` picks one by name. The claims ledg
 (``experiments.claims.correction``).
 
 Pure: numpy and scipy.
+In varup.base, the lowest layer, so that a study (the claim study) and the report (the claims ledger, which may
+import only varup.config and varup.base: pyproject.toml import contracts) share one implementation.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ frontiers can.
 * :func:`compare_frontiers`: the paired comparison over training seeds (a seed fixes both methods' initialisation and
   data order): the grid spans the quality range every seed's pair of curves covers; per seed the mean gain over it
   (≈ the area between the curves over the range length); over the seeds the mean gain with a two-sided Student-t
-  interval (n − 1 degrees of freedom, :func:`varup.studies.power.paired_t`), and per grid quality the t-interval of
+  interval (n − 1 degrees of freedom, :func:`varup.base.power.paired_t`), and per grid quality the t-interval of
   the gain, Bonferroni-corrected over the k settings of the sampling grid (the interpolated grid holds no more
   independent points than the curves were sampled at), so that many grid points do not make a crossing by chance.
 
@@ -33,6 +33,8 @@ The verdict (``verdict``), in this order:
 
 "Beyond its interval" means beyond the t-interval widened by the interpolation resolution, so two samplings of the
 same curve at different places are not read as a gain. Pure: numpy and scipy.
+In varup.base, the lowest layer, so that a study (the claim study) and the report (the claims ledger, which may
+import only varup.config and varup.base: pyproject.toml import contracts) share one implementation.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from varup.studies.power import paired_t
+from varup.base.power import paired_t
 
 UNDETERMINED, MIXED, MOVES, LOWERS, ALONG, SAME = ("undetermined", "mixed", "moves the frontier",
                                                    "lowers the frontier", "moves along the frontier", "no difference")
