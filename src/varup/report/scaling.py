@@ -99,6 +99,7 @@ def scaling_table(st: dict, out: str | Path) -> pd.DataFrame:
 def scaling_figure(st: dict, out: str | Path) -> None:
     """Log-log held-out loss against non-embedding parameters: runs, per-size geometric means, fitted lines."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from varup.base.plotting import save_figure
 
@@ -115,6 +116,9 @@ def scaling_figure(st: dict, out: str | Path) -> None:
         ax.plot(grid, f["a"] * grid ** (-f["alpha"]), color=colour, lw=1.3, label=f"{m}: α = {f['alpha']:.3f}{band}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # losses span less than a decade: plain numbers, not 2×10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel(f"held-out NLL per token (nats, {st['runs'][0]['split'] if st['runs'] else ''})")
     diffs = "; ".join(f"Δα {m} − {st['baseline']} = {_ci(d['diff'], d['ci_low'], d['ci_high'], 3, '+')}"

@@ -177,8 +177,9 @@ def interval_note(kind: str, k: int, n_boot: int, confidence: float) -> str:
             txt += "; with two sizes the fitted line is exact, so the intervals are seed noise only"
         return txt + "; they leave out how far the sizes lie from a power law (see the OLS SE)"
     if kind == "ols":
-        return (f"one seed per size: {c} % t-intervals from the OLS standard error of the slope ({k - 2} degrees of "
-                "freedom); the difference from the regression of the log loss ratio on log N")
+        dof = f"{k - 2} degree{'s' if k > 3 else ''} of freedom"
+        return (f"one seed per size: {c} % t-intervals from the OLS standard error of the slope ({dof}); the "
+                "difference from the regression of the log loss ratio on log N")
     return "one seed per size and two sizes: the fitted line is exact and has no interval"
 
 
