@@ -255,3 +255,6 @@ def test_table3_pairs_each_run_with_the_reference_run_of_its_seed(tmp_path):
     md = (tmp_path / "tables" / "table3.md").read_text()
     assert "100.0 (reference)" in md and f"{100 * np.mean(f):.1f} ± 0.0" in md and "not reproduced" not in md
     assert list(pd.read_csv(tmp_path / "tables" / "table3.csv")["mce_reference"]) == ["baseline", "baseline"]
+    c["error"] = "nll_per_token"  # every set's NLL is 1.0 for both methods here: CE 100 whatever the token errors
+    nll = table3(cfg, tmp_path / "res", tmp_path / "tables").set_index("method")
+    assert nll.loc["ours", "mce_percent_mean"] == pytest.approx(100.0) and nll.loc["ours", "mce_error"] == "nll_per_token"

@@ -258,13 +258,15 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
-def _corruption_errors(path: Path, names: Sequence[str], severities: Sequence[int]) -> tuple[np.ndarray, dict]:
-    """(corruption x severity) token errors of one run's corruptions.json, and the file's record."""
+def _corruption_errors(path: Path, names: Sequence[str], severities: Sequence[int],
+                       error: str = "token_error") -> tuple[np.ndarray, dict]:
+    """(corruption x severity) errors (``error``: token_error or nll_per_token) of one run's corruptions.json, and the
+    file's record."""
     rec = read_json(path)
-    got = {(s["corruption"], int(s["severity"])): s["token_error"] for s in rec["sets"]}
+    got = {(s["corruption"], int(s["severity"])): s[error] for s in rec["sets"]}
     missing = [f"{n}/{v}" for n in names for v in severities if (n, v) not in got]
     if missing:
-        raise ValueError(f"{path} has no token error for {', '.join(missing[:4])} (experiments.ood.corruptions): "
+        raise ValueError(f"{path} has no {error} for {', '.join(missing[:4])} (experiments.ood.corruptions): "
                          f"re-run the corrupt_data, encode_corrupt and corruption_eval rules")
     return np.array([[got[(n, v)] for v in severities] for n in names]), rec
 
@@ -284,13 +286,13 @@ def _mce_cells(cfg: dict, results: Path, dataset: str, depth: int, rs: list[Run]
         if r.seed not in ref:
             raise ValueError(f"experiments.ood.corruptions.reference {c['reference']!r} has no run of {dataset} "
                              f"d{depth} seed {r.seed} to pair with {r.path}")
-        e, rec = _corruption_errors(results / r.path / "corruptions.json", names, sev)
-        e_ref, _ = _corruption_errors(results / ref[r.seed].path / "corruptions.json", names, sev)
+        e, rec = _corruption_errors(results / r.path / "corruptions.json", names, sev, c["error"])
+        e_ref, _ = _corruption_errors(results / ref[r.seed].path / "corruptions.json", names, sev, c["error"])
         out["mce"].append(mce(e, e_ref, names)["mce"])
-        out["err"].append(float(e.mean()))
+        out["err"].append(float(np.mean([s["token_error"] for s in rec["sets"] if s["corruption"] in names])))
         out["nll"].append(float(np.mean([s["nll_per_token"] for s in rec["sets"] if s["corruption"] in names])))
         out["clean"].append(rec["clean"]["token_error"] if rec.get("clean") else None)
-    return {k: mean_std(v) for k, v in out.items()} | {"reference": c["reference"]}
+    return {k: mean_std(v) for k, v in out.items()} | {"reference": c["reference"], "error": c["error"]}
 
 
 def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
@@ -314,7 +316,7 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
                      "auroc_minus_paper": _diff(auc[0], p["auroc_percent"] if p else None)})
         if cm:
             rows[-1].update({"mce_percent_mean": cm["mce"].mean, "mce_percent_std": cm["mce"].std,
-                             "mce_reference": cm["reference"], "corrupt_token_error_mean": cm["err"].mean,
+                             "mce_reference": cm["reference"], "mce_error": cm["error"], "corrupt_token_error_mean": cm["err"].mean,
                              "corrupt_nll_per_token_mean": cm["nll"].mean, "clean_token_error_mean": cm["clean"].mean,
                              "paper_mce": p["mce"] if p else None})
         disp.append({"dataset": dataset, "depth": f"d{depth}", "method": method, "n": len(rs),
@@ -334,17 +336,25 @@ def table3(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     write_table(df, out, "table3", "Table 3 layout: OOD detection from token likelihoods (score = NLL; AUROC of OOD "
                 "vs in-distribution held-out images) and the in-distribution NLL in nats. The paper's values (its "
                 "ImageNet experiment), with Δ AUROC = ours − paper, are shown only for ImageNet-100 rows. The paper "
-                f"does not define its NLL unit. {MCE_NOTE} {spread_note()}; the OOD NLL and the token errors "
+                f"does not define its NLL unit. {mce_note(cfg)} {spread_note()}; the OOD NLL and the token errors "
                 "are their means.", disp)
     return df
 
 
-MCE_NOTE = ("mCE: ImageNet-C corruptions (imagecorruptions, experiments.ood.corruptions) of the held-out images, "
-            "tokenized by the dataset's tokenizer; error = teacher-forced token error (1 - top-1 accuracy of the "
-            "next-scale token predictions); CE_c = sum over severities of the run's error / the reference's (the "
-            "reference method's run of the same depth and seed, whose mCE is 100 by construction), mCE = mean over "
-            "the corruptions, in percent, then mean ± std over the seeds. The paper does not name its reference (its "
-            "baseline has 68.0), so its mCE values are printed beside ours, not differenced.")
+def mce_note(cfg: dict) -> str:
+    """Table 3's caption on the mCE columns (experiments.ood.corruptions)."""
+    c = cfg["experiments"]["ood"].get("corruptions") or {}
+    if not c.get("enabled"):
+        return "mCE is not computed (experiments.ood.corruptions.enabled: false)."
+    error = {"token_error": "the teacher-forced token error (1 - top-1 accuracy of the next-scale token predictions)",
+             "nll_per_token": "the teacher-forced mean token NLL"}[c["error"]]
+    return (f"mCE: ImageNet-C corruptions (imagecorruptions; {len(c['names'])} corruptions x severities "
+            f"{', '.join(map(str, c['severities']))}) of the held-out images, tokenized by the dataset's tokenizer; "
+            f"error = {error}; CE_c = sum over severities of the run's error / the reference's (the "
+            f"{c['reference']} run of the same depth and seed, whose mCE is 100 by construction), mCE = mean over the "
+            "corruptions, in percent, then mean ± std over the seeds; token errors are the mean over the corrupted "
+            "sets and the clean set. The paper does not name its reference (its baseline has 68.0), so its mCE "
+            "values are printed beside ours, not differenced.")
 
 
 def figure4_table(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
