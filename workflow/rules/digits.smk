@@ -16,16 +16,6 @@ localrules:
     digits_table,
 
 
-def digits_floor_params(w):
-    """The reference set and metric settings of the run's Inception metrics, and the floor set: a run's sample size
-    (sample.n_per_class per class) of train digits."""
-    return {
-        **toy_metric_params(w),
-        "floor_split": "train",
-        "n_per_class": plan.sample_settings(config, w.dataset)["n_per_class"],
-    }
-
-
 rule digits_images:
     output:
         directory(f"{RES}/{{dataset}}/digits_images"),
@@ -149,7 +139,15 @@ rule digits_floor:
     params:
         code=code_of("digits-floor"),
         device=GPU_DEVICE,
-        p=lambda w: q(digits_floor_params(w)),
+        # the reference set and metric settings of the runs' Inception metrics; the floor set: a run's sample size
+        # (sample.n_per_class per class) of train digits
+        p=lambda w: q(
+            {
+                **toy_metric_params(w),
+                "floor_split": "train",
+                "n_per_class": plan.sample_settings(config, w.dataset)["n_per_class"],
+            }
+        ),
     shell:
         "varup digits-floor --threads {threads} --device {params.device} --classifier {input.classifier}"
         " --data {input.data} --dataset {wildcards.dataset} --inception {input.inception} --real-features {input.real}"
