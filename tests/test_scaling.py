@@ -19,7 +19,7 @@ from varup.config.schema import validate
 from varup.models.checkpoint import model_payload
 from varup.report.scaling import make_scaling_report
 from varup.studies.heldout import run_heldout
-from varup.studies.scaling import fit_power_law, run_scaling, scaling_fit
+from varup.studies.scaling import fit_offset_power_law, fit_power_law, run_scaling, scaling_fit
 
 SIZES = {1: 8.3e4, 2: 6.3e5, 3: 2.1e6, 4: 5.0e6}
 
@@ -80,6 +80,23 @@ def test_one_seed_per_size_falls_back_to_ols_and_two_sizes_have_no_interval():
     r2 = scaling_fit(two, {1: SIZES[1], 2: SIZES[2]}, "baseline")
     assert r2["interval"] == "none" and math.isnan(r2["methods"]["ours"]["ci_low"])
     assert math.isnan(r2["differences"]["ours"]["ci_low"]) and "exact" in r2["note"]
+
+
+def test_the_offset_form_recovers_an_exponent_above_an_irreducible_loss(monkeypatch):
+    monkeypatch.setenv("VARUP_NO_PROGRESS", "1")
+    n = list(SIZES.values()) + [2e7]
+    exact = fit_offset_power_law(n, [1.2 + 30.0 * x ** -0.35 for x in n])
+    assert exact["alpha"] == pytest.approx(0.35, abs=1e-6) and exact["c"] == pytest.approx(1.2, abs=1e-6)
+    assert fit_power_law(n, [1.2 + 30.0 * x ** -0.35 for x in n])["alpha"] < 0.2  # a pure power law flattens
+    rng = np.random.default_rng(11)
+    sizes = dict(enumerate(n))
+    losses = {m: {i: {s: (1.2 + 30.0 * x ** -0.35) * math.exp(rng.normal(0, 0.003)) for s in range(3)}
+                  for i, x in sizes.items()} for m in ("baseline", "ours")}
+    r = scaling_fit(losses, sizes, "baseline", n_boot=100, form="offset")
+    f = r["methods"]["ours"]
+    assert r["form"] == "offset" and f["ci_low"] <= 0.35 <= f["ci_high"] and abs(f["c"] - 1.2) < 0.1
+    with pytest.raises(ValueError, match="at least 4 sizes"):
+        fit_offset_power_law(n[:3], [1.5, 1.4, 1.3])
 
 
 def test_held_out_loss_is_the_teacher_forced_cross_entropy_and_counts_exclude_embeddings(assets, tmp_path):  # noqa: F811
@@ -155,4 +172,7 @@ def test_the_toy_config_plans_the_study_runs(tmp_path):
     v = validate(cfg)
     assert {r_.path for _, r_ in plan.scaling_runs(v) if r_.depth == 2} == {r_.path for r_ in plan.main_runs(v)}
     cfg["experiments"]["scaling"]["baseline"] = "nope"
-    assert any("experiments/scaling/baseline" in p for p in plan.scaling_problems(validate(cfg)))
+    cfg["experiments"]["scaling"]["form"] = "offset"  # 3 depths: too few for c + a·N^-α
+    problems = plan.scaling_problems(validate(cfg))
+    assert any("experiments/scaling/baseline" in p for p in problems)
+    assert any("experiments/scaling/depths" in p and "at least 4" in p for p in problems)

@@ -62,10 +62,11 @@ rule scaling_fit:
         seed=lambda w: SCALING["boot_seed"],
         confidence=lambda w: SCALING["confidence"],
         dataset=lambda w: SCALING["dataset"],
+        form=lambda w: SCALING["form"],
     shell:
         "python -m varup.studies.scaling --entries {params.entries} --baseline {params.baseline}"
         " --n-boot {params.n_boot} --seed {params.seed} --confidence {params.confidence}"
-        " --dataset {params.dataset} --out {output} > {log} 2>&1"
+        " --dataset {params.dataset} --form {params.form} --out {output} > {log} 2>&1"
 
 
 rule scaling_report:

@@ -164,9 +164,10 @@ def scaling_problems(cfg: dict) -> list[str]:
         out.append(f"experiments/scaling/baseline: {sc['baseline']!r} is not one of experiments/scaling/methods "
                    f"{sc['methods']}")
     depths = sc.get("depths") or cfg["model"]["depths"]
-    if len(set(depths)) < 2:
-        out.append(f"experiments/scaling/depths: {depths} (or model/depths when it is not set): a power law needs at "
-                   "least two depths")
+    need = 4 if sc.get("form") == "offset" else 2
+    if len(set(depths)) < need:
+        out.append(f"experiments/scaling/depths: {depths} (or model/depths when it is not set): form "
+                   f"{sc.get('form', 'power')} needs at least {need} depths")
     return out
 
 

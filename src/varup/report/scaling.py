@@ -60,7 +60,10 @@ def scaling_frames(st: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         row = {"kind": "fit", "method": m, "alpha": f["alpha"], "alpha_ci_low": f["ci_low"],
                "alpha_ci_high": f["ci_high"], "a": f["a"], "alpha_ols_se": f["se_alpha"], "r2": f["r2"],
                "n_sizes": f["n_points"], "seeds_per_size": "/".join(map(str, n_seeds))}
+        if "c" in f:  # form offset: the irreducible loss
+            row["c"] = f["c"]
         d = {"": m, "α [CI]": _ci(f["alpha"], f["ci_low"], f["ci_high"]), "a": f"{f['a']:.3f}",
+             **({"c": f"{f['c']:.4f}"} if "c" in f else {}),
              "OLS SE(α)": MISSING if not math.isfinite(f["se_alpha"]) else f"{f['se_alpha']:.4f}",
              "R²": MISSING if not math.isfinite(f["r2"]) else f"{f['r2']:.3f}", "sizes": str(f["n_points"]),
              "seeds/size": row["seeds_per_size"]}
@@ -80,12 +83,16 @@ def scaling_frames(st: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), pd.DataFrame(disp).fillna("")
 
 
+FORM_TEXT = {"power": "L = a·N^−α by least squares of log L on log N",
+             "offset": "L = c + a·N^−α (c: an irreducible loss) by least squares of log L"}
+
+
 def caption(st: dict) -> str:
     conf = int(round(st["confidence"] * 100))
     ds = f" on {st['dataset']}" if st.get("dataset") else ""
     return (f"Scaling study{ds}: held-out loss L ({st.get('loss_measure', '')}) against N = "
-            f"{st.get('size_measure', 'parameters')}; L = a·N^−α fitted per method by least squares of log L on log "
-            f"N, one point per size (the mean of log L over its seeds). α [{conf} % interval]: {st['note']}. "
+            f"{st.get('size_measure', 'parameters')}; " + FORM_TEXT[st.get("form", "power")] + " fitted per method, "
+            f"one point per size (the mean of log L over its seeds). α [{conf} % interval]: {st['note']}. "
             "L columns: mean ± std over the training seeds (sample std). Difference rows: ▲ the method's exponent is "
             "larger (its loss falls faster with N), ▼ smaller, where the interval excludes 0.")
 
@@ -113,7 +120,8 @@ def scaling_figure(st: dict, out: str | Path) -> None:
         ax.scatter(*zip(*pts), s=10, alpha=0.45, color=colour, linewidths=0)
         ax.scatter(n, f["loss_geomeans"], s=36, color=colour, marker="o", edgecolors="black", linewidths=0.5, zorder=3)
         band = "" if not math.isfinite(f["ci_low"]) else f" [{f['ci_low']:.3f}, {f['ci_high']:.3f}]"
-        ax.plot(grid, f["a"] * grid ** (-f["alpha"]), color=colour, lw=1.3, label=f"{m}: α = {f['alpha']:.3f}{band}")
+        ax.plot(grid, f.get("c", 0.0) + f["a"] * grid ** (-f["alpha"]), color=colour, lw=1.3,
+                label=f"{m}: α = {f['alpha']:.3f}{band}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # losses span less than a decade: plain numbers, not 2×10^0

@@ -93,7 +93,7 @@ def run_heldout(model, tokenizer, tokens_dir, out_json, *, split: str = "val", m
 def main(argv: list[str] | None = None) -> int:
     """``python -m varup.studies.heldout``: the rule ``scaling_heldout``."""
     from varup.base.runtime import deterministic_requested, set_deterministic
-    from varup.base.utils import set_threads, setup_logging
+    from varup.base.utils import remove_orphan_provenance, set_threads, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m varup.studies.heldout", description="one run's held-out token loss")
     for k in ("model", "tokenizer", "tokens", "out"):
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     setup_logging(a.log)
     set_threads(a.threads)
+    remove_orphan_provenance(a.out)  # a sidecar left by a failed run of this output
     set_deterministic(deterministic_requested(os.environ))  # config `deterministic`, as every varup command
     run_heldout(a.model, a.tokenizer, a.tokens, a.out, split=a.split, max_images=a.max_images,
                 class_mode=a.class_mode, batch_size=a.batch_size, device=a.device,
