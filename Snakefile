@@ -75,6 +75,12 @@ rule lm_study:
         [f"{RES}/figures/lm_modes.{e}" for e in ("png", "pdf")] if LM_ON else [],
 
 
+rule digits:
+    """The digits rehearsal's table (datasets of kind digits: config/digits.yaml; not part of all)."""
+    input:
+        DIGITS_TABLE,
+
+
 rule prefetch:
     """Download everything the chosen config needs (run on a login node; compute jobs then stay offline)."""
     input:

@@ -4,8 +4,8 @@
 # prepares that folder exactly as data_folder prepares a user's; tokenizer, encode, training, sampling and evaluate
 # are the main DAG's rules. Then a digit classifier trained on the real training split reads every run's samples
 # (class error; chance 0.9), a real-vs-real floor is scored against the held-out digits, and digits_table writes
-# tables/digits.*. Its own target, `snakemake --configfile config/digits.yaml digits` (README: "Real data: the
-# digits rehearsal").
+# tables/digits.*. Its own target, rule digits in the Snakefile: `snakemake --configfile config/digits.yaml digits`
+# (README: "Real data: the digits rehearsal").
 
 DIGITS_RUNS = [r for r in plan.main_runs(config) if config["datasets"][r.dataset]["kind"] == "digits"]
 DIGITS_DATASETS = list(dict.fromkeys(r.dataset for r in DIGITS_RUNS))
@@ -180,9 +180,3 @@ rule digits_table:
         out=lambda w, output: os.path.dirname(output.csv),
     shell:
         "varup digits-table --config {params.cfg} --results {params.results} --out {params.out} > {log} 2>&1"
-
-
-rule digits:
-    """The digits rehearsal's table (datasets of kind digits: config/digits.yaml; not part of all)."""
-    input:
-        DIGITS_TABLE,
