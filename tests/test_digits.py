@@ -96,3 +96,13 @@ def test_a_reduced_digits_dag_builds_the_digits_table(tmp_path):
     info = json.loads((res / "digits" / "data" / "dataset.json").read_text())
     assert info["kind"] == "folder" and info["counts"] == {"train": 300, "val": 300}
     assert "held-out accuracy" in (res / "tables" / "digits.md").read_text()
+
+
+def test_a_digits_resolution_off_the_8_px_grid_stops_the_dag_naming_the_key(tmp_path):
+    cfg = reduced_digits_config(tmp_path / "results")
+    cfg["datasets"]["digits"]["resolution"] = 36
+    cfgfile = tmp_path / "digits.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    r = smk(tmp_path, cfgfile, "-n", "digits", timeout=300)
+    assert r.returncode != 0 and "datasets.digits.resolution: 36 px" in r.stdout + r.stderr, r.stderr[-3000:]
+    assert "multiple of 8" in r.stdout + r.stderr

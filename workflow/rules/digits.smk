@@ -7,6 +7,13 @@
 # tables/digits.*. Its own target, rule digits in the Snakefile: `snakemake --configfile config/digits.yaml digits`
 # (README: "Real data: the digits rehearsal").
 
+for _name, _ds in config["datasets"].items():  # stopped before any job, naming the key
+    if _ds["kind"] == "digits" and _ds["resolution"] % 8:
+        raise WorkflowError(
+            f"datasets.{_name}.resolution: {_ds['resolution']} px, but the digits (8 x 8) are upscaled by whole "
+            "pixels (nearest neighbour): use a multiple of 8, e.g. 32"
+        )
+
 DIGITS_RUNS = [r for r in plan.main_runs(config) if config["datasets"][r.dataset]["kind"] == "digits"]
 DIGITS_DATASETS = list(dict.fromkeys(r.dataset for r in DIGITS_RUNS))
 DIGITS_TABLE = [f"{RES}/tables/digits.{e}" for e in ("csv", "md", "tex", "html")] if DIGITS_RUNS else []
