@@ -311,7 +311,7 @@ def train_res(rule):
 TRAIN_STOP_S = int(config["train"]["stop_before_limit_s"])  # a resource
 EXPERIMENTS = config["experiments"]
 TABLES = (
-    ["table2", "table7", "codebook_calibration", "overhead", "loss_references"]
+    ["claims", "table2", "table7", "codebook_calibration", "overhead", "loss_references"]  # claims: the ledger
     + (["table3"] if "ood" in EXPERIMENTS else [])
     + (["figure4"] if "figure4" in EXPERIMENTS else [])
 )

@@ -2,6 +2,9 @@
 # Snakemake (seconds each; a submitted job would wait in the queue longer than it runs).
 
 
+import varup.config.claimsplan as claimsplan
+
+
 localrules:
     tables,
     figures,
@@ -27,7 +30,12 @@ rule tables:
         # the report shows each table's HTML rendering (its viewer cannot display .md); .md and .tex are for papers
         **{
             f"{t}_{ext}": (
-                report(f"{RES}/tables/{t}.{ext}", caption=f"../report/{t}.rst", category="Tables", labels={"table": t})
+                report(
+                    f"{RES}/tables/{t}.{ext}",
+                    caption=f"../report/{t}.rst",
+                    category="Claims ledger" if t == "claims" else "Tables",  # the report's first category
+                    labels={"table": t},
+                )
                 if ext == "html"
                 else f"{RES}/tables/{t}.{ext}"
             )
@@ -45,6 +53,9 @@ rule tables:
     params:
         code=code_of("tables"),
         cfg=lambda w: q(reporting.report_config(config)),
+        # the claims ledger reads the studies outside `all` when present; their digests re-run this rule when one
+        # appears or changes, without making `all` run them (varup.config.claimsplan)
+        claims_sources=lambda w: claimsplan.fingerprint(RES),
         results=lambda w: RES,
         out=lambda w, output: os.path.dirname(output[0]),
     shell:

@@ -15,6 +15,8 @@
   study's one-line verdict as the caption.
 * ``uncertainty_droppath`` / ``_region`` / ``_entanglement`` — the MC-Dropout studies (rows from
   :mod:`varup.studies.uncertainty`), with the companion study's numbers beside ours as a reference (no Δ).
+* ``claims`` — the claims ledger (:mod:`varup.report.claims`): each claim of the paper, this run's evidence, the
+  paper's number and a verdict by explicit rules; the report shows it first.
 * ``toy_metrics`` — toy datasets only: Fréchet distance, KID and precision/recall in the feature space of the toy
   mode classifier, beside the Inception ones, with a "real vs real (floor)" row per dataset.
 
@@ -793,3 +795,6 @@ def make_tables(cfg: dict, results: str | Path, out: str | Path, only: str | Non
     for fn in fns:
         df = fn(cfg, results, out)
         log.info("%s: %d rows", fn.__name__, len(df))
+    from varup.report.claims import claims_table  # the claims ledger: reads the runs, and studies outside `all`
+
+    log.info("claims: %d rows", len(claims_table(cfg, results, out)))
