@@ -27,8 +27,8 @@ The verdict (``verdict``), in this order:
 3. ``moves the frontier`` — the mean gain's interval lies above the mean resolution (A's frontier is higher);
 4. ``lowers the frontier`` — the mean gain's interval lies below minus the mean resolution;
 5. ``moves along the frontier`` — the frontiers coincide within the interval, but the default operating points (each
-   curve's ``default`` index: the setting the method is sampled at by default) differ beyond their paired interval
-   in quality or diversity: what a temperature change also gives;
+   curve's ``default`` index: the setting the method is sampled at by default) differ in quality or diversity
+   (paired t, Holm over the two): what a temperature change also gives;
 6. ``no difference`` — neither the frontiers nor the default points differ beyond their intervals.
 
 "Beyond its interval" means beyond the t-interval widened by the interpolation resolution, so two samplings of the
@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from varup.base.power import paired_t
+from varup.base.power import adjust, paired_t
 
 UNDETERMINED, MIXED, MOVES, LOWERS, ALONG, SAME = ("undetermined", "mixed", "moves the frontier",
                                                    "lowers the frontier", "moves along the frontier", "no difference")
@@ -124,14 +124,16 @@ def _curve(c: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _default_shift(a: Mapping[int, Mapping], b: Mapping[int, Mapping], seeds: list[int], confidence: float) -> dict:
-    """Paired difference (A − B) of the default operating points' quality and diversity; {} without defaults."""
+    """Paired difference (A − B) of the default operating points' quality and diversity, each with its t-interval
+    and p; ``differs`` where the Holm-adjusted p of the two is below 1 − confidence; {} without defaults."""
     if any(a[s].get("default") is None or b[s].get("default") is None for s in seeds):
         return {}
     out = {}
     for k in ("quality", "diversity"):
         d = [float(np.asarray(a[s][k])[a[s]["default"]]) - float(np.asarray(b[s][k])[b[s]["default"]]) for s in seeds]
-        t = paired_t(d, confidence)
-        out[k] = {**t, "differs": bool(t["n"] > 1 and (t["ci_low"] > 0 or t["ci_high"] < 0))}
+        out[k] = paired_t(d, confidence)
+    for k, q in zip(out, adjust([out[k]["p"] for k in out], "holm")):
+        out[k].update(p_holm=q, differs=bool(q is not None and q < 1 - confidence))
     return out
 
 
