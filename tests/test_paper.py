@@ -100,9 +100,10 @@ def test_paper_dag_resolves_completely(paper_cfg, tmp_path):
 def test_prefetch_target_lists_every_download(paper_cfg, tmp_path):
     r = smk(tmp_path / "work", paper_cfg, "-n", "prefetch", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    # CLIP: VAR-CLIP's text encoder and CMMD's image encoder; the LM arm: dolly-15k, Qwen1.5 and the MAUVE featurizer
+    # CLIP: VAR-CLIP's text encoder and CMMD's image encoder; VAR-CLIP's released generator; the LM arm: dolly-15k,
+    # Qwen1.5 and the MAUVE featurizer
     assert job_counts(r.stdout) == {"fetch_archive": 1, "fetch_weights": 1, "inception_weights": 1, "clip_weights": 2,
-                                    "lm_dolly": 1, "lm_weights": 2, "prefetch": 1}
+                                    "varclip_weights": 1, "lm_dolly": 1, "lm_weights": 2, "prefetch": 1}
 
 
 def test_the_required_paths_are_checked_when_the_dag_is_built(paper_cfg, tmp_path):

@@ -47,6 +47,8 @@ rule clip_weights:
         f"{RSC}/clip/{{file}}",
     log:
         f"{RES}/logs/clip_weights/{{file}}.log",
+    benchmark:
+        f"{RES}/benchmarks/clip_weights/{{file}}.tsv"
     wildcard_constraints:
         file="|".join(re.escape(f) for f in CLIP_FILES.values()),
     conda:
@@ -96,6 +98,7 @@ rule varclip_model:
         CONDA_ENV
     resources:
         **CPU,
+        **res("varclip_model"),
     params:
         code=code_of("varclip-model"),
         null=lambda w: vt.text_settings(config)["null_condition"],
