@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The test files run side by side, one worker per logical CPU (pytest-xdist); tests/conftest.py keeps the files that
-# share the finished tiny DAG and the local Slurm on one worker. VARUP_TEST_WORKERS=0 runs everything in one process.
-exec .venv/bin/python -m pytest -n "${VARUP_TEST_WORKERS:-logical}" --dist loadgroup "$@"
+# One process by default. VARUP_TEST_WORKERS=N spreads the test files over N pytest-xdist workers (tests/conftest.py
+# keeps every test of the finished tiny DAG and of the local Slurm on one worker). Not the default: the DAG tests'
+# Snakemake runs use both cores each, so on 2 cores two workers oversubscribe them (a full run took as long as one
+# process, the learning test 4x longer) and the Slurm tests failed; use it for the fast tests (-m "not slow").
+exec .venv/bin/python -m pytest -n "${VARUP_TEST_WORKERS:-0}" --dist loadgroup "$@"

@@ -5,7 +5,7 @@ tests (test_e2e.py), the rerun matrix (test_rerun_matrix.py) and the Slurm tests
 results to that run (the prompt study) is marked `extends_finished` and runs after every other test, so the others see
 the DAG as `all` left it.
 
-Under pytest-xdist (`scripts/test.sh` runs `-n logical --dist loadgroup`) each test file goes to one worker as a unit,
+Under pytest-xdist (`VARUP_TEST_WORKERS=N bash scripts/test.sh` runs `-n N --dist loadgroup`) each test file goes to one worker as a unit,
 so its module fixtures are built once; every test that reads `finished` or needs the local Slurm joins one group,
 `tinydag`, so the DAG is built once, by one worker, and the Slurm tests never share the one Slurm with each other. Each
 worker's torch gets its share of the cores, so two workers do not oversubscribe them."""
