@@ -251,9 +251,10 @@ def test_table3_pairs_each_run_with_the_reference_run_of_its_seed(tmp_path):
     assert df.loc["baseline", "mce_percent_mean"] == pytest.approx(100.0)
     assert df.loc["ours", "mce_percent_mean"] == pytest.approx(100 * np.mean(f))
     assert df.loc["ours", "mce_percent_std"] == pytest.approx(0.0, abs=1e-9)  # the same ratio at both seeds
-    assert df.loc["ours", "clean_token_error_mean"] == pytest.approx(0.05) and df["paper_mce"].isna().all()  # toy
+    assert df.loc["ours", "clean_token_error_mean"] == pytest.approx(0.05)
+    assert df.loc["baseline", "paper_mce"] == 68.0 and df.loc["ours", "paper_mce"] == 71.7  # beside the toy's rows too
     md = (tmp_path / "tables" / "table3.md").read_text()
-    assert "100.0 (reference)" in md and f"{100 * np.mean(f):.1f} ± 0.0" in md and "not reproduced" not in md
+    assert "100.0 (reference)" in md and "71.7" in md and f"{100 * np.mean(f):.1f} ± 0.0" in md and "not reproduced" not in md
     assert list(pd.read_csv(tmp_path / "tables" / "table3.csv")["mce_reference"]) == ["baseline", "baseline"]
     c["error"] = "nll_per_token"  # every set's NLL is 1.0 for both methods here: CE 100 whatever the token errors
     nll = table3(cfg, tmp_path / "res", tmp_path / "tables").set_index("method")
