@@ -25,8 +25,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from varup.base.utils import atomic_npz_save, atomic_write_json, read_json, sha256_file, write_provenance
+from varup.base.utils import atomic_npz_save, atomic_write_json, sha256_file, write_provenance
 from varup.data.digits import SOURCE_SIDE, upscale_factor
+from varup.metrics.toyfeatures import inception_floor_scores
 
 log = logging.getLogger("varup.metrics.digits")
 
@@ -143,22 +144,6 @@ def run_digit_scores(classifier, samples_npz, out_json, *, meta: Mapping[str, An
     return res
 
 
-def _inception_scores(images: np.ndarray, inception_json, real_features_path, ref: dict, params, device) -> dict:
-    """Inception FID/KID/precision/recall (and PRDC) of ``images`` against the saved reference features."""
-    from varup.metrics.features import extract_features, load_features
-    from varup.metrics.fidelity import fidelity_with_settings
-    from varup.metrics.inception import load_inception
-
-    real, meta = load_features(real_features_path)
-    if meta.get("split") != ref["split"] or meta.get("n") != ref["n"]:
-        raise ValueError(f"{real_features_path}: real features of {meta.get('n')} {meta.get('split')} images, but "
-                         f"the reference set is {ref['n']} {ref['split']} images; re-run rule real_features")
-    info = read_json(inception_json)
-    gen = extract_features(images, load_inception(inception_json, device),
-                           batch_size=int(params.get("batch_size", 64)), desc="floor features")
-    return {**fidelity_with_settings(gen, real, dict(params), info), "inception_source": info.get("source")}
-
-
 def run_digits_floor(classifier, data_dir, inception_json, real_features_path, out_json, *,
                      params: Mapping[str, Any], dataset: str | None = None, device: str = "cpu") -> dict:
     """The real-vs-real floor of one digits dataset (module docstring). ``params``: ``split`` and ``max_images``
@@ -177,7 +162,7 @@ def run_digits_floor(classifier, data_dir, inception_json, real_features_path, o
     clf = DigitClassifier.load(classifier)
     ref = {"split": split, "n": int(len(ref_keep)), "indices": ref_keep.tolist()}
     res = {"kind": "digits_floor", "dataset": dataset,
-           "inception": _inception_scores(floor, inception_json, real_features_path, ref, params, device),
+           "inception": inception_floor_scores(floor, inception_json, real_features_path, ref, params, device),
            "heldout": class_error(clf.predict(real), real_labels, clf.num_classes),
            "floor_set": {"split": params.get("floor_split", "train"), "n": int(len(fl_keep)),
                          "n_per_class": int(params["n_per_class"]), "indices": fl_keep.tolist()},

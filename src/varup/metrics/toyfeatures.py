@@ -214,26 +214,23 @@ def floor_rows(data_dir, *, reference_split: str, floor_split: str, n_per_class:
     return ref_rows, ref_keep, fl_rows, fl_keep
 
 
-def _inception_floor(floor_images: np.ndarray, inception_json, real_features_path, ref: dict, params, device) -> dict:
-    """Inception FID/KID/P/R (and PRDC) of the floor set against the saved real features (one Inception pass)."""
+def inception_floor_scores(images: np.ndarray, inception_json, real_features_path, ref: dict, params,
+                           device) -> dict:
+    """Inception FID/KID/P/R (and PRDC) of ``images`` (a real floor set) against the saved real features of the
+    reference ``ref`` (one Inception pass), with the ``metrics`` settings in ``params``."""
     from varup.base.utils import read_json
     from varup.metrics.features import extract_features, load_features
-    from varup.metrics.fidelity import fidelity_metrics
+    from varup.metrics.fidelity import fidelity_with_settings
     from varup.metrics.inception import load_inception
 
     real, meta = load_features(real_features_path)
     if meta.get("split") != ref["split"] or meta.get("n") != ref["n"]:
         raise ValueError(f"{real_features_path}: real features of {meta.get('n')} {meta.get('split')} images, but "
-                         f"the reference set is {ref['n']} {ref['split']} images; re-run real_features")
+                         f"the reference set is {ref['n']} {ref['split']} images; re-run rule real_features")
     info = read_json(inception_json)
-    gen = extract_features(floor_images, load_inception(inception_json, device),
+    gen = extract_features(images, load_inception(inception_json, device),
                            batch_size=int(params.get("batch_size", 64)), desc="floor features")
-    fid = fidelity_metrics(gen, real, kid_subsets=int(params.get("kid_subsets", 100)),
-                           kid_subset_size=int(params.get("kid_subset_size", 1000)),
-                           prc_neighborhood=int(params.get("prc_neighborhood", 3)),
-                           prdc_nearest_k=int(params.get("prdc_nearest_k", 5)),
-                           isc_unavailable_reason=info.get("isc_unavailable_reason"))
-    return {**fid, "inception_source": info.get("source")}
+    return {**fidelity_with_settings(gen, real, dict(params), info), "inception_source": info.get("source")}
 
 
 def reconstruction_ceiling(floor_uint8: np.ndarray, real_uint8: np.ndarray, tokenizer, classifier, params,
@@ -277,7 +274,7 @@ def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], 
                                "n_per_class": int(params["n_per_class"]), "indices": fl_keep.tolist()},
                  "reference": ref, "feature_space": feature_space(classifier), "inception": None}
     if inception_json and real_features_path:
-        res["inception"] = _inception_floor(floor, inception_json, real_features_path, ref, params, device)
+        res["inception"] = inception_floor_scores(floor, inception_json, real_features_path, ref, params, device)
     else:
         res["inception_reason"] = "disabled (metrics.toy_features.floor_inception = false)"
     res["reconstruction"] = (reconstruction_ceiling(floor, real, tokenizer, classifier, params, device)
@@ -293,4 +290,4 @@ def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], 
 
 __all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "ModeClassifierFeatures", "register", "UInt8Images",
            "toy_feature_metrics", "feature_space", "run_toy_metrics", "per_class_subset", "floor_rows",
-           "reconstruction_ceiling", "run_toy_floor"]
+           "reconstruction_ceiling", "run_toy_floor", "inception_floor_scores"]
