@@ -170,7 +170,7 @@ def test_corrupted_set_on_disk(corrupted, tmp_path):
     noise = np.abs(got[8:12].astype(int) - src).mean()  # severity 3 corrupts more than severity 1
     assert noise > np.abs(got[4:8].astype(int) - src).mean() > 0
     again = C.write_corrupted_set(d / "data", tmp_path / "again", resolution=32, names=["gaussian_noise", "pixelate"],
-                                  severities=[1, 3], max_images=4, seed=7)
+                                  severities=[1, 3], max_images=4, seed=7, workers=2)  # forked workers
     assert again["manifest_sha256"] == meta["manifest_sha256"]
     assert all((tmp_path / "again" / r["path"]).read_bytes() == (d / "cdata" / r["path"]).read_bytes() for r in rows)
 

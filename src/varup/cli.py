@@ -98,7 +98,7 @@ def cmd_corrupt_images(a) -> None:
     p = dict(a.params)
     write_corrupted_set(a.data, a.out, resolution=a.resolution, names=p["names"], severities=p["severities"],
                         max_images=p["max_images"], seed=p["seed"], mid_reso=dict(a.preprocess).get("mid_reso", 1.0),
-                        split=a.split)
+                        split=a.split, workers=a.workers)
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -714,6 +714,7 @@ def add_data_commands(cmd) -> None:
     p.add_argument("--preprocess", type=_json, default={})
     p.add_argument("--params", type=_json, required=True,
                    help="names, severities, max_images, seed (JSON; experiments.ood.corruptions)")
+    p.add_argument("--workers", type=int, default=1, help="processes (one (corruption, severity) set per task)")
     p.add_argument("--out", required=True)
 
 

@@ -105,6 +105,7 @@ rule corrupt_data:
         f"{RES}/benchmarks/data/{{dataset}}_corrupt.tsv"
     conda:
         CONDA_ENV
+    threads: THREADS
     resources:
         **CPU,
         **res("corrupt_data"),
@@ -115,7 +116,7 @@ rule corrupt_data:
         res=lambda w: ds(w)["resolution"],
     shell:
         "varup corrupt-images --data {input} --resolution {params.res} --preprocess {params.pre} --params {params.p}"
-        " --out {output} > {log} 2>&1"
+        " --workers {threads} --out {output} > {log} 2>&1"
 
 
 rule encode_corrupt:

@@ -151,39 +151,69 @@ def corruption_sets(names: Sequence[str], severities: Sequence[int]) -> list[tup
     return [(CLEAN, 0)] + [(n, int(s)) for n in names for s in severities]
 
 
-def _write_images(tmp: Path, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, class_names: list[str],
-                  sets: list[tuple[str, int]], seed: int) -> tuple[list[dict], list[dict]]:
-    """Write every set's images under tmp/images; return (manifest rows, set index)."""
+_SHARED: dict = {}  # the images of a pool's tasks, inherited by forked workers (not pickled per task)
+
+
+def _share(images: np.ndarray, rows: np.ndarray) -> None:
+    _SHARED.update(images=images, rows=rows)
+
+
+def _write_set(tmp: Path, name: str, sev: int, seed: int) -> int:
+    """One set's PNGs, tmp/images/<name>/s<sev>/<k>.png, from the shared images; returns how many."""
     from PIL import Image
+
+    folder = tmp / "images" / name / f"s{sev}"
+    folder.mkdir(parents=True)
+    for k, (img, row) in enumerate(zip(_SHARED["images"], _SHARED["rows"])):
+        out = img if name == CLEAN else corrupt_image(img, name, sev, image_seed(seed, name, sev, row))
+        Image.fromarray(out).save(folder / f"{k:05d}.png")
+    return len(_SHARED["images"])
+
+
+def _write_images(tmp: Path, images: np.ndarray, rows: np.ndarray, sets: list[tuple[str, int]], seed: int,
+                  workers: int) -> None:
+    """Write every set's images under tmp/images, one set per task on ``workers`` forked processes (each image is
+    seeded by itself, so the files do not depend on the number of workers)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from varup.base.utils import progress
 
-    manifest, index = [], []
+    _share(images, rows)
     bar = progress(total=len(sets) * len(images), desc="corrupt images", unit="img")
-    for name, sev in sets:
-        folder = tmp / "images" / name / f"s{sev}"
-        folder.mkdir(parents=True)
-        start = len(manifest)
-        for k, (img, row, label) in enumerate(zip(images, rows, labels)):
-            out = img if name == CLEAN else corrupt_image(img, name, sev, image_seed(seed, name, sev, row))
-            rel = f"images/{name}/s{sev}/{k:05d}.png"
-            Image.fromarray(out).save(tmp / rel)
-            manifest.append({"path": rel, "mask_path": "", "split": "val", "label": int(label),
-                             "class_name": class_names[int(label)], "colour": "", "size": "", "background": "",
-                             "mode": -1, "mode_in_class": -1})
-            bar.update(1)
-        index.append({"corruption": name, "severity": sev, "start": start, "stop": len(manifest)})
-        log.info("corruption %s severity %d: %d images", name, sev, len(images))
+    if workers <= 1:
+        done = (_write_set(tmp, name, sev, seed) for name, sev in sets)
+        for n in done:
+            bar.update(n)
+    else:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_share, initargs=(images, rows)) as pool:
+            for n in pool.map(_write_set, [tmp] * len(sets), *zip(*sets), [seed] * len(sets)):
+                bar.update(n)
     bar.close()
+
+
+def _manifest(images: np.ndarray, labels: np.ndarray, class_names: list[str],
+              sets: list[tuple[str, int]]) -> tuple[list[dict], list[dict]]:
+    """(manifest rows, set index) of the files :func:`_write_images` writes, in set order."""
+    manifest, index = [], []
+    for name, sev in sets:
+        start = len(manifest)
+        for k, label in enumerate(labels):
+            manifest.append({"path": f"images/{name}/s{sev}/{k:05d}.png", "mask_path": "", "split": "val",
+                             "label": int(label), "class_name": class_names[int(label)], "colour": "", "size": "",
+                             "background": "", "mode": -1, "mode_in_class": -1})
+        index.append({"corruption": name, "severity": sev, "start": start, "stop": len(manifest)})
     return manifest, index
 
 
 def write_corrupted_set(data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resolution: int,
                         names: Sequence[str], severities: Sequence[int], max_images: int | None, seed: int,
-                        mid_reso: float = 1.0, split: str = "val") -> dict:
+                        mid_reso: float = 1.0, split: str = "val", workers: int = 1) -> dict:
     """The corrupted held-out set of a prepared dataset (module docstring): the class-balanced first ``max_images``
     images of ``split`` (:func:`varup.data.subsets.real_subset`), clean and under every (corruption, severity).
-    Built in a hidden sibling directory and renamed onto ``out_dir`` when complete; returns dataset.json's dict."""
+    Built in a hidden sibling directory and renamed onto ``out_dir`` when complete, the sets spread over ``workers``
+    processes (the files are the same for any number); returns dataset.json's dict."""
     from importlib.metadata import version
 
     from varup.base.utils import atomic_write_json, read_json, replace_dir, sha256_file
@@ -202,7 +232,8 @@ def write_corrupted_set(data_dir: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         sets = corruption_sets(names, severities)
-        manifest, index = _write_images(tmp, images, keep, labels, list(info["classes"]), sets, seed)
+        _write_images(tmp, images, keep, sets, seed, workers)
+        manifest, index = _manifest(images, labels, list(info["classes"]), sets)
         with open(tmp / "manifest.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
             w.writeheader()
