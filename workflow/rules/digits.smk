@@ -4,7 +4,7 @@
 # prepares that folder exactly as data_folder prepares a user's; tokenizer, encode, training, sampling and evaluate
 # are the main DAG's rules. Then a digit classifier trained on the real training split reads every run's samples
 # (class error; chance 0.9), a real-vs-real floor is scored against the held-out digits, and digits_table writes
-# tables/digits.*. Its own target, rule digits in the Snakefile: `snakemake --configfile config/digits.yaml digits`
+# tables/digits.*. Its own target, rule digits in the Snakefile: `snakemake digits --configfile config/digits.yaml`
 # (README: "Real data: the digits rehearsal").
 
 for _name, _ds in config["datasets"].items():  # stopped before any job, naming the key
