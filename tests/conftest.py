@@ -26,6 +26,19 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: per-op overhead dominates them, so one intra-op thread is as
+    fast on an idle machine and several times faster on a busy 2-core one. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the previous count is restored after it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     return finish_tiny_dag(tmp_path_factory.mktemp("e2e"))

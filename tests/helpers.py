@@ -20,3 +20,15 @@ def tiny_var(**kw) -> VAR:
     cfg.update(kw)
     torch.manual_seed(0)
     return VAR(VARConfig(**cfg)).init_weights(init_adaln_gamma=0.5)
+
+
+def informative_pair() -> tuple[VAR, VQVAE]:
+    """A depth-4 tiny VAR in eval mode and a frozen tiny VQVAE whose logits are informative: with the tiny init head
+    every token is about equally likely and the (fixed) sampling noise alone picks the tokens, so dropping blocks
+    would change nothing (the MC-Dropout tests)."""
+    vae = tiny_vqvae().freeze()
+    vae.quantize.embedding.weight.data.normal_(0, 0.3)
+    var = tiny_var(depth=4).init_weights(init_adaln_gamma=1.0).eval()
+    torch.manual_seed(1)
+    var.head.weight.data.normal_(0, 0.3)
+    return var, vae

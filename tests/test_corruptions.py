@@ -18,12 +18,7 @@ from varup.studies.corruptions import run_corruption_eval, token_errors
 PN = (1, 2, 4, 8)  # 32 px through the tiny tokenizer's 4x downsampling: the smallest size imagecorruptions takes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_mce_against_a_hand_computation():

@@ -34,13 +34,7 @@ CLASSES = ["a", "b", "c", "d"]
 EDIT_KW = dict(n_samples=2, seed=5, cfg=2.0, top_k=0, top_p=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast when idle and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

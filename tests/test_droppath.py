@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import varup.models.var as var_module
-from helpers import tiny_var, tiny_vqvae
+from helpers import informative_pair
 from varup.base.seeding import derive_seed, make_generator
 from varup.data.folder import to_uint8
 from varup.models.common import eval_mode
@@ -28,22 +28,12 @@ FORMER_MASKS = {"single": [[1.0] * 6, [K1] * 6, [K2, 0.0, K2, K2, 0.0, K2], [K3]
                 "list": [[1.0] * 6, [K1] * 6, [K2, K2, 0.0, K2, K2, 0.0], [K3] * 6]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def models():
-    vae = tiny_vqvae().freeze()
-    vae.quantize.embedding.weight.data.normal_(0, 0.3)
-    var = tiny_var(depth=4).init_weights(init_adaln_gamma=1.0).eval()
-    torch.manual_seed(1)
-    var.head.weight.data.normal_(0, 0.3)  # informative logits (see test_uncertainty)
-    return var, vae
+    return informative_pair()
 
 
 @contextlib.contextmanager

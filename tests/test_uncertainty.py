@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import tiny_var, tiny_vqvae
+from helpers import informative_pair
 from varup.base.seeding import derive_seed, make_generator
 from varup.data.folder import to_uint8
 from varup.data.toy import generate_toy_dataset
@@ -33,25 +33,12 @@ from varup.studies.uncertainty import (
 KW = dict(cfg=1.5, top_k=0, top_p=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead: one thread is several times faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def models():
-    vae = tiny_vqvae().freeze()
-    vae.quantize.embedding.weight.data.normal_(0, 0.3)
-    var = tiny_var(depth=4).init_weights(init_adaln_gamma=1.0).eval()
-    # informative logits: with the tiny init head every token is about equally likely and the (fixed) sampling noise
-    # alone picks the tokens, so dropping blocks would change nothing
-    torch.manual_seed(1)
-    var.head.weight.data.normal_(0, 0.3)
-    return var, vae
+    return informative_pair()
 
 
 @pytest.fixture(scope="module")
