@@ -27,37 +27,15 @@ CLASS_MODES = ("label", "null")
 def token_errors(var, vae, tokens, labels, *, class_mode: str = "label", batch_size: int = 64,
                  device="cpu") -> dict:
     """Teacher-forced next-scale predictions of token maps ``tokens`` (N, L) under ``var``: per image the number
-    of wrong top-1 predictions ``wrong`` (N,) and the summed NLL ``nll`` (N,) in nats, over its L tokens.
-    ``class_mode``: 'label' conditions on ``labels`` (N,), 'null' on the unconditional class. No CFG."""
-    import torch
-
-    from varup.models.common import check_pair, eval_mode
-    from varup.models.vqvae import split_tokens
+    of wrong top-1 predictions ``wrong`` (N,) and the summed NLL ``nll`` (N,) in nats, over its L tokens
+    (:func:`varup.studies.ood.image_nll`). ``class_mode``: 'label' conditions on ``labels`` (N,), 'null' on the
+    unconditional class. No CFG."""
+    from varup.studies.ood import image_nll
 
     if class_mode not in CLASS_MODES:
         raise ValueError(f"class_mode must be one of {CLASS_MODES}, got {class_mode!r}")
-    check_pair(var, vae)
-    dev = torch.device(device)
-    var.to(dev)
-    vae.to(dev)
-    N = len(tokens)
-    if N and (np.ndim(tokens) != 2 or tokens.shape[1] != var.L):
-        raise ValueError(f"tokens must have shape (N, {var.L}), got {tuple(np.shape(tokens))}")
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    if len(labels) != N:
-        raise ValueError(f"got {len(labels)} labels for {N} token rows")
-    wrong, nll = np.zeros(N, np.int64), np.zeros(N, np.float64)
-    with eval_mode(var, vae), torch.no_grad():
-        for a in range(0, N, batch_size):
-            tok = torch.from_numpy(np.asarray(tokens[a:a + batch_size]).astype(np.int64)).to(dev)
-            B = tok.shape[0]
-            cls = (torch.from_numpy(labels[a:a + B]) if class_mode == "label"
-                   else torch.full((B,), var.num_classes, dtype=torch.long))
-            logits = var(cls.to(dev), vae.idxBl_to_var_input(split_tokens(tok, var.patch_nums))).float()
-            wrong[a:a + B] = (logits.argmax(-1) != tok).sum(1).cpu().numpy()
-            tok_nll = torch.logsumexp(logits, -1) - logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-            nll[a:a + B] = tok_nll.double().sum(1).cpu().numpy()
-    return {"wrong": wrong, "nll": nll, "L": int(var.L)}
+    r = image_nll(var, vae, tokens, labels, batch_size=batch_size, device=device, class_mode=class_mode)
+    return {"wrong": r["wrong"], "nll": r["nll_total"], "L": int(var.L)}
 
 
 def _set_rows(data_dir, n_rows: int) -> list[dict]:

@@ -20,11 +20,12 @@ log = logging.getLogger("varup.studies.editing")
 
 # ------------------------------------------------------------------------------------------------ OOD / NLL
 @torch.no_grad()
-def _token_nll(var: VAR, x: torch.Tensor, tok: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-    """(B, L) float64 per-token -log p of the true tokens under teacher forcing with classes ``cls``."""
+def _token_nll(var: VAR, x: torch.Tensor, tok: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) float64 per-token -log p of the true tokens under teacher forcing with classes ``cls``, and (B, L)
+    bool: the top-1 prediction is not the true token."""
     logits = var(cls, x)  # (B, L, V) float32
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-    return nll.double()
+    return nll.double(), logits.argmax(-1) != tok
 
 
 @torch.no_grad()
@@ -38,7 +39,8 @@ def image_nll(var: VAR, vae: VQVAE, tokens, labels=None, *, batch_size: int = 64
     (C forward passes per image). Logits are formed one batch at a time; per-token values are summed in float64.
 
     Returns numpy arrays: nll_per_token (N,) mean over the L tokens, nll_total (N,) sum, bits_per_token (N,),
-    nll_per_scale (N, SN) mean per scale, class_used (N,) (num_classes = null class).
+    nll_per_scale (N, SN) mean per scale, class_used (N,) (num_classes = null class), wrong (N,) the number of tokens
+    whose top-1 prediction is not the true token (Table 3's token error, :mod:`varup.studies.corruptions`).
     """
     if class_mode not in CLASS_MODES:
         raise ValueError(f"class_mode must be one of {CLASS_MODES}, got {class_mode!r}")
@@ -62,7 +64,7 @@ def image_nll(var: VAR, vae: VQVAE, tokens, labels=None, *, batch_size: int = 64
     counts = torch.bincount(sid, minlength=SN).double()
     total = np.zeros(N, np.float64)
     per_scale = np.zeros((N, SN), np.float64)
-    used = np.zeros(N, np.int64)
+    used, wrong = np.zeros(N, np.int64), np.zeros(N, np.int64)
     C = var.num_classes
     with eval_mode(var, vae):
         for a in range(0, N, batch_size):
@@ -70,26 +72,29 @@ def image_nll(var: VAR, vae: VQVAE, tokens, labels=None, *, batch_size: int = 64
             B = tok.shape[0]
             x = vae.idxBl_to_var_input(split_tokens(tok, var.patch_nums))
             if class_mode == "max":
-                best, best_c = None, None
+                best, best_c, best_w = None, None, None
                 for c in range(C):
-                    nll = _token_nll(var, x, tok, torch.full((B,), c, dtype=torch.long, device=dev)).cpu()
+                    nll, w = _token_nll(var, x, tok, torch.full((B,), c, dtype=torch.long, device=dev))
+                    nll, w = nll.cpu(), w.cpu()
                     if best is None:
-                        best, best_c = nll, torch.zeros(B, dtype=torch.long)
+                        best, best_c, best_w = nll, torch.zeros(B, dtype=torch.long), w
                     else:
                         better = nll.sum(1) < best.sum(1)
                         best = torch.where(better[:, None], nll, best)
+                        best_w = torch.where(better[:, None], w, best_w)
                         best_c = torch.where(better, c, best_c)
-                nll, cls = best, best_c
+                nll, cls, w = best, best_c, best_w
             else:
                 cls = (torch.full((B,), C, dtype=torch.long) if class_mode == "null"
                        else torch.from_numpy(labels[a:a + B]))
-                nll = _token_nll(var, x, tok, cls.to(dev)).cpu()
+                nll, w = (t.cpu() for t in _token_nll(var, x, tok, cls.to(dev)))
             total[a:a + B] = nll.sum(1).numpy()
+            wrong[a:a + B] = w.sum(1).numpy()
             per_scale[a:a + B] = (torch.zeros(B, SN, dtype=torch.float64).index_add_(1, sid, nll) / counts).numpy()
             used[a:a + B] = cls.cpu().numpy()
     per_token = total / L
     return {"nll_per_token": per_token, "nll_total": total, "bits_per_token": per_token / math.log(2),
-            "nll_per_scale": per_scale, "class_used": used}
+            "nll_per_scale": per_scale, "class_used": used, "wrong": wrong}
 
 
 def ood_auroc(nll_in, nll_out) -> float:
