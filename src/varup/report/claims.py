@@ -43,6 +43,7 @@ from varup.base.power import adjust, mde, paired_t
 from varup.base.utils import read_json
 from varup.config.claimsplan import TARGETS, present
 from varup.config.plan import main_runs, mode_runs, ood_runs
+from varup.report.mce import corruption_errors, mce
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE, NOT_RUN = ("supported", "not supported", "not testable at this scale",
                                                    "not run")
@@ -215,19 +216,19 @@ def _corruption_mce(cfg: dict, results: Path, runs) -> dict[str, list[tuple[int,
     c = cfg["experiments"]["ood"]["corruptions"]
 
     def errors(r):
-        got = {(e["corruption"], int(e["severity"])): e[c.get("error", "token_error")]
-               for e in read_json(results / r.path / "corruptions.json")["sets"]}
-        return [[got.get((n, v)) for v in c["severities"]] for n in c["names"]]
+        try:
+            return corruption_errors(results / r.path / "corruptions.json", c["names"], c["severities"], c["error"])[0]
+        except ValueError:  # a (corruption, severity) missing: no evidence from this pair
+            return None
 
-    out = {}
-    for g, pairs in _group_pairs(cfg, runs, errors).items():
-        rows = []
-        for seed, a, b in pairs:
-            ok = all(_num(x) for e in (a, b) for row in e for x in row) and all(sum(row) > 0 for row in b)
-            ce = [sum(ra) / sum(rb) for ra, rb in zip(a, b)] if ok else None
-            rows.append((seed, 100 * sum(ce) / len(ce) if ce else None, 100.0))
-        out[g] = rows
-    return out
+    def mce_or_none(a, b):
+        try:
+            return mce(a, b)["mce"] if a is not None and b is not None else None
+        except ValueError:  # non-finite errors, or a corruption the baseline never gets wrong: CE undefined
+            return None
+
+    return {g: [(seed, mce_or_none(a, b), 100.0) for seed, a, b in pairs]
+            for g, pairs in _group_pairs(cfg, runs, errors).items()}
 
 
 def _lm_pairs(cfg: dict, results: Path, key: str) -> dict[str, list[tuple[int, Any, Any]]]:

@@ -7,9 +7,25 @@ corruptions, both in percent, so the reference's own mCE is 100 (Hendrycks & Die
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from varup.base.utils import read_json
+
+
+def corruption_errors(path: Path, names: Sequence[str], severities: Sequence[int],
+                      error: str = "token_error") -> tuple[np.ndarray, dict]:
+    """(corruption x severity) errors (``error``: token_error or nll_per_token) of one run's corruptions.json, and the
+    file's record. A missing (corruption, severity) raises ValueError naming it."""
+    rec = read_json(path)
+    got = {(s["corruption"], int(s["severity"])): s[error] for s in rec["sets"]}
+    missing = [f"{n}/{v}" for n in names for v in severities if (n, v) not in got]
+    if missing:
+        raise ValueError(f"{path} has no {error} for {', '.join(missing[:4])} (experiments.ood.corruptions): "
+                         f"re-run the corrupt_data, encode_corrupt and corruption_eval rules")
+    return np.array([[got[(n, v)] for v in severities] for n in names]), rec
 
 
 def mce(model_errors, reference_errors, corruptions: Sequence[str] | None = None) -> dict:

@@ -260,23 +260,10 @@ def overhead(cfg: dict, results: Path, out: Path) -> pd.DataFrame:
     return df
 
 
-def _corruption_errors(path: Path, names: Sequence[str], severities: Sequence[int],
-                       error: str = "token_error") -> tuple[np.ndarray, dict]:
-    """(corruption x severity) errors (``error``: token_error or nll_per_token) of one run's corruptions.json, and the
-    file's record."""
-    rec = read_json(path)
-    got = {(s["corruption"], int(s["severity"])): s[error] for s in rec["sets"]}
-    missing = [f"{n}/{v}" for n in names for v in severities if (n, v) not in got]
-    if missing:
-        raise ValueError(f"{path} has no {error} for {', '.join(missing[:4])} (experiments.ood.corruptions): "
-                         f"re-run the corrupt_data, encode_corrupt and corruption_eval rules")
-    return np.array([[got[(n, v)] for v in severities] for n in names]), rec
-
-
 def _mce_cells(cfg: dict, results: Path, dataset: str, depth: int, rs: list[Run]) -> dict:
     """mCE (percent, mean and std over the training seeds) of a run group against the reference method's run of the
     same dataset, depth and seed, the mean token error and NLL over the corrupted sets and the clean set's error."""
-    from varup.report.mce import mce
+    from varup.report.mce import corruption_errors, mce
 
     c = cfg["experiments"]["ood"].get("corruptions") or {}
     if not c.get("enabled"):
@@ -288,8 +275,8 @@ def _mce_cells(cfg: dict, results: Path, dataset: str, depth: int, rs: list[Run]
         if r.seed not in ref:
             raise ValueError(f"experiments.ood.corruptions.reference {c['reference']!r} has no run of {dataset} "
                              f"d{depth} seed {r.seed} to pair with {r.path}")
-        e, rec = _corruption_errors(results / r.path / "corruptions.json", names, sev, c["error"])
-        e_ref, _ = _corruption_errors(results / ref[r.seed].path / "corruptions.json", names, sev, c["error"])
+        e, rec = corruption_errors(results / r.path / "corruptions.json", names, sev, c["error"])
+        e_ref, _ = corruption_errors(results / ref[r.seed].path / "corruptions.json", names, sev, c["error"])
         out["mce"].append(mce(e, e_ref, names)["mce"])
         out["err"].append(float(np.mean([s["token_error"] for s in rec["sets"] if s["corruption"] in names])))
         out["nll"].append(float(np.mean([s["nll_per_token"] for s in rec["sets"] if s["corruption"] in names])))
