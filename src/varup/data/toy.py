@@ -7,8 +7,11 @@ colour jitter, the background's tint, stripe phase / period / orientation; no pi
 generator can show real diversity -- or collapse onto few modes, which the mode-coverage metrics
 measure by classifying generated images into these modes.
 
-Mode assignment is exactly balanced and uniform: the ``j``-th image of a class (``j`` counted within
-the class and split) gets ``mode_in_class = j % n_modes_per_class``. Everything else about image ``i``
+Mode assignment is exactly balanced and uniform by default: the ``j``-th image of a class (``j`` counted
+within the class and split) gets ``mode_in_class = j % n_modes_per_class``. With ``mode_zipf`` = s > 0 (the
+claim study's collapse regime) the modes of each class are long-tailed instead: the mode of frequency rank r
+(a seeded permutation per class, so the rare modes differ between classes) gets a share ∝ (r + 1)^-s of the
+class's images in each split (s = 1, 16 modes: 30 % for the most frequent, 1.8 % for the rarest). Everything else about image ``i``
 of split ``s`` (``i`` counted over the whole split, ``s`` = 0 for train, 1 for val) is drawn from
 ``np.random.default_rng([seed, s, i])``; hence the same seed gives byte-identical files regardless of
 generation order, and another seed gives other images.
@@ -194,9 +197,38 @@ def render_toy_image(mode: dict[str, Any], resolution: int, rng: np.random.Gener
 
 
 # --------------------------------------------------------------------------------------- generation
-def _plan(split_id: int, n_per_class: int, n_classes: int, n_modes_per_class: int) -> list[tuple[int, int, int]]:
-    """(i, label, mode_in_class) for every image of a split, class-major, balanced modes."""
-    return [(c * n_per_class + j, c, j % n_modes_per_class) for c in range(n_classes) for j in range(n_per_class)]
+def _plan(split_id: int, n_per_class: int, n_classes: int, n_modes_per_class: int, mode_zipf: float = 0.0,
+          seed: int = 0) -> list[tuple[int, int, int]]:
+    """(i, label, mode_in_class) for every image of a split, class-major: balanced modes (``mode_zipf`` 0), else
+    the long-tailed counts of :func:`mode_counts` (each class's modes in their own seeded rank order), cycled."""
+    if mode_zipf == 0:
+        return [(c * n_per_class + j, c, j % n_modes_per_class) for c in range(n_classes) for j in range(n_per_class)]
+    out = []
+    for c in range(n_classes):
+        ranks = np.random.default_rng([seed, 7, c]).permutation(n_modes_per_class)  # rank r -> mode ranks[r]
+        left = dict(zip(ranks.tolist(), mode_counts(n_per_class, n_modes_per_class, mode_zipf).tolist()))
+        seq = []
+        while len(seq) < n_per_class:  # round-robin over the modes with images left: no mode bunched at one end
+            for m in range(n_modes_per_class):
+                if left[m]:
+                    seq.append(m)
+                    left[m] -= 1
+        out += [(c * n_per_class + j, c, m) for j, m in enumerate(seq)]
+    return out
+
+
+def mode_counts(n: int, n_modes: int, exponent: float) -> np.ndarray:
+    """Images of each frequency rank among ``n`` of one class: proportional to ``(rank + 1) ** -exponent`` (Zipf;
+    0 = uniform), rounded by largest remainder so that they sum to ``n``, and at least 1 each where ``n`` allows
+    (a mode with no image would not be a mode of the data)."""
+    w = np.arange(1, n_modes + 1, dtype=np.float64) ** -float(exponent)
+    share = n * w / w.sum()
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(-(share - counts), kind="stable")[:n - counts.sum()]] += 1
+    while n >= n_modes and (counts == 0).any():  # lend an image from the most frequent rank to an empty one
+        counts[np.argmax(counts)] -= 1
+        counts[np.flatnonzero(counts == 0)[0]] += 1
+    return counts
 
 
 def _render_one(seed: int, split_id: int, i: int, mode: dict[str, Any], resolution: int,
@@ -210,8 +242,10 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
                          sizes: Sequence[str] = ("small", "large"),
                          backgrounds: Sequence[str] = ("plain", "stripes"),
                          n_train_per_class: int = 512, n_val_per_class: int = 64,
-                         position_jitter: float = 1.0, progress: bool = True) -> dict[str, Any]:
+                         position_jitter: float = 1.0, mode_zipf: float = 0.0,
+                         progress: bool = True) -> dict[str, Any]:
     """Generate the toy dataset into ``out_dir`` (atomically; see the module docstring for the layout).
+    ``mode_zipf`` > 0 makes the modes of each class long-tailed (:func:`mode_counts`) in both splits.
 
     Returns the dict written to ``dataset.json``.
     """
@@ -219,6 +253,8 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
         raise ValueError(f"toy dataset: resolution must be >= 8, got {resolution}")
     if n_train_per_class < 0 or n_val_per_class < 0:
         raise ValueError("toy dataset: image counts per class must be >= 0")
+    if mode_zipf < 0:
+        raise ValueError(f"toy dataset: mode_zipf must be >= 0, got {mode_zipf}")
     if not 0.0 <= position_jitter <= 1.0:
         raise ValueError(f"toy dataset: position_jitter must be in [0, 1], got {position_jitter}")
     shapes, colours, sizes, backgrounds = (list(x) for x in (shapes, colours, sizes, backgrounds))
@@ -229,7 +265,8 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         rows = _write_images(tmp, seed, resolution, shapes, modes, per_class,
-                             {"train": n_train_per_class, "val": n_val_per_class}, position_jitter, progress)
+                             {"train": n_train_per_class, "val": n_val_per_class}, position_jitter, progress,
+                             mode_zipf)
         _write_manifest(tmp / "manifest.csv", rows)
         info = {
             "name": "toy", "seed": seed, "resolution": resolution, "classes": shapes, "modes": modes,
@@ -237,7 +274,7 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
             "generator_version": GENERATOR_VERSION, "manifest_sha256": sha256_file(tmp / "manifest.csv"),
             "colours": colours, "sizes": sizes, "backgrounds": backgrounds,
             "n_train_per_class": n_train_per_class, "n_val_per_class": n_val_per_class,
-            "position_jitter": position_jitter,
+            "position_jitter": position_jitter, **({"mode_zipf": mode_zipf} if mode_zipf else {}),
         }
         atomic_write_json(tmp / "dataset.json", info)
         replace_dir(tmp, out_dir)
@@ -249,10 +286,10 @@ def generate_toy_dataset(out_dir: str | os.PathLike, *, seed: int = 0, resolutio
 
 def _write_images(root: Path, seed: int, resolution: int, shapes: list[str], modes: list[dict[str, Any]],
                   per_class: int, n_per_class: dict[str, int], position_jitter: float,
-                  show_progress: bool) -> list[dict[str, Any]]:
+                  show_progress: bool, mode_zipf: float = 0.0) -> list[dict[str, Any]]:
     """Render and save every image and mask under ``root``; return the manifest rows."""
     jobs = [(split, split_id, i, label, m) for split_id, split in enumerate(SPLITS)
-            for i, label, m in _plan(split_id, n_per_class[split], len(shapes), per_class)]
+            for i, label, m in _plan(split_id, n_per_class[split], len(shapes), per_class, mode_zipf, seed)]
     for split in SPLITS:
         for name in shapes:
             (root / "images" / split / name).mkdir(parents=True)
