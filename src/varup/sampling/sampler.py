@@ -137,7 +137,7 @@ def box_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: flo
 
 @torch.no_grad()
 def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_size: int | None = None,
-           cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+           cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, temperature: float = 1.0,
            generator: Generators = None, class_weights: torch.Tensor | None = None,
            teacher_tokens: Sequence[torch.Tensor] | None = None, force_masks: Sequence[torch.Tensor] | None = None,
            return_raw_logits: bool = False, decode: bool = True, cond_BD: torch.Tensor | None = None) -> SampleOutput:
@@ -150,14 +150,16 @@ def sample(var: VAR, vae: VQVAE, labels: torch.Tensor | int | None, *, batch_siz
     the conditional then the unconditional condition embeddings, for a model not conditioned on classes
     (:meth:`varup.models.textvar.TextVAR.guided_condition`); ``labels`` are then only carried into the output.
     ``generator``: one generator for the batch, or a list of one per image (image b is then drawn from its own, as
-    :func:`sample` with that generator alone would draw it; the labels must be given).
+    :func:`sample` with that generator alone would draw it; the labels must be given). ``temperature`` divides the
+    guided logits before top-k / top-p (1.0: the official sampler, unchanged).
     """
     labels = _batch_labels(var, labels, batch_size, generator, cond_BD)
     _check_inputs(var, vae, labels, cond_BD, teacher_tokens, force_masks)
     cond_BD = _guided_condition(var, labels, class_weights, cond_BD)
     teacher = None if teacher_tokens is None else (teacher_tokens, force_masks)
     f_hat, tokens, raw = _next_scale_loop(var, vae, cond_BD, labels.shape[0], cfg=cfg, top_k=top_k, top_p=top_p,
-                                          more_smooth=more_smooth, generator=generator, teacher=teacher,
+                                          more_smooth=more_smooth, temperature=temperature, generator=generator,
+                                          teacher=teacher,
                                           return_raw_logits=return_raw_logits)
     images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
     return SampleOutput(images=images, tokens=tokens, labels=labels, raw_logits=raw)
@@ -219,7 +221,7 @@ _Teacher = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]
 
 
 def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg: float, top_k: int, top_p: float,
-                     more_smooth: bool, generator: Generators, teacher: _Teacher | None,
+                     more_smooth: bool, temperature: float, generator: Generators, teacher: _Teacher | None,
                      return_raw_logits: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The official ``autoregressive_infer_cfg`` loop over the scales, KV-cached: returns the final f_hat
     (B, Cvae, p, p), the per-scale tokens and, if asked, the raw logits of both CFG halves per scale.
@@ -241,7 +243,8 @@ def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg
             if return_raw_logits:
                 raw.append(logits_BlV.clone())
             h, idx_Bl = _scale_tokens(var, vae, logits_BlV, B, si, ratio, cfg=cfg, top_k=top_k, top_p=top_p,
-                                      more_smooth=more_smooth, generator=generator, teacher=teacher)
+                                      more_smooth=more_smooth, temperature=temperature, generator=generator,
+                                      teacher=teacher)
             tokens.append(idx_Bl)
             h_BChw = h.transpose_(1, 2).reshape(B, var.Cvae, pn, pn)
             f_hat, next_map = vae.quantize.get_next_autoregressive_input(si, SN, f_hat, h_BChw)
@@ -255,7 +258,7 @@ def _next_scale_loop(var: VAR, vae: VQVAE, cond_BD: torch.Tensor, B: int, *, cfg
 
 
 def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: int, ratio: float, *, cfg: float,
-                  top_k: int, top_p: float, more_smooth: bool, generator: Generators,
+                  top_k: int, top_p: float, more_smooth: bool, temperature: float, generator: Generators,
                   teacher: _Teacher | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale's tokens from the (2B, l, V) logits of both CFG halves: guided (ramp ``cfg * ratio``), top-k /
     top-p sampled, the given tokens kept where the teacher's force mask says so. Returns their embeddings
@@ -263,6 +266,8 @@ def _scale_tokens(var: VAR, vae: VQVAE, logits_BlV: torch.Tensor, B: int, si: in
     emb = vae.quantize.embedding
     t = cfg * ratio
     logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
+    if temperature != 1.0:
+        logits_BlV = logits_BlV / temperature
     idx_Bl = sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
     if not more_smooth:
         h = emb(idx_Bl)
@@ -350,7 +355,8 @@ def sampling_precision(device: torch.device | str, precision: str = "auto"):
 
 def sample_shard(var: VAR, vae: VQVAE, *, n_per_class: int, batch_size: int, seed: int, shard: int = 0,
                  num_shards: int = 1, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                 device: torch.device | str = "cpu", desc: str = "sample", precision: str = "auto") -> dict:
+                 device: torch.device | str = "cpu", desc: str = "sample", precision: str = "auto",
+                 temperature: float = 1.0) -> dict:
     """Generate this shard's part of the class-major evaluation set, under :func:`sampling_precision`; returns
     numpy arrays (images uint8 NHWC, labels, tokens (N, L), batch seeds)."""
     import numpy as np
@@ -368,7 +374,7 @@ def sample_shard(var: VAR, vae: VQVAE, *, n_per_class: int, batch_size: int, see
         bseed = derive_seed(seed, "sample", b)
         with sampling_precision(device, precision):
             out = sample(var, vae, labels_all[s:e].to(device), cfg=cfg, top_k=top_k, top_p=top_p,
-                         more_smooth=more_smooth, generator=make_generator(bseed, device))
+                         more_smooth=more_smooth, temperature=temperature, generator=make_generator(bseed, device))
         images.append(to_uint8(out.images.float().cpu()))
         labels.append(out.labels.cpu().numpy())
         tokens.append(torch.cat(out.tokens, 1).cpu().numpy().astype(token_dtype(var.V)))
