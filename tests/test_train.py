@@ -495,3 +495,18 @@ def test_a_checkpoint_that_trained_the_unused_null_is_refused_naming_the_file(as
     ckpt = tmp_path / "train" / "ckpt" / "last.pt"
     with pytest.raises(RuntimeError, match=rf"^{ckpt}: its optimizer state does not fit.*delete it"):
         run_train(assets, tmp_path, s, captions=captions)
+
+
+def test_snapshots_keep_the_weights_of_their_step_and_survive_a_resume(assets, tmp_path):
+    """The claim study's kept steps: a snapshot loads as a model, differs from the final weights, and a run stopped
+    before it and resumed writes the same snapshot as an uninterrupted run."""
+    s = spec(steps=8, snapshots=[4, 8])  # step 8 is the model itself: no snapshot of it
+    run_train(assets, tmp_path / "ref", s)
+    snap = tmp_path / "ref" / "train" / "snapshots" / "step4.pt"
+    assert sorted(p.name for p in snap.parent.iterdir()) == ["step4.pt"]
+    assert load_model(snap).depth == 1 and torch.load(snap, weights_only=True)["step"] == 4
+    assert not same_weights(snap, tmp_path / "ref" / "model.pt")
+    assert run_train(assets, tmp_path / "cut", s, stop_after=2) == {"stopped_at": 2}
+    run_train(assets, tmp_path / "cut", s)
+    assert same_weights(snap, tmp_path / "cut" / "train" / "snapshots" / "step4.pt")
+    assert same_weights(tmp_path / "ref" / "model.pt", tmp_path / "cut" / "model.pt")

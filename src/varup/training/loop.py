@@ -125,9 +125,12 @@ class OptimConfig:
     # up to the whole batch's; and per-block activation checkpointing
     micro_batch: int | str | None = None
     activation_checkpointing: bool = False
+    # steps whose weights are kept as <work>/snapshots/step<N>.pt (model.pt's format): the claim study's curve
+    snapshots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.snapshots = tuple(int(s) for s in self.snapshots)
         if self.lr_schedule not in ("lin0", "constant", "cosine"):
             raise ValueError(f"train.lr_schedule must be lin0, constant or cosine, got {self.lr_schedule!r}")
         if min(self.steps, self.batch_size, self.log_every, self.ckpt_every) < 1:
@@ -582,6 +585,9 @@ def _loop(r: _Run, spec: RunSpec, guard: PreemptionGuard, out_model, stop_after:
                 r.log.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc_mean']:.3f}")
         bar.update(1)
+        if done in oc.snapshots and done < oc.steps and d.is_main:
+            atomic_torch_save({**model_payload(r.model), "run": asdict(spec), "run_hash": r.run_hash, "step": done},
+                              r.work / "snapshots" / f"step{done}.pt")
         if done % oc.ckpt_every == 0 and done < oc.steps:
             _checkpoint(r, spec, done, out)
         stop = "signal" if signalled else ("stop_after" if stop_after is not None and steps_done >= stop_after else None)
