@@ -95,6 +95,7 @@ onerror:
 
 RUNS = list(plan.runs(config))
 DATASETS = list(config["datasets"])
+MAIN_DATASETS = plan.main_datasets(config)  # those of Table 2 and `all` (a study's own dataset: main false)
 THREADS = config["threads"]
 SERIAL_THREADS = config["serial_threads"]
 # --device of the jobs: GPU rules pass GPU_DEVICE, which (device auto) refuses to fall back to the CPU in a Slurm job
@@ -234,6 +235,11 @@ def tokenizer_file(w):
     if tok["kind"] == "official":
         return f"{RSC}/weights/{_stem(tok['url'])}.pth"
     return f"{RES}/{w.dataset}/tokenizer/vqvae.pt"
+
+
+def mode_classifier_file(w):
+    """The mode classifier that reads a toy dataset's images: its own, or the one `mode_classifier` names."""
+    return f"{RES}/{ds(w).get('mode_classifier') or w.dataset}/mode_classifier.pt"
 
 
 def tokenizer_gate_file(w):
@@ -485,6 +491,42 @@ def scaling_outputs():
     return tables + [f"{RES}/figures/scaling.{e}" for e in ("png", "pdf")]
 
 
+# The claim study (workflow/rules/claim_study.smk): its (arm, run) pairs and the per-run grid files.
+CLAIM = EXPERIMENTS.get("claim_study")
+CLAIM_RUNS = plan.claim_runs(config)
+if claim_problems := plan.claim_problems(config):
+    raise WorkflowError("; ".join(claim_problems) + " (fix them in the config file)")
+
+
+def claim_entries():
+    return [{"arm": a, "seed": r.seed, "run": r.path, "grid": f"{RES}/{r.path}/claim_grid.json"} for a, r in CLAIM_RUNS]
+
+
+def claim_grid_params(w):
+    """The grid, the default setting, the run's kept snapshots, the sampling and scoring settings of one run."""
+    s = plan.sample_settings(config, w.dataset)
+    settings = [{"temperature": t, "top_p": p} for p in CLAIM["top_p"] for t in CLAIM["temperatures"]]
+    snaps = [[n, f"{run_dir(w)}/train/snapshots/step{n}.pt"] for n in plan.claim_snapshots(config)]
+    sampling = {"n_per_class": CLAIM["n_per_class"], "batch_size": CLAIM["batch_size"], "seed": int(w.seed)}
+    return {
+        "settings": settings,
+        "default": CLAIM["default_setting"],
+        "snapshots": snaps,
+        "sampling": {**sampling, "cfg": s["cfg"], "top_k": s["top_k"]},
+        "rare_share": CLAIM["rare_share"],
+        "memorisation_quantile": CLAIM["memorisation_quantile"],
+        "metrics": toy_metric_params(w),
+    }
+
+
+def claim_outputs():
+    """The target's files: the table (csv, md, tex, html) and the figure (png, pdf)."""
+    if not CLAIM:
+        return []
+    tables = [f"{RES}/tables/claim_study.{e}" for e in ("csv", "md", "tex", "html")]
+    return tables + [f"{RES}/figures/claim_study.{e}" for e in ("png", "pdf")]
+
+
 # The text arm, the text-conditioned VAR, and the prompt study (prompts.smk; varup.config.textplan): runs, CLIP weight
 # files, CMMD inputs. Like the LM arm's below: its problems stop the DAG here, naming the key; no runs when it is off.
 import varup.config.textplan as vt
@@ -523,7 +565,7 @@ def cmmd_inputs(w):
     """The CMMD feature network: CLIP ViT-L/14@336 (standard CMMD) or the toy mode classifier (toy-CMMD)."""
     if PROMPTS["cmmd"]["features"] == "clip":
         return {"clip": clip_file("ViT-L-14-336")}
-    return {"classifier": f"{RES}/{w.dataset}/mode_classifier.pt"}
+    return {"classifier": mode_classifier_file(w)}
 
 
 def cmmd_flags(input):

@@ -123,7 +123,7 @@ use rule evaluate as evaluate_cfg with:
 
 rule toy_metrics:
     input:
-        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        classifier=mode_classifier_file,
         samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
         data=f"{RES}/{{dataset}}/data",
     output:
@@ -150,7 +150,7 @@ rule toy_metrics:
 
 rule toy_metrics_floor:
     input:
-        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        classifier=mode_classifier_file,
         data=f"{RES}/{{dataset}}/data",
         real=f"{RES}/{{dataset}}/real_features.npz",
         inception=f"{RSC}/inception/inception.json",

@@ -25,7 +25,7 @@ rule tables:
         modes=[f"{RES}/{r.path}/mode_coverage.json" for r in MODE_RUNS],
         toy=[f"{RES}/{r.path}/toy_metrics.json" for r in TOY_RUNS],
         toy_floor=[f"{RES}/{d}/toy_metrics_floor.json" for d in TOY_DATASETS],
-        refs=[f"{RES}/{d}/refs.json" for d in DATASETS],
+        refs=[f"{RES}/{d}/refs.json" for d in MAIN_DATASETS],
     output:
         # the report shows each table's HTML rendering (its viewer cannot display .md); .md and .tex are for papers
         **{
@@ -69,7 +69,7 @@ rule figures:
         metrics=run_files("metrics.json") if "figure4" in EXPERIMENTS else [],
         sweep=cfg_sweep_files("metrics.json"),
         unc=[f"{RES}/{r.path}/uncertainty/{f}" for r in UNC_RUNS for f in ("mc_dropout.npz", "sweep_scored.json")],
-        tokens_meta=[f"{RES}/{d}/tokens/meta.json" for d in DATASETS],  # class names of the sample grids
+        tokens_meta=[f"{RES}/{d}/tokens/meta.json" for d in MAIN_DATASETS],  # class names of the sample grids
     output:
         **{
             f"{f}_{ext}": (

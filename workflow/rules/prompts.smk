@@ -220,7 +220,7 @@ rule prompt_scores:
         reference=f"{RES}/{{dataset}}/prompt_reference.npz",
         data=f"{RES}/{{dataset}}/data",
         inception=f"{RSC}/inception/inception.json",
-        modes=lambda w: [f"{RES}/{w.dataset}/mode_classifier.pt"] if ds(w)["kind"] == "toy" else [],
+        modes=lambda w: [mode_classifier_file(w)] if ds(w)["kind"] == "toy" else [],
     output:
         f"{RES}/{{dataset}}/{{fam}}d{{depth}}/{{method}}/seed{{seed}}/prompts/scores.json",
     log:

@@ -62,7 +62,7 @@ rule tokenizer_gate:
     input:
         data=f"{RES}/{{dataset}}/data",
         tokenizer=tokenizer_file,
-        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        classifier=mode_classifier_file,
     output:
         f"{RES}/{{dataset}}/tokenizer/gate.json",
     log:

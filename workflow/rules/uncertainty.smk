@@ -147,7 +147,7 @@ rule mode_classifier:
 
 rule mode_coverage:
     input:
-        classifier=f"{RES}/{{dataset}}/mode_classifier.pt",
+        classifier=mode_classifier_file,
         samples=f"{RES}/{{dataset}}/d{{depth}}/{{method}}/seed{{seed}}/samples.npz",
         data=f"{RES}/{{dataset}}/data",
     output:

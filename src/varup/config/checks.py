@@ -9,7 +9,7 @@ from varup.config.cluster import LAUNCH_KEYS, LAUNCH_RULES, MANAGED_FLAGS
 from varup.config.errors import ConfigError
 from varup.config.folders import folder_classes, num_classes_problem
 from varup.config.keys import deep_merge, get_key
-from varup.config.plan import main_runs, sample_settings, uncertainty_enabled
+from varup.config.plan import main_datasets, main_runs, sample_settings, uncertainty_enabled
 from varup.config.sizes import min_set_size
 
 
@@ -163,7 +163,7 @@ def _sample_size_problems(cfg: dict) -> list[str]:
     need, m, out = metric_set_size(cfg), cfg["metrics"], []
     why = (f"metrics/prc_neighborhood ({m['prc_neighborhood']}) and metrics/prdc_nearest_k ({m['prdc_nearest_k']}) "
            f"need {need}")
-    for name, ds in cfg["datasets"].items():
+    for name, ds in ((n, cfg["datasets"][n]) for n in main_datasets(cfg)):  # a study's own dataset samples its own
         n = sample_settings(cfg, name)["n_per_class"]
         own = "n_per_class" in (ds.get("sample") or {})  # the dataset's override, else the top level's
         key = f"datasets/{name}/sample/n_per_class" if own else "sample/n_per_class"

@@ -32,8 +32,13 @@ class Run:
 
 def main_runs(cfg: dict) -> list[Run]:
     """Table 2: every dataset x depth x method x seed."""
-    return [Run(ds, int(depth), method, int(seed)) for ds in cfg["datasets"] for depth in cfg["model"]["depths"]
+    return [Run(ds, int(depth), method, int(seed)) for ds in main_datasets(cfg) for depth in cfg["model"]["depths"]
             for method in cfg["methods"] for seed in cfg["seeds"]]
+
+
+def main_datasets(cfg: dict) -> list[str]:
+    """The datasets of Table 2 and `all`: every one but a study's own (``datasets.<name>.main: false``)."""
+    return [name for name, d in cfg["datasets"].items() if d.get("main", True)]
 
 
 def _num(v: float) -> str:
@@ -171,8 +176,56 @@ def scaling_problems(cfg: dict) -> list[str]:
     return out
 
 
+def claim_method(arm: str) -> str:
+    """The method folder of a claim-study arm: its own (the study trains for its own steps and keeps snapshots)."""
+    return f"cs_{arm}"
+
+
+def claim_methods(cfg: dict) -> dict[str, dict]:
+    cs = cfg["experiments"].get("claim_study")
+    return {claim_method(a): dict(loss) for a, loss in cs["arms"].items()} if cs else {}
+
+
+def claim_runs(cfg: dict) -> list[tuple[str, Run]]:
+    """(arm, run) for every arm x seed of the claim study (``experiments.claim_study``)."""
+    cs = cfg["experiments"].get("claim_study")
+    if not cs:
+        return []
+    depth = int(cs.get("depth") or cfg["model"]["depths"][0])
+    return [(a, Run(cs["dataset"], depth, claim_method(a), int(s))) for a in cs["arms"] for s in cs["seeds"]]
+
+
+def claim_snapshots(cfg: dict) -> list[int]:
+    """The claim study's kept steps before the last (the last is the model itself), ascending."""
+    cs = cfg["experiments"]["claim_study"]
+    return sorted(int(s) for s in cs["snapshots"] if int(s) < int(cs["steps"]))
+
+
+def claim_problems(cfg: dict) -> list[str]:
+    """What stops the claim study, each naming its key."""
+    cs = cfg["experiments"].get("claim_study")
+    if not cs:
+        return []
+    key = "experiments/claim_study"
+    ds = cfg["datasets"].get(cs["dataset"])
+    if ds is None:
+        return [f"{key}/dataset: {cs['dataset']!r} is not defined under datasets"]
+    out = [] if ds["kind"] == "toy" else [f"{key}/dataset: {cs['dataset']!r} is a {ds['kind']} dataset; the study "
+                                          "scores modes, which only a toy dataset knows"]
+    out += [f"{key}/{k}: {cs[k]!r} is not one of the arms {sorted(cs['arms'])}" for k in ("baseline", "primary")
+            if cs[k] not in cs["arms"]]
+    reader = ds.get("mode_classifier")
+    if reader and cfg["datasets"].get(reader, {}).get("kind") != "toy":
+        out.append(f"datasets/{cs['dataset']}/mode_classifier: {reader!r} is not a toy dataset under datasets")
+    d = cs["default_setting"]
+    if d["temperature"] not in cs["temperatures"] or d["top_p"] not in cs["top_p"]:
+        out.append(f"{key}/default_setting: {d} is not a point of the grid (temperatures x top_p)")
+    return out
+
+
 def all_methods(cfg: dict) -> dict[str, dict]:
-    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg), **scaling_methods(cfg)}
+    return {**cfg["methods"], **ablation_methods(cfg), **lambda_methods(cfg), **scaling_methods(cfg),
+            **claim_methods(cfg)}
 
 
 def cfg_sweep(cfg: dict) -> list[tuple[Run, float]]:
@@ -225,6 +278,8 @@ def run_spec(cfg: dict, run: Run) -> dict:
     optim = {k: v for k, v in train_settings(cfg, run.dataset).items() if k not in LAUNCH_KEYS}
     if run.method in scaling_methods(cfg):  # the scaling study's own steps
         optim["steps"] = scaling_steps(cfg)
+    if run.method in claim_methods(cfg):  # the claim study's own steps and kept snapshots
+        optim.update(steps=int(cfg["experiments"]["claim_study"]["steps"]), snapshots=claim_snapshots(cfg))
     return {"model": model_settings(cfg, run.depth), "loss": dict(all_methods(cfg)[run.method]), "optim": optim,
             "seed": run.seed, "extra": {}}
 

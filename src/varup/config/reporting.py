@@ -9,7 +9,7 @@ from varup.config.plan import toy_metrics_enabled, uncertainty_enabled
 def report_config(cfg: dict) -> dict:
     """The part of the config that shapes the tables and figures (which runs exist and how they are grouped); the
     rest (threads, paths, sizes) changes no table, so editing it re-runs none."""
-    return {"datasets": {n: {"kind": d["kind"]} for n, d in cfg["datasets"].items()},
+    return {"datasets": {n: {"kind": d["kind"]} for n, d in cfg["datasets"].items() if d.get("main", True)},
             "model": {"depths": cfg["model"]["depths"]}, "methods": cfg["methods"], "seeds": cfg["seeds"],
             "experiments": cfg["experiments"],
             "metrics": {"toy_features": {"enabled": toy_metrics_enabled(cfg)}},
