@@ -32,6 +32,7 @@ include: "workflow/rules/paper.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/lambda_study.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/claim_study.smk"
 include: "workflow/rules/prompts.smk"
 include: "workflow/rules/lm.smk"
 include: "workflow/rules/digits.smk"
@@ -59,6 +60,12 @@ rule scaling_study:
     """The scaling study of experiments.scaling (not part of all: depths x methods x seeds training runs)."""
     input:
         scaling_outputs(),
+
+
+rule claim_study:
+    """The claim study of experiments.claim_study (not part of all: arms x seeds training runs on its own dataset)."""
+    input:
+        claim_outputs(),
 
 
 rule prompt_study:

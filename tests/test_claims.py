@@ -149,3 +149,31 @@ def test_the_tiny_run_fills_every_claim(finished):
         fake.parent.rmdir()
     assert r.returncode == 0, r.stderr[-3000:]
     assert {rule for rule, _ in planned_jobs(r.stdout)} == {"tables", "all"}, r.stdout[-3000:]
+
+
+@pytest.mark.extends_finished
+def test_claim_study_on_the_tiny_run_fills_the_frontier_row(finished):
+    """`snakemake claim_study all` beside the finished tiny DAG: its own long-tailed dataset and runs (nothing of
+    Table 2's re-runs), every run's grid and snapshot curve, the study's table and figure, and the ledger's frontier
+    row filled from it."""
+    work, cfg, cfgfile = finished
+    r = smk(work, cfgfile, "-n", "claim_study", "all")
+    planned = planned_jobs(r.stdout)
+    assert {w.get("dataset") for rule, w in planned if rule == "train"} == {"shapes_lt"}, r.stdout[-3000:]
+    r = smk(work, cfgfile, "--cores", "2", "claim_study", "all")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    results = Path(cfg["results_dir"]) / cfg["experiment"]
+    st = json.loads((results / "claim_study" / "claim_study.json").read_text())
+    cs = cfg["experiments"]["claim_study"]
+    assert [(c["arm"], c["diversity"]) for c in st["comparisons"]] == [
+        ("sum_k8", d) for d in ("neg_kl", "covered", "recall", "rare_recall")]
+    assert st["frontier"]["n"] == 2 and st["power"]["mde_planned"] > 0
+    for arm in ("baseline", "sum_k8"):
+        assert [p["step"] for p in st["curve"][arm]] == [12, 24] and len(st["mean_grid"][arm]) == 3
+        assert all(0 <= p["memorised"] <= 1 and p["covered"] >= 1 for p in st["curve"][arm])
+    grid = json.loads((results / "shapes_lt" / "d1" / "cs_baseline" / "seed0" / "claim_grid.json").read_text())
+    assert grid["scorer"]["n_rare"] > 0 and len(grid["grid"]) == 3 * len(cs["top_p"])
+    assert (results / "figures" / "claim_study.png").stat().st_size > 10_000
+    df = pd.read_csv(results / "tables" / "claims.csv")
+    row = df[df["claim_id"] == "frontier"].iloc[0]
+    assert row["verdict"] != cl.NOT_RUN and row["n"] == 2, row["why"]

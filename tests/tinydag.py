@@ -39,7 +39,19 @@ def tiny_config(results: Path) -> dict:
     cfg["uncertainty"].update(T=4, classes=[0, 1], sample_seeds=[0], sweep_rates=[0.1, 0.3], sweep_n_per_class=4,
                               entanglement_mixes=[[0], [0, 1]], entanglement_n=8)
     cfg["uncertainty"]["mode_classifier"] = {"epochs": 15, "seed": 0}
+    tiny_claim_study(cfg)
     return cfg
+
+
+def tiny_claim_study(cfg: dict) -> None:
+    """The claim study (not part of `all`) at the tiny size: its long-tailed dataset small, 2 arms x 2 seeds."""
+    lt = cfg["datasets"]["shapes_lt"]
+    lt["generator"].update(n_train_per_class=32, n_val_per_class=12)
+    lt["tokenizer_gate"] = {"max_class_error": 1.0}
+    cs = cfg["experiments"]["claim_study"]
+    cs.update(depth=1, seeds=[0, 1], steps=24, snapshots=[12], temperatures=[0.8, 1.0, 1.3], top_p=[0.8],
+              n_per_class=8, batch_size=32, primary="sum_k8")
+    cs["arms"] = {a: cs["arms"][a] for a in ("baseline", "sum_k8")}
 
 
 def smk(workdir: Path, cfgfile: Path, *args, timeout=1800, snakefile: Path | None = None,

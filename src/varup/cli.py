@@ -649,6 +649,22 @@ def cmd_lambda_study(a) -> None:
     log.info("lambda study: %s", res["verdict"])
 
 
+def cmd_claim_grid(a) -> None:
+    from varup.studies.claimstudy import run_claim_grid
+
+    p = a.params
+    run_claim_grid(a.model, a.tokenizer, a.classifier, a.data, a.out, settings=p["settings"], default=p["default"],
+                   snapshots=[(int(s), path) for s, path in p["snapshots"]], sampling=p["sampling"],
+                   rare_share=p["rare_share"], memorisation_quantile=p["memorisation_quantile"],
+                   metric_params=p["metrics"], device=a.device, meta=_run_meta(a.run))
+
+
+def cmd_claim_study(a) -> None:
+    from varup.studies.claimstudy import run_claim_study
+
+    run_claim_study(a.entries, a.out, **a.params)
+
+
 def cmd_figures(a) -> None:
     from varup.report.figures import make_figures
 
@@ -886,6 +902,20 @@ def add_study_commands(cmd) -> None:
     p.add_argument("--losses", type=_json, default={}, help="JSON {point: loss settings} (for the table)")
     p.add_argument("--baseline", default="baseline")
     p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--out", required=True)
+
+    p = cmd("claim-grid", cmd_claim_grid, "the claim study's scores of one run: its temperature x top-p grid and "
+            "its kept snapshots at the default setting (modes, rare-mode recall, KL, memorisation, toy-P/R)")
+    for k in ("model", "tokenizer", "classifier", "data", "run", "out"):
+        p.add_argument(f"--{k}", required=True)
+    p.add_argument("--params", type=_json, required=True,
+                   help="JSON {settings, default, snapshots: [[step, path]], sampling, rare_share, "
+                        "memorisation_quantile, metrics}")
+
+    p = cmd("claim-study", cmd_claim_study, "the claim study's frontiers, corrected p-values, power and curves")
+    p.add_argument("--entries", type=_json, required=True, help="JSON list of {arm, seed, grid}")
+    p.add_argument("--params", type=_json, required=True,
+                   help="JSON {baseline, primary, quality, diversity, confidence, correction, planning_sd, setting}")
     p.add_argument("--out", required=True)
 
 

@@ -150,7 +150,7 @@ def _metric_kw(params: Mapping[str, Any]) -> dict:
     return {k: int(p[k]) for k in ("kid_subsets", "kid_subset_size", "prc_neighborhood", "batch_size")}
 
 
-def _reference(data_dir, params: Mapping[str, Any]) -> tuple[np.ndarray, dict]:
+def toy_reference(data_dir, params: Mapping[str, Any]) -> tuple[np.ndarray, dict]:
     """The metrics' real reference set (the rows ``real_features`` uses) and its description."""
     from varup.data.subsets import load_rows, real_subset
 
@@ -170,7 +170,7 @@ def run_toy_metrics(classifier, samples_npz, data_dir, out_json, *, params: Mapp
     t0 = time.time()
     with np.load(samples_npz) as z:
         images = z["images"]
-    real, ref = _reference(data_dir, params)
+    real, ref = toy_reference(data_dir, params)
     toy = toy_feature_metrics(images, real, classifier, device=device, **_metric_kw(params))
     res = {"kind": "toy_metrics", **dict(meta or {}), "toy": toy, "reference": ref,
            "feature_space": feature_space(classifier), "samples_sha256": sha256_file(samples_npz)}
@@ -289,5 +289,5 @@ def run_toy_floor(classifier, data_dir, out_json, *, params: Mapping[str, Any], 
 
 
 __all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "ModeClassifierFeatures", "register", "UInt8Images",
-           "toy_feature_metrics", "feature_space", "run_toy_metrics", "per_class_subset", "floor_rows",
+           "toy_feature_metrics", "feature_space", "toy_reference", "run_toy_metrics", "per_class_subset", "floor_rows",
            "reconstruction_ceiling", "run_toy_floor", "inception_floor_scores"]

@@ -1,0 +1,157 @@
+"""The claim study's table and figure (target ``claim_study``), from ``claim_study/claim_study.json``
+(:mod:`varup.studies.claimstudy`); it reads that file only.
+
+* ``tables/claim_study.{csv,md,tex,html}``: one row per comparison (arm x diversity reading against the baseline):
+  the shared quality range, the mean diversity gain at matched quality with its paired t-interval, p and the
+  corrected p, and the verdict (moves the frontier, moves along it, ...); a power row (the minimum detectable effect
+  planned and observed); then the collapse curve: per arm and kept training step, the default setting's rare-mode
+  recall, modes covered, KL(true || generated), memorised share, toy-precision and toy-recall (mean ± std over seeds).
+* ``figures/claim_study.{png,pdf}``: (left) each arm's mean grid in the quality-diversity plane, one line per top-p
+  through its temperatures, the default setting ringed; (right) modes covered and the memorised share against
+  training steps at the default setting.
+
+``python -m varup.report.claimstudy --study claim_study.json --tables DIR --figures DIR`` (rule
+``claim_study_report``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+
+from varup.base.utils import read_json
+from varup.report.tablefmt import MISSING, fmt
+from varup.report.tables import write_table
+
+log = logging.getLogger("varup.report.claimstudy")
+
+CURVE_KEYS = (("rare_recall", "rare-mode recall", 3), ("covered", "modes covered", 1),
+              ("kl_true_gen", "KL(true‖gen)", 3), ("memorised", "memorised", 3), ("precision", "toy-P", 3),
+              ("recall", "toy-R", 3))
+
+
+def _p(v) -> str:
+    return MISSING if v is None else f"{v:.3g}"
+
+
+def comparison_rows(st: dict) -> tuple[list[dict], list[dict]]:
+    rows, disp = [], []
+    for c in st["comparisons"]:
+        fr, m = c["frontier"], c["frontier"].get("mean_gain") or {}
+        lo, hi = fr["quality_range"]
+        rows.append({"part": "frontier", "arm": c["arm"], "diversity": c["diversity"], "quality": st["quality"],
+                     "quality_low": lo, "quality_high": hi, "gain": m.get("mean"), "gain_ci_low": m.get("ci_low"),
+                     "gain_ci_high": m.get("ci_high"), "n": fr["n"], "p": c["p"], "p_adjusted": c["p_adjusted"],
+                     "verdict": fr["verdict"]})
+        gain = MISSING if not m else f"{m['mean']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]"
+        disp.append({"": f"{c['arm']} vs {st['frontier_baseline']}", "diversity": c["diversity"],
+                     f"{st['quality']} range": f"[{lo:.3g}, {hi:.3g}]", "gain at matched quality": gain,
+                     "p": _p(c["p"]), f"p ({st['correction']})": _p(c["p_adjusted"]), "verdict": fr["verdict"]})
+    return rows, disp
+
+
+def power_rows(st: dict) -> tuple[list[dict], list[dict]]:
+    pw = st["power"]
+    obs = MISSING if pw["mde_observed"] is None else f"{pw['mde_observed']:.3f} (sd {pw['observed_sd']:.3f})"
+    text = (f"n = {pw['n']} paired seeds, power {pw['target_power']}, two-sided α = {pw['alpha']:.2f}: "
+            f"planned {pw['mde_planned']:.3f} (sd {pw['planning_sd']:.3f}), observed {obs}")
+    return [{"part": "power", **pw}], [{"": "minimum detectable gain", "diversity": st["diversity"], "verdict": text}]
+
+
+def curve_rows(st: dict) -> tuple[list[dict], list[dict]]:
+    rows, disp = [], []
+    for arm, pts in st["curve"].items():
+        for p in pts:
+            rows.append({"part": "curve", "arm": arm, "step": p["step"], "n": p["n"],
+                         **{k: p[k] for k, _, _ in CURVE_KEYS}, **{f"{k}_sd": p[f"{k}_sd"] for k, _, _ in CURVE_KEYS}})
+            disp.append({"": f"{arm} @ step {p['step']}",
+                         **{name: fmt(p[k], p[f"{k}_sd"], d) for k, name, d in CURVE_KEYS}})
+    return rows, disp
+
+
+def claim_frames(st: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    parts = [comparison_rows(st), power_rows(st), curve_rows(st)]
+    return (pd.DataFrame([r for rows, _ in parts for r in rows]),
+            pd.DataFrame([d for _, disp in parts for d in disp]).fillna(""))
+
+
+def caption(st: dict) -> str:
+    conf = int(round(st["frontier"]["confidence"] * 100))
+    return (f"Claim study ({st['setting']}): every run sampled over a temperature x top-p grid; each arm against "
+            f"{st['frontier_baseline']} by its {st['quality']}–diversity frontier, paired by training seed (mean "
+            f"diversity gain at matched {st['quality']} over the quality range every seed's curves share, {conf} % "
+            f"paired t; p corrected over the table's comparisons by {st['correction']}). 'moves along the frontier': "
+            "the frontiers coincide but the default operating points differ, as a temperature change would give. "
+            "Curve rows: the default setting at each kept training step (mean ± std over seeds).")
+
+
+def claim_figure(st: dict, out: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from varup.base.plotting import save_figure
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.9))
+    q, dv = st["quality"], st["diversity"]
+    for i, (arm, pts) in enumerate(st["mean_grid"].items()):
+        for j, tp in enumerate(sorted({p["top_p"] for p in pts})):
+            line = sorted((p for p in pts if p["top_p"] == tp), key=lambda p: p["temperature"])
+            ax.plot([p[q] for p in line], [p[dv] for p in line], color=f"C{i}", ls="-" if j else "--", marker="o",
+                    ms=3, lw=1.1, label=f"{arm}, top-p {tp:g}")
+        d = st["default_setting"]
+        dp = next(p for p in pts if p["temperature"] == d["temperature"] and p["top_p"] == d["top_p"])
+        ax.scatter([dp[q]], [dp[dv]], s=90, facecolors="none", edgecolors=f"C{i}", linewidths=1.5, zorder=3)
+    ax.set_xlabel(f"{q} (quality)")
+    ax.set_ylabel(f"{dv} (diversity)")
+    ax.set_title("each arm's grid, mean over seeds (ringed: the default setting)", fontsize=8)
+    ax.legend(fontsize=6, frameon=False)
+    for i, (arm, pts) in enumerate(st["curve"].items()):
+        steps = [p["step"] for p in pts]
+        bx.errorbar(steps, [p["covered"] for p in pts], yerr=[p["covered_sd"] or 0 for p in pts], color=f"C{i}",
+                    marker="o", ms=3, capsize=2, label=f"{arm}: modes covered")
+    bx.set_xlabel("training step")
+    bx.set_ylabel("modes covered at the default setting")
+    cx = bx.twinx()
+    for i, (arm, pts) in enumerate(st["curve"].items()):
+        cx.plot([p["step"] for p in pts], [p["memorised"] for p in pts], color=f"C{i}", ls=":", lw=1.2)
+    cx.set_ylabel("memorised share (dotted)")
+    bx.legend(fontsize=7, frameon=False, loc="lower right")
+    bx.set_title("over training, default setting (mean ± std over seeds)", fontsize=8)
+    fig.suptitle(textwrap.fill(st["frontier_text"], 150), fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out, "claim_study")
+
+
+def make_claim_report(study: str | Path, tables: str | Path, figures: str | Path) -> pd.DataFrame:
+    st = read_json(study)
+    df, disp = claim_frames(st)
+    write_table(df, tables, "claim_study", caption(st), disp)
+    claim_figure(st, figures)
+    log.info("claim study table: %d rows; %s", len(df), st["frontier_text"])
+    return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m varup.report.claimstudy``: the rule ``claim_study_report``."""
+    from varup.base.utils import setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m varup.report.claimstudy", description="the claim study's table "
+                                 "and figure")
+    ap.add_argument("--study", required=True, help="claim_study/claim_study.json")
+    ap.add_argument("--tables", required=True, help="folder of the table files")
+    ap.add_argument("--figures", required=True, help="folder of the figure files")
+    ap.add_argument("--log", default=None)
+    a = ap.parse_args(argv)
+    setup_logging(a.log)
+    make_claim_report(a.study, a.tables, a.figures)
+    return 0
+
+
+__all__ = ["comparison_rows", "power_rows", "curve_rows", "claim_frames", "caption", "claim_figure",
+           "make_claim_report", "main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
