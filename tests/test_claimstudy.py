@@ -117,3 +117,24 @@ def test_the_family_of_comparisons_is_holm_corrected():
                  "other": lambda s: _grid(0.01, seed_noise=0.02, seed=90 + s)})
     ps = [c["p"] for c in st["comparisons"]]
     assert [c["p_adjusted"] for c in st["comparisons"]] == pytest.approx(holm(ps))
+
+
+def test_the_study_dataset_stays_out_of_table_2_and_its_problems_name_their_keys():
+    import yaml
+
+    from tinydag import REPO
+    from varup.config import plan
+    from varup.config.schema import validate
+
+    cfg = validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    assert plan.main_datasets(cfg) == ["shapes"] and {r.dataset for r in plan.main_runs(cfg)} == {"shapes"}
+    runs = plan.claim_runs(cfg)
+    assert {r.dataset for _, r in runs} == {"shapes_lt"} and len(runs) == 4 * 4
+    spec = plan.run_spec(cfg, runs[0][1])
+    assert spec["optim"]["steps"] == 1500 and spec["optim"]["snapshots"] == [250, 500, 1000]
+    assert "snapshots" not in plan.run_spec(cfg, plan.main_runs(cfg)[0])["optim"]  # Table 2's runs are unchanged
+    cs = cfg["experiments"]["claim_study"]
+    cs.update(primary="nope", default_setting={"temperature": 0.9, "top_p": 0.8})
+    problems = plan.claim_problems(cfg)
+    assert any("claim_study/primary: 'nope'" in p for p in problems)
+    assert any("claim_study/default_setting" in p for p in problems)
