@@ -82,3 +82,22 @@ def test_one_seed_or_disjoint_curves_are_undetermined():
     far = {s: {"quality": [5.0, 6.0], "diversity": [1.0, 0.5], "default": 0} for s in SEEDS}
     res = compare_frontiers(far, b)
     assert res["verdict"] == UNDETERMINED and "no quality range" in res["why"]
+
+
+def test_each_seed_is_compared_over_its_own_shared_range():
+    """Seeds whose curves sit at different qualities share no common range, yet each seed's pair overlaps: the gain
+    is measured per seed; a seed whose pair shares nothing is left out and named."""
+    def arc(offset, lift):
+        q = np.linspace(0.1, 0.5, 6) + offset
+        return {"quality": q.tolist(), "diversity": (1.0 - q + lift).tolist(), "default": 2}
+
+    a = {s: arc(0.3 * s, 0.1 + 0.01 * s) for s in range(4)}
+    b = {s: arc(0.3 * s + 0.05, 0.0) for s in range(4)}
+    res = compare_frontiers(a, b)
+    assert not res["quality_range"][1] > res["quality_range"][0]  # no range all seeds share
+    assert res["n"] == 4 and res["verdict"] == MOVES, describe(res)
+    assert res["mean_gain"]["mean"] == pytest.approx(0.115, abs=1e-6) and res["regions_better"] == []
+    assert "each seed's own shared range" in describe(res)
+    b[3] = arc(5.0, 0.0)  # seed 3's baseline far away: no matched quality for that seed
+    res = compare_frontiers(a, b)
+    assert res["n"] == 3 and res["seeds_without_overlap"] == [3] and "seeds [3] left out" in describe(res)
