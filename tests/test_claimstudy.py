@@ -11,7 +11,8 @@ from varup.base.frontier import ALONG, MOVES
 from varup.base.power import holm, mde
 from varup.data.toy import _plan, mode_counts
 from varup.sampling.sampler import sample
-from varup.studies.claimstudy import collapse_scores, memorised_share, rare_modes, summarise
+from varup.studies.claimgrid import collapse_scores, memorised_share, rare_modes
+from varup.studies.claimstudy import summarise
 
 
 def test_mode_counts_are_zipf_sum_to_n_and_keep_every_mode():

@@ -89,3 +89,14 @@ def test_every_rule_that_runs_the_library_records_its_code():
         assert f'code=code_of("{stage}")' in body, f"rule {name} runs `{stage}` but has no params code=code_of(\"{stage}\")"
         checked.add(name)
     assert {"train", "sample_shard", "sample_cfg_shard", "evaluate", "bench", "tables", "inception_weights"} <= checked
+
+
+def test_a_frontier_edit_re_scores_the_claim_study_but_never_resamples_it(pkg):
+    """The claim study's comparison statistics live apart from its sampling: editing them changes the summary's
+    fingerprint (and the ledger's), not the per-run grids' (16 runs resampled for a change they cannot see)."""
+    stages = ("claim-grid", "claim-study", "tables")
+    before = fingerprints(pkg, stages)
+    (pkg / "base" / "frontier.py").write_text((pkg / "base" / "frontier.py").read_text() + "\nEDITED = 1\n")
+    after = fingerprints(pkg, stages)
+    assert after["claim-grid"] == before["claim-grid"]
+    assert after["claim-study"] != before["claim-study"] and after["tables"] != before["tables"]

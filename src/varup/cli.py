@@ -650,7 +650,7 @@ def cmd_lambda_study(a) -> None:
 
 
 def cmd_claim_grid(a) -> None:
-    from varup.studies.claimstudy import run_claim_grid
+    from varup.studies.claimgrid import run_claim_grid
 
     p = a.params
     run_claim_grid(a.model, a.tokenizer, a.classifier, a.data, a.out, settings=p["settings"], default=p["default"],

@@ -48,8 +48,9 @@ def comparison_rows(st: dict) -> tuple[list[dict], list[dict]]:
                      "gain_ci_high": m.get("ci_high"), "n": fr["n"], "p": c["p"], "p_adjusted": c["p_adjusted"],
                      "verdict": fr["verdict"]})
         gain = MISSING if not m else f"{m['mean']:+.3f} [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}]"
-        disp.append({"": f"{c['arm']} vs {st['frontier_baseline']}", "diversity": c["diversity"],
-                     f"{st['quality']} range": f"[{lo:.3g}, {hi:.3g}]", "gain at matched quality": gain,
+        shared = f"[{lo:.3g}, {hi:.3g}]" if hi > lo else "each seed's own"
+        disp.append({"": f"{c['arm']} vs {st['frontier_baseline']}", "diversity": c["diversity"], "n": str(fr["n"]),
+                     f"{st['quality']} range": shared, "gain at matched quality": gain,
                      "p": _p(c["p"]), f"p ({st['correction']})": _p(c["p_adjusted"]), "verdict": fr["verdict"]})
     return rows, disp
 
@@ -83,7 +84,8 @@ def caption(st: dict) -> str:
     conf = int(round(st["frontier"]["confidence"] * 100))
     return (f"Claim study ({st['setting']}): every run sampled over a temperature x top-p grid; each arm against "
             f"{st['frontier_baseline']} by its {st['quality']}–diversity frontier, paired by training seed (mean "
-            f"diversity gain at matched {st['quality']} over the quality range every seed's curves share, {conf} % "
+            f"diversity gain at matched {st['quality']} over the quality range each seed's pair of curves shares; "
+            f"range: the one all seeds share, where there is one; {conf} % "
             f"paired t; p corrected over the table's comparisons by {st['correction']}). 'moves along the frontier': "
             "the frontiers coincide but the default operating points differ, as a temperature change would give. "
             "Curve rows: the default setting at each kept training step (mean ± std over seeds).")

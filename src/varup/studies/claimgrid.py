@@ -1,0 +1,157 @@
+"""The claim study's per-run scores (issue 25; the summary over runs is :mod:`varup.studies.claimstudy`): one
+trained run sampled over the temperature x top-p grid and, at the default setting, each of its kept snapshots; every
+sample set read by the mode classifier (:func:`collapse_scores`: rare-mode recall, modes covered, KL(true ||
+generated), class accuracy), in its feature space (toy-precision / recall) and for memorisation
+(:func:`memorised_share`). Every setting and snapshot is sampled with the same sampling seed (common random
+numbers), so two runs' samples differ only by their models. Its own module so that an edit of the comparison
+statistics re-runs the summary, never the sampling (the code fingerprints follow imports)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("varup.studies.claimgrid")
+
+def rare_modes(true_hist: np.ndarray, modes_per_class: int, rare_share: float) -> np.ndarray:
+    """Boolean (n_modes,): the modes whose true share of their own class is below ``rare_share``."""
+    t = np.asarray(true_hist, np.float64).reshape(-1, modes_per_class)
+    within = t / np.maximum(t.sum(axis=1, keepdims=True), 1e-300)
+    return ((within < rare_share) & (t > 0)).ravel()
+
+
+def collapse_scores(pred_modes: np.ndarray, labels: np.ndarray, true_hist: np.ndarray, modes_per_class: int,
+                    rare: np.ndarray) -> dict[str, float]:
+    """Mode readings of one sample set: rare-mode recall and coverage, modes covered (of all), KL(true || gen) in
+    nats (smoothed as :func:`varup.metrics.modes.mode_coverage`), class accuracy."""
+    from varup.metrics.modes import mode_coverage
+
+    cov = mode_coverage(pred_modes, labels, len(true_hist), modes_per_class, true_hist)
+    o = cov["overall"]
+    gen = np.asarray(o["hist"], np.float64) / max(o["n"], 1)
+    true = np.asarray(true_hist, np.float64)
+    return {"rare_recall": float(gen[rare].sum() / true[rare].sum()) if rare.any() else float("nan"),
+            "rare_covered": float((gen[rare] > 0).mean()) if rare.any() else float("nan"),
+            "covered": float(o["covered"]), "expected_covered_true": float(o["expected_covered_true"]),
+            "kl_true_gen": float(o["kl_true_gen"]), "neg_kl": -float(o["kl_true_gen"]),
+            "class_accuracy": 1.0 - float(cov["class_error"])}
+
+
+def nearest_distances(feats: torch.Tensor, bank: torch.Tensor, chunk: int = 1024) -> np.ndarray:
+    """Euclidean distance of every row of ``feats`` to its nearest row of ``bank`` (chunked: no N x M matrix of a
+    whole set at once)."""
+    out = [torch.cdist(feats[i:i + chunk], bank).amin(dim=1) for i in range(0, len(feats), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def memorised_share(gen_feats: torch.Tensor, train_feats: torch.Tensor, threshold: float) -> float:
+    """Share of samples whose nearest training image is closer than ``threshold``."""
+    return float((nearest_distances(gen_feats, train_feats) < threshold).mean())
+
+
+class Scorer:
+    """What scores a sample set of the study's dataset: the mode classifier, the true mode histogram, the rare modes,
+    the training features and the memorisation threshold, the real reference set of toy-precision / recall."""
+
+    def __init__(self, classifier, data_dir, *, rare_share: float, memorisation_quantile: float,
+                 metric_params: Mapping[str, Any], device: torch.device):
+        from varup.base.utils import read_json
+        from varup.data.modes import attribute_names, load_attribute_split, true_mode_hist
+        from varup.metrics.toyfeatures import toy_reference
+        from varup.models.modeclf import load_mode_classifier
+
+        data_dir = Path(data_dir)
+        info = read_json(data_dir / "dataset.json")
+        self.classifier_path, self.device, self.params = classifier, device, dict(metric_params)
+        self.model = load_mode_classifier(classifier).to(device)
+        self.per_class = len(info["modes"]) // len(info["classes"])
+        self.true = true_mode_hist(data_dir, "train")
+        self.rare = rare_modes(self.true, self.per_class, rare_share)
+        names = attribute_names(info)
+        self.train_feats = self.embed(load_attribute_split(data_dir, "train", names)[0])
+        val_nn = nearest_distances(self.embed(load_attribute_split(data_dir, "val", names)[0]), self.train_feats)
+        self.threshold = float(np.quantile(val_nn, memorisation_quantile))
+        self.real = toy_reference(data_dir, self.params)[0]
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        from varup.models.modeclf import images_to_tensor
+
+        x = images_to_tensor(images)
+        return torch.cat([self.model.embed(x[i:i + 256].to(self.device)).float().cpu() for i in range(0, len(x), 256)])
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        from varup.metrics.toyfeatures import toy_feature_metrics
+        from varup.models.modeclf import classify
+
+        pred = classify(self.model, images)["mode"]
+        out = collapse_scores(pred, labels, self.true, self.per_class, self.rare)
+        toy = toy_feature_metrics(images, self.real, self.classifier_path, device=str(self.device),
+                                  kid_subsets=self.params["kid_subsets"], kid_subset_size=self.params["kid_subset_size"],
+                                  prc_neighborhood=self.params["prc_neighborhood"])
+        out.update(precision=toy["precision"], recall=toy["recall"], fd=toy["fd"],
+                   memorised=memorised_share(self.embed(images), self.train_feats, self.threshold))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"n_modes": int(len(self.true)), "n_rare": int(self.rare.sum()),
+                "rare_true_share": float(self.true[self.rare].sum()), "memorisation_threshold": self.threshold,
+                "n_train": int(len(self.train_feats)), "n_real": int(len(self.real))}
+
+
+def _sample(var, vae, setting: Mapping[str, float], s: Mapping[str, Any], device) -> dict:
+    from varup.sampling.sampler import sample_shard
+
+    return sample_shard(var, vae, n_per_class=s["n_per_class"], batch_size=s["batch_size"], seed=s["seed"],
+                        cfg=s["cfg"], top_k=s["top_k"], top_p=setting["top_p"], temperature=setting["temperature"],
+                        device=device, desc=f"T {setting['temperature']:g} top-p {setting['top_p']:g}")
+
+
+def _scored(var, vae, scorer: Scorer, setting: Mapping[str, float], s: Mapping[str, Any], device) -> dict:
+    out = _sample(var, vae, setting, s, device)
+    return {**setting, **scorer(out["images"], out["labels"])}
+
+
+def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings: Sequence[Mapping[str, float]],
+                   default: Mapping[str, float], snapshots: Sequence[tuple[int, str]], sampling: Mapping[str, Any],
+                   rare_share: float, memorisation_quantile: float, metric_params: Mapping[str, Any],
+                   device: str = "auto", meta: Mapping[str, Any] | None = None) -> dict:
+    """One run of the study: its final model over the grid ``settings`` and each kept snapshot ``(step, path)`` at
+    the ``default`` setting. ``sampling``: n_per_class, batch_size, seed, cfg, top_k. Writes ``out_json``."""
+    from varup.base.runtime import resolve_device
+    from varup.base.utils import atomic_write_json, write_provenance
+    from varup.models.checkpoint import load_model
+    from varup.models.vqvae import load_vqvae
+
+    t0 = time.time()
+    dev = resolve_device(device)
+    vae = load_vqvae(tokenizer).to(dev)
+    scorer = Scorer(classifier, data_dir, rare_share=rare_share, memorisation_quantile=memorisation_quantile,
+                    metric_params=metric_params, device=dev)
+    var = load_model(model).to(dev).eval()
+    grid = [_scored(var, vae, scorer, st, sampling, dev) for st in settings]
+    curve = [{"step": int(step), **_scored(load_model(p).to(dev).eval(), vae, scorer, default, sampling, dev)}
+             for step, p in snapshots]
+    final = next(g for g in grid if all(g[k] == default[k] for k in ("temperature", "top_p")))
+    curve.append({"step": int(var_steps(model)), **final})
+    res = {"kind": "claim_grid", **dict(meta or {}), "grid": grid, "curve": curve, "default": dict(default),
+           "scorer": scorer.describe(), "sampling": dict(sampling)}
+    atomic_write_json(out_json, res)
+    write_provenance(out_json, config={"settings": list(settings), "sampling": dict(sampling)}, started=t0)
+    log.info("claim grid: %d settings, %d snapshots in %.0f s", len(grid), len(snapshots), time.time() - t0)
+    return res
+
+
+def var_steps(model) -> int:
+    """The training steps a model file was trained for (its recorded run specification)."""
+    from varup.base.checkpoint import read_checkpoint
+
+    return int(read_checkpoint(model, "cpu")["run"]["optim"]["steps"])
+
+
+__all__ = ["rare_modes", "collapse_scores", "nearest_distances", "memorised_share", "Scorer", "run_claim_grid",
+           "var_steps"]
