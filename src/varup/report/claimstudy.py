@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import pandas as pd
 
 from varup.base.utils import read_json
 from varup.report.tablefmt import MISSING, fmt
-from varup.report.tables import write_table
+from varup.report.tables import study_report_main, write_table
 
 log = logging.getLogger("varup.report.claimstudy")
 
@@ -138,18 +137,8 @@ def make_claim_report(study: str | Path, tables: str | Path, figures: str | Path
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m varup.report.claimstudy``: the rule ``claim_study_report``."""
-    from varup.base.utils import setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m varup.report.claimstudy", description="the claim study's table "
-                                 "and figure")
-    ap.add_argument("--study", required=True, help="claim_study/claim_study.json")
-    ap.add_argument("--tables", required=True, help="folder of the table files")
-    ap.add_argument("--figures", required=True, help="folder of the figure files")
-    ap.add_argument("--log", default=None)
-    a = ap.parse_args(argv)
-    setup_logging(a.log)
-    make_claim_report(a.study, a.tables, a.figures)
-    return 0
+    return study_report_main(argv, "python -m varup.report.claimstudy",
+                             "the claim study's table and figure", "claim_study/claim_study.json", make_claim_report)
 
 
 __all__ = ["comparison_rows", "power_rows", "curve_rows", "claim_frames", "caption", "claim_figure",

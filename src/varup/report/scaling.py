@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import pandas as pd
 
 from varup.base.utils import read_json
 from varup.report.tablefmt import MISSING, fmt, mean_std
-from varup.report.tables import write_table
+from varup.report.tables import study_report_main, write_table
 
 log = logging.getLogger("varup.report.scaling")
 
@@ -147,17 +146,8 @@ def make_scaling_report(study: str | Path, tables: str | Path, figures: str | Pa
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m varup.report.scaling``: the rule ``scaling_report``."""
-    from varup.base.utils import setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m varup.report.scaling", description="the scaling table and figure")
-    ap.add_argument("--study", required=True, help="scaling/scaling.json")
-    ap.add_argument("--tables", required=True, help="folder of the table files")
-    ap.add_argument("--figures", required=True, help="folder of the figure files")
-    ap.add_argument("--log", default=None)
-    a = ap.parse_args(argv)
-    setup_logging(a.log)
-    make_scaling_report(a.study, a.tables, a.figures)
-    return 0
+    return study_report_main(argv, "python -m varup.report.scaling",
+                             "the scaling table and figure", "scaling.json", make_scaling_report)
 
 
 __all__ = ["scaling_frames", "caption", "scaling_table", "scaling_figure", "make_scaling_report", "main"]

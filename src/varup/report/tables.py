@@ -89,6 +89,24 @@ def write_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str, 
     atomic_write_text(out / f"{name}.html", html_table(disp, caption, name))
 
 
+def study_report_main(argv: list[str] | None, prog: str, what: str, study: str, make: Callable) -> int:
+    """The command line of a study's report module (``python -m varup.report.<study> --study FILE --tables DIR
+    --figures DIR``): ``make(study, tables, figures)`` with its log set up."""
+    import argparse
+
+    from varup.base.utils import setup_logging
+
+    ap = argparse.ArgumentParser(prog=prog, description=what)
+    ap.add_argument("--study", required=True, help=study)
+    ap.add_argument("--tables", required=True, help="folder of the table files")
+    ap.add_argument("--figures", required=True, help="folder of the figure files")
+    ap.add_argument("--log", default=None)
+    a = ap.parse_args(argv)
+    setup_logging(a.log)
+    make(a.study, a.tables, a.figures)
+    return 0
+
+
 def _metric_table(cfg: dict, results: Path, columns: list[tuple[str, str, Callable[[dict], float | None], int]],
                   source: str = "metrics.json") -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, disp = [], []
