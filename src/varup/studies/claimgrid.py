@@ -122,17 +122,13 @@ def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings
                    device: str = "auto", meta: Mapping[str, Any] | None = None) -> dict:
     """One run of the study: its final model over the grid ``settings`` and each kept snapshot ``(step, path)`` at
     the ``default`` setting. ``sampling``: n_per_class, batch_size, seed, cfg, top_k. Writes ``out_json``."""
-    from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_write_json, write_provenance
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
+    from varup.models.checkpoint import load_generator, load_model
 
     t0 = time.time()
-    dev = resolve_device(device)
-    vae = load_vqvae(tokenizer).to(dev)
+    var, vae, dev = load_generator(model, tokenizer, device)
     scorer = Scorer(classifier, data_dir, rare_share=rare_share, memorisation_quantile=memorisation_quantile,
                     metric_params=metric_params, device=dev)
-    var = load_model(model).to(dev).eval()
     grid = [_scored(var, vae, scorer, st, sampling, dev) for st in settings]
     curve = [{"step": int(step), **_scored(load_model(p).to(dev).eval(), vae, scorer, default, sampling, dev)}
              for step, p in snapshots]

@@ -60,16 +60,12 @@ def run_corruption_eval(model: str | os.PathLike, tokenizer: str | os.PathLike, 
     """One run's token error and NLL on every set of a corrupted directory (``data_dir``, split ``corrupt`` of
     ``tokens_dir``). Writes ``out_json`` atomically ({sets: [{corruption, severity, n_images, n_tokens,
     token_error, nll_per_token}], clean: {...}, class_mode, protocol}) and returns the same dict."""
-    from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_write_json, progress, write_provenance
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
+    from varup.models.checkpoint import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()
-    dev = resolve_device(device)
-    vae = load_vqvae(tokenizer).to(dev)
-    var = load_model(model).to(dev)
+    var, vae, dev = load_generator(model, tokenizer, device)
     cache = TokenCache(tokens_dir, "corrupt")
     cache.check_made_by(vae)
     sets = _set_rows(data_dir, len(cache))

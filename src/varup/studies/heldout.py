@@ -57,20 +57,16 @@ def heldout_nll(var, vae, tokens, labels, *, class_mode: str, batch_size: int, d
 def run_heldout(model, tokenizer, tokens_dir, out_json, *, split: str = "val", max_images: int | None = None,
                 class_mode: str = "label", batch_size: int = 64, device: str = "auto", meta: dict | None = None) -> dict:
     """Held-out loss and parameter counts of one trained model; writes ``out_json`` (and its provenance)."""
-    from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.data.subsets import balanced_subset
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
+    from varup.models.checkpoint import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()
     if class_mode not in ("label", "null"):
         raise ValueError(f"run_heldout: class_mode must be 'label' or 'null' (experiments.scaling.class_mode), got "
                          f"{class_mode!r}")
-    dev = resolve_device(device)
-    vae = load_vqvae(tokenizer).to(dev)
-    var = load_model(model).to(dev)
+    var, vae, dev = load_generator(model, tokenizer, device)
     cache = TokenCache(tokens_dir, split)
     cache.check_made_by(vae)
     rows = balanced_subset(cache.labels, max_images)

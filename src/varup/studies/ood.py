@@ -125,20 +125,16 @@ def run_ood(model: str | os.PathLike, tokenizer: str | os.PathLike, id_tokens_di
     """Table 3: NLL of ID (val split of ``id_tokens_dir``) and OOD (split 'ood' of ``ood_tokens_dir``) images under
     one model, and the OOD AUROC. Class-balanced deterministic subsets of at most ``max_images`` each (the OOD rows'
     labels only balance the subset). Writes ``out_json`` atomically and returns the same dict."""
-    from varup.base.runtime import resolve_device
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.data.subsets import balanced_subset
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
+    from varup.models.checkpoint import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()
     if class_mode not in ("null", "max"):
         raise ValueError(f"run_ood: class_mode must be 'null' or 'max' (OOD images have no in-distribution label), "
                          f"got {class_mode!r}")
-    dev = resolve_device(device)
-    vae = load_vqvae(tokenizer).to(dev)
-    var = load_model(model).to(dev)
+    var, vae, dev = load_generator(model, tokenizer, device)
     id_c, ood_c = TokenCache(id_tokens_dir, "val"), TokenCache(ood_tokens_dir, "ood")
     for c in (id_c, ood_c):
         c.check_made_by(vae)

@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from varup.base.seeding import derive_seed, make_generator
+from varup.models.checkpoint import load_generator
 from varup.models.common import eval_mode
 from varup.sampling.sampler import class_major_labels, condition_kwargs, mc_dropout, sample
 
@@ -406,15 +407,6 @@ def entanglement_sets(var, vae, mixes: Sequence[Sequence[int]], n: int, seed: in
 
 
 # ------------------------------------------------------------------------------------------- stage entry points
-def _load(model, tokenizer, device):
-    from varup.base.runtime import resolve_device
-    from varup.models.checkpoint import load_model
-    from varup.models.vqvae import load_vqvae
-
-    dev = resolve_device(device)
-    return load_model(model).to(dev).eval(), load_vqvae(tokenizer).to(dev), dev
-
-
 def _mc_pair(var, vae, dev, c: int, s: int, kw: Mapping[str, Any], readings: Sequence[str], region_ok: bool,
              mask_file) -> tuple[dict, dict]:
     """One (class, sampling seed) pair of :func:`run_mc_dropout`: its record and arrays (per reading: σ map and mean
@@ -476,7 +468,7 @@ def run_mc_dropout(model, tokenizer, data_dir, out_json, out_npz, *, classes: Se
         ok = given is not None
     else:
         ok, reason = has_object_masks(data_dir)
-    var, vae, dev = _load(model, tokenizer, device)
+    var, vae, dev = load_generator(model, tokenizer, device)
     kw = dict(T=T, rate=rate, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, masks=masks)
     done = [_mc_pair(var, vae, dev, c, s, kw, readings, ok, None if given is None else given[(c, s)])
             for c, s in pairs]
@@ -530,7 +522,7 @@ def run_sweep_sets(model, tokenizer, out_dir, *, rates: Sequence[float] = SWEEP_
     from varup.base.utils import atomic_npz_save, atomic_write_json, write_provenance
 
     t0 = time.time()
-    var, vae, dev = _load(model, tokenizer, device)
+    var, vae, dev = load_generator(model, tokenizer, device)
     out_dir = Path(out_dir)
     pairs = [(int(c), int(s)) for c, s in sigma_pairs]
     sets = droppath_sweep(var, vae, rates=rates, n_per_class=n_per_class, seed=seed, batch_size=batch_size, cfg=cfg,
@@ -567,7 +559,7 @@ def run_entanglement_sets(model, tokenizer, out_dir, *, mixes: Sequence[Sequence
     from varup.base.utils import atomic_npz_save, atomic_write_json, write_provenance
 
     t0 = time.time()
-    var, vae, dev = _load(model, tokenizer, device)
+    var, vae, dev = load_generator(model, tokenizer, device)
     out_dir = Path(out_dir)
     sets = entanglement_sets(var, vae, mixes, n, seed, batch_size=batch_size, cfg=cfg, top_k=top_k, top_p=top_p,
                              more_smooth=more_smooth, rate=rate, T=T, sigma_seeds=sigma_seeds, masks=masks,
