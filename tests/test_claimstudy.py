@@ -139,3 +139,22 @@ def test_the_study_dataset_stays_out_of_table_2_and_its_problems_name_their_keys
     problems = plan.claim_problems(cfg)
     assert any("claim_study/primary: 'nope'" in p for p in problems)
     assert any("claim_study/default_setting" in p for p in problems)
+
+
+def test_a_reading_without_numbers_is_undetermined_and_the_others_still_compared():
+    """Rare-mode recall is NaN where the data has no rare mode: that comparison says so, the rest go on."""
+    def nan_rare(s):
+        g = _grid(0.0, seed_noise=0.01, seed=s)
+        return {**g, "grid": [{**p, "rare_recall": float("nan")} for p in g["grid"]]}
+
+    grids = {"baseline": {s: nan_rare(s) for s in range(3)}, "ours": {s: _grid(0.2, seed=s) for s in range(3)}}
+    for g in grids["ours"].values():
+        g["grid"] = [{**p, "neg_kl": p["rare_recall"]} for p in g["grid"]]
+    for g in grids["baseline"].values():
+        g["grid"] = [{**p, "neg_kl": 0.5 - p["precision"]} for p in g["grid"]]
+    st = summarise(grids, baseline="baseline", primary="ours", quality="precision",
+                   diversity=["neg_kl", "rare_recall"], confidence=0.95, correction="holm", planning_sd=0.05,
+                   setting="synthetic")
+    by = {c["diversity"]: c for c in st["comparisons"]}
+    assert by["rare_recall"]["frontier"]["verdict"] == "undetermined" and "not a number" in by["rare_recall"]["text"]
+    assert by["rare_recall"]["p"] is None and by["neg_kl"]["p"] is not None

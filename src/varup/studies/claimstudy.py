@@ -13,6 +13,7 @@ baseline has something to lose? The summary over every run's grid (:mod:`varup.s
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,15 +26,26 @@ QUALITY = ("class_accuracy", "precision")
 
 # ------------------------------------------------------------------------------------------- summary
 def curves(grids: Mapping[int, Mapping[str, Any]], quality: str, diversity: str) -> dict[int, dict]:
-    """Per seed: the grid's (quality, diversity) curve and the index of its default setting."""
+    """Per seed: the grid's (quality, diversity) curve over the settings where both readings are numbers (a reading
+    a setting could not give, e.g. rare-mode recall where the data has no rare mode, is left out) and the index of
+    its default setting among them (None when that setting is left out)."""
     out = {}
     for seed, g in grids.items():
         d = g["default"]
-        idx = next(i for i, p in enumerate(g["grid"]) if p["temperature"] == d["temperature"]
-                   and p["top_p"] == d["top_p"])
-        out[seed] = {"quality": [p[quality] for p in g["grid"]], "diversity": [p[diversity] for p in g["grid"]],
-                     "default": idx}
+        pts = [p for p in g["grid"] if math.isfinite(p[quality]) and math.isfinite(p[diversity])]
+        idx = next((i for i, p in enumerate(pts) if p["temperature"] == d["temperature"]
+                    and p["top_p"] == d["top_p"]), None)
+        out[seed] = {"quality": [p[quality] for p in pts], "diversity": [p[diversity] for p in pts], "default": idx}
     return out
+
+
+def no_curve(why: str, confidence: float) -> dict[str, Any]:
+    """The comparison of a reading some seed has no finite point of: undetermined, saying why."""
+    from varup.base.frontier import UNDETERMINED
+
+    return {"seeds": [], "n": 0, "confidence": confidence, "quality_range": [math.nan, math.nan],
+            "seeds_without_overlap": [], "defaults": {}, "verdict": UNDETERMINED, "why": why, "regions_better": [],
+            "regions_worse": []}
 
 
 def comparisons(grids: Mapping[str, Mapping[int, Any]], *, baseline: str, quality: str,
@@ -45,8 +57,11 @@ def comparisons(grids: Mapping[str, Mapping[int, Any]], *, baseline: str, qualit
     rows = []
     for arm in (a for a in grids if a != baseline):
         for div in diversity:
-            res = compare_frontiers(curves(grids[arm], quality, div), curves(grids[baseline], quality, div),
-                                    confidence=confidence)
+            a, b = curves(grids[arm], quality, div), curves(grids[baseline], quality, div)
+            if all(c["quality"] for c in (*a.values(), *b.values())):
+                res = compare_frontiers(a, b, confidence=confidence)
+            else:
+                res = no_curve(f"{div} or {quality} is not a number at any setting of some run", confidence)
             rows.append({"arm": arm, "diversity": div, "frontier": res, "text": describe(res, quality, div),
                          "p": (res.get("mean_gain") or {}).get("p")})
     for r, p in zip(rows, adjust([r["p"] for r in rows], correction)):
@@ -122,5 +137,5 @@ def run_claim_study(entries: Sequence[Mapping[str, Any]], out_json, **kw) -> dic
     return res
 
 
-__all__ = ["DIVERSITY", "QUALITY", "curves", "comparisons", "collapse_curve", "power_statement", "summarise",
+__all__ = ["DIVERSITY", "QUALITY", "curves", "no_curve", "comparisons", "collapse_curve", "power_statement", "summarise",
            "mean_grids", "run_claim_study"]
