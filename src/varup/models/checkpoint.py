@@ -48,16 +48,6 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> VAR:
     return model.eval()
 
 
-def load_generator(model: str | os.PathLike, tokenizer: str | os.PathLike, device: str = "auto"):
-    """A trained model file (:func:`load_model`, eval mode) and its tokenizer on the resolved ``device``:
-    ``(var, vae, device)``, the preamble of every stage that samples or scores a run."""
-    from varup.base.runtime import resolve_device
-    from varup.models.vqvae import load_vqvae
-
-    dev = resolve_device(device)
-    return load_model(model).to(dev), load_vqvae(tokenizer).to(dev), dev
-
-
 def load_text_encoder(path: str | os.PathLike, weights: str | os.PathLike | None = None, map_location="cpu"):
     """The text encoder a text-conditioned model file was trained with (toy: from the file; CLIP: ``weights``)."""
     from varup.base.checkpoint import load_strict

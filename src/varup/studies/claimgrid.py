@@ -123,7 +123,8 @@ def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings
     """One run of the study: its final model over the grid ``settings`` and each kept snapshot ``(step, path)`` at
     the ``default`` setting. ``sampling``: n_per_class, batch_size, seed, cfg, top_k. Writes ``out_json``."""
     from varup.base.utils import atomic_write_json, write_provenance
-    from varup.models.checkpoint import load_generator, load_model
+    from varup.models.checkpoint import load_model
+    from varup.models.generators import load_generator
 
     t0 = time.time()
     var, vae, dev = load_generator(model, tokenizer, device)

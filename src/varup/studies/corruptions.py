@@ -61,7 +61,7 @@ def run_corruption_eval(model: str | os.PathLike, tokenizer: str | os.PathLike, 
     ``tokens_dir``). Writes ``out_json`` atomically ({sets: [{corruption, severity, n_images, n_tokens,
     token_error, nll_per_token}], clean: {...}, class_mode, protocol}) and returns the same dict."""
     from varup.base.utils import atomic_write_json, progress, write_provenance
-    from varup.models.checkpoint import load_generator
+    from varup.models.generators import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()

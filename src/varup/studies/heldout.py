@@ -59,7 +59,7 @@ def run_heldout(model, tokenizer, tokens_dir, out_json, *, split: str = "val", m
     """Held-out loss and parameter counts of one trained model; writes ``out_json`` (and its provenance)."""
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.data.subsets import balanced_subset
-    from varup.models.checkpoint import load_generator
+    from varup.models.generators import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()

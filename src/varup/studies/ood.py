@@ -127,7 +127,7 @@ def run_ood(model: str | os.PathLike, tokenizer: str | os.PathLike, id_tokens_di
     labels only balance the subset). Writes ``out_json`` atomically and returns the same dict."""
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.data.subsets import balanced_subset
-    from varup.models.checkpoint import load_generator
+    from varup.models.generators import load_generator
     from varup.tokenizer.tokens import TokenCache
 
     t0 = time.time()

@@ -78,8 +78,8 @@ import numpy as np
 import torch
 
 from varup.base.seeding import derive_seed, make_generator
-from varup.models.checkpoint import load_generator
 from varup.models.common import eval_mode
+from varup.models.generators import load_generator
 from varup.sampling.sampler import class_major_labels, condition_kwargs, mc_dropout, sample
 
 log = logging.getLogger("varup.studies.uncertainty")
