@@ -158,3 +158,17 @@ def test_a_reading_without_numbers_is_undetermined_and_the_others_still_compared
     by = {c["diversity"]: c for c in st["comparisons"]}
     assert by["rare_recall"]["frontier"]["verdict"] == "undetermined" and "not a number" in by["rare_recall"]["text"]
     assert by["rare_recall"]["p"] is None and by["neg_kl"]["p"] is not None
+
+
+def test_the_planned_power_stands_when_no_seed_can_be_compared():
+    """Single-point curves (a tiny run) share no quality range: the comparison is undetermined, the MDE planned from
+    the configured seeds is still stated, the observed one is not."""
+    def point(s):
+        return {"grid": [{"temperature": 1.0, "top_p": 1.0, "precision": 0.25, "rare_recall": 1.0 + 0.1 * s}],
+                "curve": _grid(0.0)["curve"], "default": {"temperature": 1.0, "top_p": 1.0}}
+
+    st = summarise({"baseline": {s: point(s) for s in range(2)}, "ours": {s: point(s) for s in range(2)}},
+                   baseline="baseline", primary="ours", quality="precision", diversity=["rare_recall"],
+                   confidence=0.95, correction="holm", planning_sd=0.05, setting="synthetic")
+    assert st["frontier"]["verdict"] == "undetermined" and st["power"]["n_used"] == 0
+    assert st["power"]["mde_planned"] == pytest.approx(mde(2, 0.05)) and st["power"]["mde_observed"] is None

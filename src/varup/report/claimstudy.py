@@ -57,8 +57,9 @@ def comparison_rows(st: dict) -> tuple[list[dict], list[dict]]:
 def power_rows(st: dict) -> tuple[list[dict], list[dict]]:
     pw = st["power"]
     obs = MISSING if pw["mde_observed"] is None else f"{pw['mde_observed']:.3f} (sd {pw['observed_sd']:.3f})"
+    planned = MISSING if pw["mde_planned"] is None else f"{pw['mde_planned']:.3f} (sd {pw['planning_sd']:.3f})"
     text = (f"n = {pw['n']} paired seeds, power {pw['target_power']}, two-sided α = {pw['alpha']:.2f}: "
-            f"planned {pw['mde_planned']:.3f} (sd {pw['planning_sd']:.3f}), observed {obs}")
+            f"planned {planned}, observed {obs} (n = {pw.get('n_used', pw['n'])})")
     return [{"part": "power", **pw}], [{"": "minimum detectable gain", "diversity": st["diversity"], "verdict": text}]
 
 

@@ -85,15 +85,18 @@ def collapse_curve(grids: Mapping[str, Mapping[int, Any]], keys: Sequence[str] =
     return out
 
 
-def power_statement(n: int, planning_sd: float, observed_sd: float | None, confidence: float) -> dict:
-    """The minimum detectable mean frontier gain (power 0.8, two-sided paired t at 1 − confidence), from the
-    planning SD (stated before the run) and from the run's own per-seed spread."""
+def power_statement(n_planned: int, n_used: int, planning_sd: float, observed_sd: float | None,
+                    confidence: float) -> dict:
+    """The minimum detectable mean frontier gain (power 0.8, two-sided paired t at 1 − confidence): planned from the
+    configured seeds and ``planning_sd`` (stated before the run), and observed from the seeds the comparison could
+    use and their spread (None where fewer than two)."""
     from varup.base.power import mde
 
     alpha = 1 - confidence
-    return {"n": n, "alpha": alpha, "target_power": 0.8, "planning_sd": planning_sd,
-            "mde_planned": mde(n, planning_sd, alpha), "observed_sd": observed_sd,
-            "mde_observed": mde(n, observed_sd, alpha) if observed_sd and n >= 2 else None}
+    return {"n": n_planned, "n_used": n_used, "alpha": alpha, "target_power": 0.8, "planning_sd": planning_sd,
+            "mde_planned": mde(n_planned, planning_sd, alpha) if n_planned >= 2 else None,
+            "observed_sd": observed_sd,
+            "mde_observed": mde(n_used, observed_sd, alpha) if observed_sd and n_used >= 2 else None}
 
 
 def summarise(grids: Mapping[str, Mapping[int, Any]], *, baseline: str, primary: str, quality: str,
@@ -105,12 +108,12 @@ def summarise(grids: Mapping[str, Mapping[int, Any]], *, baseline: str, primary:
                        correction=correction)
     main = next(r for r in rows if r["arm"] == primary and r["diversity"] == diversity[0])
     sd = (main["frontier"].get("mean_gain") or {}).get("sd")
-    n = len(main["frontier"]["seeds"])
+    n_planned, n_used = len(grids[primary]), len(main["frontier"]["seeds"])
     default = next(iter(next(iter(grids.values())).values()))["default"]
     return {"kind": "claim_study", "setting": setting, "quality": quality, "diversity": diversity[0],
             "frontier": main["frontier"], "frontier_text": main["text"], "frontier_baseline": baseline,
             "primary": primary, "default_setting": default, "comparisons": rows, "correction": correction,
-            "power": power_statement(n, planning_sd, sd if sd == sd else None, confidence),
+            "power": power_statement(n_planned, n_used, planning_sd, sd if sd == sd else None, confidence),
             "curve": collapse_curve(grids), "mean_grid": mean_grids(grids)}
 
 
