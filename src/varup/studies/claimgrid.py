@@ -17,6 +17,7 @@ import torch
 
 log = logging.getLogger("varup.studies.claimgrid")
 
+
 def rare_modes(true_hist: np.ndarray, modes_per_class: int, rare_share: float) -> np.ndarray:
     """Boolean (n_modes,): the modes whose true share of their own class is below ``rare_share``."""
     t = np.asarray(true_hist, np.float64).reshape(-1, modes_per_class)

@@ -20,11 +20,7 @@ import numpy as np
 
 log = logging.getLogger("varup.studies.claimstudy")
 
-DIVERSITY = ("neg_kl", "covered", "recall", "rare_recall")
-QUALITY = ("class_accuracy", "precision")
 
-
-# ------------------------------------------------------------------------------------------- summary
 def curves(grids: Mapping[int, Mapping[str, Any]], quality: str, diversity: str) -> dict[int, dict]:
     """Per seed: the grid's (quality, diversity) curve over the settings where both readings are numbers (a reading
     a setting could not give, e.g. rare-mode recall where the data has no rare mode, is left out) and the index of
@@ -140,5 +136,5 @@ def run_claim_study(entries: Sequence[Mapping[str, Any]], out_json, **kw) -> dic
     return res
 
 
-__all__ = ["DIVERSITY", "QUALITY", "curves", "no_curve", "comparisons", "collapse_curve", "power_statement", "summarise",
+__all__ = ["curves", "no_curve", "comparisons", "collapse_curve", "power_statement", "summarise",
            "mean_grids", "run_claim_study"]
