@@ -32,6 +32,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
+# A CUDA build of torch takes about 5.5 GB in the venv, and pip's cache would hold another copy of every wheel it
+# downloads: say so before a full disk stops pip half way, and keep no cache (the stamp above makes reruns free).
+free_mb=$(df -Pm . | awk 'NR==2 {print $4}')
+if [ "${free_mb:-0}" -lt 8000 ]; then
+  echo "setup: only ${free_mb} MB free on $(df -P . | awk 'NR==2 {print $6}'); the venv needs about 8,000 MB" \
+       "(torch's CUDA build); pip will stop when the disk is full" >&2
+fi
+export PIP_NO_CACHE_DIR=1
 echo "setup: creating $VENV with $("$PYTHON" --version 2>&1), pins from $LOCK"
 "$PYTHON" -m venv "$VENV"
 constraints="$VENV/.varup-constraints.txt"
