@@ -56,6 +56,17 @@ def test_the_adjustment_over_the_ledger_can_take_a_claim_back():
     assert all(r["verdict"] == cl.SUPPORTED for r in rows)  # two equal p's: BH q = p, Holm would double one
 
 
+def test_identical_paired_differences_are_not_called_beyond_noise():
+    """Two seeds that both cover one mode fewer: no spread, so no t-interval and no p (a t-test would divide by 0);
+    the row says so instead of "beyond noise in the opposite direction", and stays out of the adjusted family."""
+    cfg = _cfg(seeds=(0, 1))
+    rows = cl.decide([_row("mode_collapse", [-1.0, -1.0], cfg), _row("fid", [-5.0, -5.2, -4.9, -5.1], cfg)], cfg)
+    mc = rows[0]
+    assert mc["verdict"] == cl.NOT_TESTABLE and "no spread" in mc["why"] and mc["diff_mean"] == -1.0
+    assert mc["p"] is None and mc["p_adjusted"] is None and mc["ci_low"] is None
+    assert "over 1 tests" in rows[1]["why"]  # the family is the one row with a p
+
+
 def test_unavailable_metric_is_not_testable_with_its_reason():
     cfg = _cfg()
     row = cl.difference_row("is", "toy d1", [(0, None, None), (1, None, None)], cfg, PAPER, "IS unavailable: no logits")

@@ -149,8 +149,12 @@ def difference_row(cid: str, setting: str, pairs: list[tuple[int, Any, Any]], cf
     if len(vals) < 2:
         row["why"] = "one paired seed: no interval (configure at least two seeds)"
         return row
-    if t["sd"] > 0:
-        row["mde"] = mde(len(vals), t["sd"], s["alpha"])
+    if not t["sd"] > 0:  # paired_t's p = 0 (t's limit) would call e.g. two seeds one whole mode apart beyond noise
+        row.update(ci_low=None, ci_high=None, p=None)
+        row["why"] = (f"the {len(vals)} paired differences are all {t['mean']:+.3g}: no spread, so no t-interval "
+                      "(a t-test gives p = 0 for any such pair); configure more seeds")
+        return row
+    row["mde"] = mde(len(vals), t["sd"], s["alpha"])
     row["verdict"] = None  # decided after the adjustment (decide)
     row["_direction"] = direction
     return row
