@@ -183,10 +183,14 @@ def test_claim_study_on_the_tiny_run_fills_the_frontier_row(finished):
     fr = st["frontier"]  # both seeds, less any whose two curves share no quality range (then named)
     assert fr["n"] + len(fr["seeds_without_overlap"]) == 2 and st["power"]["mde_planned"] > 0
     for arm in ("baseline", "sum_k8"):
-        assert [p["step"] for p in st["curve"][arm]] == [12, 24] and len(st["mean_grid"][arm]) == 3
+        assert [p["step"] for p in st["curve"][arm]] == [12, 24] and len(st["mean_grid"][arm]) == 3 * 2
         assert all(0 <= p["memorised"] <= 1 and p["covered"] >= 1 for p in st["curve"][arm])
     grid = json.loads((results / "shapes_lt" / "d1" / "cs_baseline" / "seed0" / "claim_grid.json").read_text())
-    assert grid["scorer"]["n_rare"] > 0 and len(grid["grid"]) == 3 * len(cs["top_p"])
+    assert grid["scorer"]["n_rare"] > 0 and len(grid["grid"]) == 3 * len(cs["top_p"]) * len(cs["cfg"])
+    guided = {p["temperature"]: p for p in grid["grid"] if p["cfg"] == 2.0}  # the guided copies: other samples
+    assert len(guided) == 3 and any(guided[p["temperature"]]["covered"] != p["covered"]
+                                    or guided[p["temperature"]]["class_accuracy"] != p["class_accuracy"]
+                                    for p in grid["grid"] if p["cfg"] == 1.0)
     assert (results / "figures" / "claim_study.png").stat().st_size > 10_000
     df = pd.read_csv(results / "tables" / "claims.csv")
     row = df[df["claim_id"] == "frontier"].iloc[0]

@@ -12,7 +12,7 @@ from varup.base.power import holm, mde
 from varup.data.toy import _plan, mode_counts
 from varup.sampling.sampler import sample
 from varup.studies.claimgrid import collapse_scores, memorised_share, rare_modes
-from varup.studies.claimstudy import summarise
+from varup.studies.claimstudy import curves, summarise
 
 
 def test_mode_counts_are_zipf_sum_to_n_and_keep_every_mode():
@@ -139,6 +139,37 @@ def test_the_study_dataset_stays_out_of_table_2_and_its_problems_name_their_keys
     problems = plan.claim_problems(cfg)
     assert any("claim_study/primary: 'nope'" in p for p in problems)
     assert any("claim_study/default_setting" in p for p in problems)
+
+
+def test_the_grid_crosses_temperature_top_p_and_cfg_guiding_only_where_asked():
+    import yaml
+
+    from tinydag import REPO
+    from varup.config import plan
+    from varup.config.schema import validate
+
+    cfg = validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    cs = cfg["experiments"]["claim_study"]
+    cs.update(temperatures=[0.8, 1.0], top_p=[0.8, 1.0], cfg=[1.0, 2.0], guided_top_p=[1.0],
+              default_setting={"temperature": 1.0, "top_p": 0.8, "cfg": 1.0})
+    grid = plan.claim_settings(cfg)
+    assert len(grid) == 2 * 2 + 2 and {(g["top_p"], g["cfg"]) for g in grid} == {(0.8, 1.0), (1.0, 1.0), (1.0, 2.0)}
+    assert not plan.claim_problems(cfg)
+    cs["default_setting"] = {"temperature": 1.0, "top_p": 0.8, "cfg": 2.0}  # guided only at top-p 1
+    assert any("claim_study/default_setting" in p for p in plan.claim_problems(cfg))
+    cs["guided_top_p"] = None  # every top-p guided: 2 x 2 x 2
+    assert len(plan.claim_settings(cfg)) == 8 and not plan.claim_problems(cfg)
+
+
+def test_the_default_point_is_found_by_every_key_of_the_default_setting():
+    """A guided copy of the default temperature and top-p is another point: the frontier's default is the one whose
+    cfg matches too."""
+    g = _grid(0.0)
+    guided = [{**p, "cfg": 2.0, "rare_recall": p["rare_recall"] - 0.3} for p in g["grid"]]
+    g = {**g, "grid": [*guided, *({**p, "cfg": 1.0} for p in g["grid"])],
+         "default": {"temperature": 1.0, "top_p": 1.0, "cfg": 1.0}}
+    c = curves({0: g}, "precision", "rare_recall")[0]
+    assert c["default"] == 5 + 2 and c["diversity"][c["default"]] == g["grid"][7]["rare_recall"]
 
 
 def test_a_reading_without_numbers_is_undetermined_and_the_others_still_compared():

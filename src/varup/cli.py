@@ -904,7 +904,7 @@ def add_study_commands(cmd) -> None:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--out", required=True)
 
-    p = cmd("claim-grid", cmd_claim_grid, "the claim study's scores of one run: its temperature x top-p grid and "
+    p = cmd("claim-grid", cmd_claim_grid, "the claim study's scores of one run: its temperature x top-p x cfg grid and "
             "its kept snapshots at the default setting (modes, rare-mode recall, KL, memorisation, toy-P/R)")
     for k in ("model", "tokenizer", "classifier", "data", "run", "out"):
         p.add_argument(f"--{k}", required=True)

@@ -1,5 +1,5 @@
 # The claim study (experiments.claim_study, issue 25): a regime where cross-entropy collapses (a long-tailed toy
-# dataset, trained past convergence), every run sampled over a temperature x top-p grid and scored for quality and
+# dataset, trained past convergence), every run sampled over a temperature x top-p x cfg grid and scored for quality and
 # diversity, the arms compared with the baseline by their frontiers (paired by seed, p-values corrected), and the
 # baseline's collapse curve over its kept snapshots. Its own target, `snakemake claim_study` (not part of `all`).
 # README: "Does the objective move the frontier?".

@@ -505,14 +505,14 @@ def claim_entries():
 def claim_grid_params(w):
     """The grid, the default setting, the run's kept snapshots, the sampling and scoring settings of one run."""
     s = plan.sample_settings(config, w.dataset)
-    settings = [{"temperature": t, "top_p": p} for p in CLAIM["top_p"] for t in CLAIM["temperatures"]]
+    settings = plan.claim_settings(config)
     snaps = [[n, f"{run_dir(w)}/train/snapshots/step{n}.pt"] for n in plan.claim_snapshots(config)]
     sampling = {"n_per_class": CLAIM["n_per_class"], "batch_size": CLAIM["batch_size"], "seed": int(w.seed)}
     return {
         "settings": settings,
         "default": CLAIM["default_setting"],
         "snapshots": snaps,
-        "sampling": {**sampling, "cfg": s["cfg"], "top_k": s["top_k"]},
+        "sampling": {**sampling, "top_k": s["top_k"]},
         "rare_share": CLAIM["rare_share"],
         "memorisation_quantile": CLAIM["memorisation_quantile"],
         "metrics": toy_metric_params(w),

@@ -218,9 +218,18 @@ def claim_problems(cfg: dict) -> list[str]:
     if reader and cfg["datasets"].get(reader, {}).get("kind") != "toy":
         out.append(f"datasets/{cs['dataset']}/mode_classifier: {reader!r} is not a toy dataset under datasets")
     d = cs["default_setting"]
-    if d["temperature"] not in cs["temperatures"] or d["top_p"] not in cs["top_p"]:
-        out.append(f"{key}/default_setting: {d} is not a point of the grid (temperatures x top_p)")
+    if d not in claim_settings(cfg):
+        out.append(f"{key}/default_setting: {d} is not a point of the grid (temperatures x top_p x cfg, cfg above 1 "
+                   "only at guided_top_p)")
     return out
+
+
+def claim_settings(cfg: dict) -> list[dict]:
+    """The claim study's sampling grid: temperatures x top_p x cfg, a cfg above 1 only at ``guided_top_p``."""
+    cs = cfg["experiments"]["claim_study"]
+    guided = cs["top_p"] if cs["guided_top_p"] is None else cs["guided_top_p"]
+    return [{"temperature": t, "top_p": p, "cfg": c} for c in cs["cfg"] for p in cs["top_p"]
+            if c == 1 or p in guided for t in cs["temperatures"]]
 
 
 def all_methods(cfg: dict) -> dict[str, dict]:

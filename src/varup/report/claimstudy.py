@@ -6,9 +6,9 @@
   corrected p, and the verdict (moves the frontier, moves along it, ...); a power row (the minimum detectable effect
   planned and observed); then the collapse curve: per arm and kept training step, the default setting's rare-mode
   recall, modes covered, KL(true || generated), memorised share, toy-precision and toy-recall (mean ± std over seeds).
-* ``figures/claim_study.{png,pdf}``: (left) each arm's mean grid in the quality-diversity plane, one line per top-p
-  through its temperatures, the default setting ringed; (right) modes covered and the memorised share against
-  training steps at the default setting.
+* ``figures/claim_study.{png,pdf}``: (left) each arm's mean grid in the quality-diversity plane, one line per
+  (top-p, cfg) through its temperatures, the default setting ringed; (right) modes covered and the memorised share
+  against training steps at the default setting.
 
 ``python -m varup.report.claimstudy --study claim_study.json --tables DIR --figures DIR`` (rule
 ``claim_study_report``).
@@ -82,7 +82,7 @@ def claim_frames(st: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def caption(st: dict) -> str:
     conf = int(round(st["frontier"]["confidence"] * 100))
-    return (f"Claim study ({st['setting']}): every run sampled over a temperature x top-p grid; each arm against "
+    return (f"Claim study ({st['setting']}): every run sampled over a temperature x top-p x cfg grid; each arm against "
             f"{st['frontier_baseline']} by its {st['quality']}–diversity frontier, paired by training seed (mean "
             f"diversity gain at matched {st['quality']} over the quality range each seed's pair of curves shares; "
             f"range: the one all seeds share, where there is one; {conf} % "
@@ -98,13 +98,15 @@ def claim_figure(st: dict, out: str | Path) -> None:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.9))
     q, dv = st["quality"], st["diversity"]
+    d = st["default_setting"]
     for i, (arm, pts) in enumerate(st["mean_grid"].items()):
-        for j, tp in enumerate(sorted({p["top_p"] for p in pts})):
-            line = sorted((p for p in pts if p["top_p"] == tp), key=lambda p: p["temperature"])
-            ax.plot([p[q] for p in line], [p[dv] for p in line], color=f"C{i}", ls="-" if j else "--", marker="o",
-                    ms=3, lw=1.1, label=f"{arm}, top-p {tp:g}")
-        d = st["default_setting"]
-        dp = next(p for p in pts if p["temperature"] == d["temperature"] and p["top_p"] == d["top_p"])
+        for j, (tp, g) in enumerate(sorted({(p["top_p"], p.get("cfg", 1.0)) for p in pts})):
+            line = sorted((p for p in pts if (p["top_p"], p.get("cfg", 1.0)) == (tp, g)),
+                          key=lambda p: p["temperature"])
+            ax.plot([p[q] for p in line], [p[dv] for p in line], color=f"C{i}", ls=("--", "-", ":", "-.")[j % 4],
+                    marker="os^v"[j % 4], ms=3, lw=1.1,
+                    label=f"{arm}, top-p {tp:g}" + (f", cfg {g:g}" if g != 1 else ""))
+        dp = next(p for p in pts if all(p.get(k, 1.0) == v for k, v in d.items()))
         ax.scatter([dp[q]], [dp[dv]], s=90, facecolors="none", edgecolors=f"C{i}", linewidths=1.5, zorder=3)
     ax.set_xlabel(f"{q} (quality)")
     ax.set_ylabel(f"{dv} (diversity)")

@@ -1,6 +1,6 @@
 """The claim study's per-run scores (issue 25; the summary over runs is :mod:`varup.studies.claimstudy`): one
-trained run sampled over the temperature x top-p grid and, at the default setting, each of its kept snapshots; every
-sample set read by the mode classifier (:func:`collapse_scores`: rare-mode recall, modes covered, KL(true ||
+trained run sampled over the temperature x top-p x cfg grid and, at the default setting, each of its kept snapshots;
+every sample set read by the mode classifier (:func:`collapse_scores`: rare-mode recall, modes covered, KL(true ||
 generated), class accuracy), in its feature space (toy-precision / recall) and for memorisation
 (:func:`memorised_share`). Every setting and snapshot is sampled with the same sampling seed (common random
 numbers), so two runs' samples differ only by their models. Its own module so that an edit of the comparison
@@ -108,8 +108,12 @@ def _sample(var, vae, setting: Mapping[str, float], s: Mapping[str, Any], device
     from varup.sampling.sampler import sample_shard
 
     return sample_shard(var, vae, n_per_class=s["n_per_class"], batch_size=s["batch_size"], seed=s["seed"],
-                        cfg=s["cfg"], top_k=s["top_k"], top_p=setting["top_p"], temperature=setting["temperature"],
-                        device=device, desc=f"T {setting['temperature']:g} top-p {setting['top_p']:g}")
+                        cfg=setting["cfg"], top_k=s["top_k"], top_p=setting["top_p"],
+                        temperature=setting["temperature"], device=device, desc=describe_setting(setting))
+
+
+def describe_setting(setting: Mapping[str, float]) -> str:
+    return f"T {setting['temperature']:g} top-p {setting['top_p']:g} cfg {setting['cfg']:g}"
 
 
 def _scored(var, vae, scorer: Scorer, setting: Mapping[str, float], s: Mapping[str, Any], device) -> dict:
@@ -122,7 +126,8 @@ def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings
                    rare_share: float, memorisation_quantile: float, metric_params: Mapping[str, Any],
                    device: str = "auto", meta: Mapping[str, Any] | None = None) -> dict:
     """One run of the study: its final model over the grid ``settings`` and each kept snapshot ``(step, path)`` at
-    the ``default`` setting. ``sampling``: n_per_class, batch_size, seed, cfg, top_k. Writes ``out_json``."""
+    the ``default`` setting (each setting: temperature, top_p, cfg). ``sampling``: n_per_class, batch_size, seed,
+    top_k. Writes ``out_json``."""
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.models.checkpoint import load_model
     from varup.models.generators import load_generator
@@ -134,7 +139,7 @@ def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings
     grid = [_scored(var, vae, scorer, st, sampling, dev) for st in settings]
     curve = [{"step": int(step), **_scored(load_model(p).to(dev).eval(), vae, scorer, default, sampling, dev)}
              for step, p in snapshots]
-    final = next(g for g in grid if all(g[k] == default[k] for k in ("temperature", "top_p")))
+    final = next(g for g in grid if all(g[k] == v for k, v in default.items()))
     curve.append({"step": int(var_steps(model)), **final})
     res = {"kind": "claim_grid", **dict(meta or {}), "grid": grid, "curve": curve, "default": dict(default),
            "scorer": scorer.describe(), "sampling": dict(sampling)}
@@ -151,5 +156,5 @@ def var_steps(model) -> int:
     return int(read_checkpoint(model, "cpu")["run"]["optim"]["steps"])
 
 
-__all__ = ["rare_modes", "collapse_scores", "nearest_distances", "memorised_share", "Scorer", "run_claim_grid",
-           "var_steps"]
+__all__ = ["rare_modes", "collapse_scores", "nearest_distances", "memorised_share", "Scorer", "describe_setting",
+           "run_claim_grid", "var_steps"]

@@ -2,7 +2,8 @@
 baseline has something to lose? The summary over every run's grid (:mod:`varup.studies.claimgrid` scores the runs).
 
 * The regime: a toy dataset whose modes are long-tailed within each class (``datasets.<name>.generator.mode_zipf``;
-  the rarest at about 2 % of a class) and small, trained far past convergence, sampled with truncation (top-p).
+  the rarest at about 2 % of a class) and small, trained far past convergence, sampled with truncation (top-p) and
+  classifier-free guidance.
 * Collapse over training: per arm and kept step, the default setting's readings, mean and spread over seeds
   (:func:`collapse_curve`).
 * Frontiers: :func:`summarise` compares every arm with the baseline by their quality-diversity frontiers, paired by
@@ -29,8 +30,7 @@ def curves(grids: Mapping[int, Mapping[str, Any]], quality: str, diversity: str)
     for seed, g in grids.items():
         d = g["default"]
         pts = [p for p in g["grid"] if math.isfinite(p[quality]) and math.isfinite(p[diversity])]
-        idx = next((i for i, p in enumerate(pts) if p["temperature"] == d["temperature"]
-                    and p["top_p"] == d["top_p"]), None)
+        idx = next((i for i, p in enumerate(pts) if all(p.get(k) == v for k, v in d.items())), None)
         out[seed] = {"quality": [p[quality] for p in pts], "diversity": [p[diversity] for p in pts], "default": idx}
     return out
 
