@@ -100,3 +100,14 @@ def test_a_frontier_edit_re_scores_the_claim_study_but_never_resamples_it(pkg):
     after = fingerprints(pkg, stages)
     assert after["claim-grid"] == before["claim-grid"]
     assert after["claim-study"] != before["claim-study"] and after["tables"] != before["tables"]
+
+
+def test_the_trainer_s_code_holds_no_planning_module(pkg):
+    """The run's specification reaches the trainer as a parameter, so a planning edit (a new grid key, a study's
+    runs) changes only the specs it changes: the trainer's fingerprint holds no varup.config module. The memory plan
+    of a config lived beside the trainer's micro-batch choice and pulled varup.config.plan into every training run."""
+    assert not [m for m in stage_modules("train", pkg) if m.startswith("varup.config")]
+    before = fingerprints(pkg, ("train", "plan-memory"))
+    (pkg / "config" / "plan.py").write_text((pkg / "config" / "plan.py").read_text() + "\nEDITED = 1\n")
+    after = fingerprints(pkg, ("train", "plan-memory"))
+    assert after["train"] == before["train"] and after["plan-memory"] != before["plan-memory"]

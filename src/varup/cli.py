@@ -972,7 +972,7 @@ def cmd_gpu_check(a) -> int:
 
 def cmd_plan_memory(a) -> int:
     from varup.config.schema import load_config
-    from varup.training.memplan import format_plan, plan_config
+    from varup.training.memtable import format_plan, plan_config
 
     rows = plan_config(load_config(a.configfile))
     print(format_plan(rows))
@@ -987,7 +987,7 @@ def cmd_plan_memory(a) -> int:
 
 
 def add_plan_commands(cmd) -> None:
-    """The memory plan of a config's training runs (``varup.training.memplan``)."""
+    """The memory plan of a config's training runs (``varup.training.memtable``)."""
     p = cmd("plan-memory", cmd_plan_memory, "estimated peak GPU memory of every training run of a config against "
             "cluster.gpu_mem_gb; exit 1 when a run does not fit")
     p.add_argument("--configfile", required=True, help="the config file (e.g. config/paper.yaml)")
