@@ -139,9 +139,10 @@ def test_the_tiny_run_fills_every_claim(finished):
     ran = ["fid", "diversity", "mode_collapse", "overhead", "ood_auroc", "nll"]  # the tiny DAG runs them
     if rc["experiments"]["ood"]["corruptions"]["enabled"]:
         ran.append("mce")
-    for cid in ran:
+    for cid in ran:  # tested, or (2 seeds, integer readings such as modes) equal differences: no spread, no test
         assert by[cid]["n"] == len(cfg["seeds"]) and np.isfinite(by[cid]["diff_mean"]), cid
-        assert by[cid]["verdict"] in (cl.SUPPORTED, cl.NOT_SUPPORTED), (cid, by[cid]["why"])
+        assert by[cid]["verdict"] in (cl.SUPPORTED, cl.NOT_SUPPORTED) or (
+            by[cid]["verdict"] == cl.NOT_TESTABLE and "no spread" in by[cid]["why"]), (cid, by[cid]["why"])
     assert by["is"]["verdict"] != cl.NOT_RUN
     for cid, target in (("mauve", "lm_study"), ("scaling", "scaling_study"), ("frontier", "claim_study"),
                         ("lambda_ranges", "lambda_study")):
