@@ -11,7 +11,7 @@ from varup.base.frontier import ALONG, MOVES
 from varup.base.power import holm, mde
 from varup.data.toy import _plan, mode_counts
 from varup.sampling.sampler import sample
-from varup.studies.claimgrid import collapse_scores, memorised_share, rare_modes
+from varup.studies.claimgrid import collapse_scores, memorised_share, rare_modes, within_class_hist
 from varup.studies.claimstudy import curves, summarise
 
 
@@ -44,6 +44,25 @@ def test_rare_mode_recall_is_the_generated_over_the_true_share_of_the_rare_modes
     dropped = np.where(at_rate == 3, 0, at_rate)
     d = collapse_scores(dropped, labels, true, 4, rare)
     assert d["rare_recall"] == 0.0 and d["covered"] == 7 and d["kl_true_gen"] > s["kl_true_gen"] + 0.1
+
+
+def test_modes_are_read_within_the_requested_class_so_misdrawn_images_are_not_rare_modes():
+    true = np.array([0.4, 0.35, 0.2, 0.05, 0.25, 0.25, 0.25, 0.25]) / 2
+    rare = rare_modes(true, 4, 0.1)
+    labels = np.array([0] * 20 + [1] * 20)
+    at_rate = np.array([0] * 8 + [1] * 7 + [2] * 4 + [3] + [4, 5, 6, 7] * 5)
+    misdrawn = at_rate.copy()
+    misdrawn[20:24] = 3  # four class-1 samples the classifier reads as class 0's rare mode
+    m = collapse_scores(misdrawn, labels, true, 4, rare)
+    assert m["class_accuracy"] == pytest.approx(36 / 40)
+    assert m["rare_recall"] == pytest.approx(1.0)  # counted over all samples it would read 5 of 40 against 1 in 40
+    assert m["covered"] == 8 and m["kl_true_gen"] == pytest.approx(0.0, abs=1e-4)  # class 1's 16 keep its shares
+    gen, n_in = within_class_hist(misdrawn, labels, true, 4)
+    assert n_in == 36 and gen.sum() == pytest.approx(1.0) and gen[4:].tolist() == pytest.approx([0.125] * 4)
+    lost = np.where(labels == 1, 0, at_rate)  # class 1 never drawn as itself: its modes are all missing
+    lost_scores = collapse_scores(lost, labels, true, 4, rare)
+    assert lost_scores["covered"] == 4 and lost_scores["class_accuracy"] == 0.5
+    assert lost_scores["kl_true_gen"] > 5
 
 
 def test_memorised_share_counts_samples_nearer_a_training_image_than_the_threshold():
