@@ -184,10 +184,15 @@ def test_claim_study_on_the_tiny_run_fills_the_frontier_row(finished):
     fr = st["frontier"]  # both seeds, less any whose two curves share no quality range (then named)
     assert fr["n"] + len(fr["seeds_without_overlap"]) == 2 and st["power"]["mde_planned"] > 0
     for arm in ("baseline", "sum_k8"):
-        assert [p["step"] for p in st["curve"][arm]] == [12, 24] and len(st["mean_grid"][arm]) == 3 * 2
+        assert [(p["default"], p["step"]) for p in st["curve"][arm]] == [(True, 12), (True, 24), (False, 12),
+                                                                          (False, 24)]
+        assert st["curve"][arm][2]["setting"] == "T 0.8 top-p 0.8 cfg 1" and len(st["mean_grid"][arm]) == 3 * 2
         assert all(0 <= p["memorised"] <= 1 and p["covered"] >= 1 for p in st["curve"][arm])
     grid = json.loads((results / "shapes_lt" / "d1" / "cs_baseline" / "seed0" / "claim_grid.json").read_text())
     assert grid["scorer"]["n_rare"] > 0 and len(grid["grid"]) == 3 * len(cs["top_p"]) * len(cs["cfg"])
+    final = [c for c in grid["curve"] if c["step"] == 24]  # the final model's curve rows are its grid's points
+    assert len(final) == 2 and all(any(c["covered"] == g["covered"] and c["kl_true_gen"] == g["kl_true_gen"]
+                                       and c["temperature"] == g["temperature"] for g in grid["grid"]) for c in final)
     guided = {p["temperature"]: p for p in grid["grid"] if p["cfg"] == 2.0}  # the guided copies: other samples
     assert len(guided) == 3 and any(guided[p["temperature"]]["covered"] != p["covered"]
                                     or guided[p["temperature"]]["class_accuracy"] != p["class_accuracy"]

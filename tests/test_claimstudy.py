@@ -12,7 +12,7 @@ from varup.base.power import holm, mde
 from varup.data.toy import _plan, mode_counts
 from varup.sampling.sampler import sample
 from varup.studies.claimgrid import collapse_scores, memorised_share, rare_modes, within_class_hist
-from varup.studies.claimstudy import curves, summarise
+from varup.studies.claimstudy import collapse_curve, curves, summarise
 
 
 def test_mode_counts_are_zipf_sum_to_n_and_keep_every_mode():
@@ -169,7 +169,7 @@ def test_the_grid_crosses_temperature_top_p_and_cfg_guiding_only_where_asked():
 
     cfg = validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     cs = cfg["experiments"]["claim_study"]
-    cs.update(temperatures=[0.8, 1.0], top_p=[0.8, 1.0], cfg=[1.0, 2.0], guided_top_p=[1.0],
+    cs.update(temperatures=[0.8, 1.0], top_p=[0.8, 1.0], cfg=[1.0, 2.0], guided_top_p=[1.0], curve_settings=[],
               default_setting={"temperature": 1.0, "top_p": 0.8, "cfg": 1.0})
     grid = plan.claim_settings(cfg)
     assert len(grid) == 2 * 2 + 2 and {(g["top_p"], g["cfg"]) for g in grid} == {(0.8, 1.0), (1.0, 1.0), (1.0, 2.0)}
@@ -178,6 +178,27 @@ def test_the_grid_crosses_temperature_top_p_and_cfg_guiding_only_where_asked():
     assert any("claim_study/default_setting" in p for p in plan.claim_problems(cfg))
     cs["guided_top_p"] = None  # every top-p guided: 2 x 2 x 2
     assert len(plan.claim_settings(cfg)) == 8 and not plan.claim_problems(cfg)
+    cs["curve_settings"] = [{"temperature": 0.8, "top_p": 0.8, "cfg": 1.0}, {"temperature": 0.7, "top_p": 0.8,
+                                                                            "cfg": 1.0}]
+    assert [p.split(":")[0] for p in plan.claim_problems(cfg)] == ["experiments/claim_study/curve_settings/1"]
+
+
+def test_the_curve_over_training_is_kept_per_setting_the_default_first():
+    def run(seed):
+        g = _grid(0.0, seed=seed)
+        rows = [{"step": s, "setting": lab, "default": lab == "T 1 top-p 1 cfg 1", "rare_recall": 0.5,
+                 "covered": 60.0 - s / 100 * (lab != "T 1 top-p 1 cfg 1") + seed, "kl_true_gen": 0.1,
+                 "memorised": 0.05, "precision": 0.7, "recall": 0.6}
+                for lab in ("T 0.7 top-p 1 cfg 1", "T 1 top-p 1 cfg 1") for s in (100, 200)]
+        return {**g, "curve": rows}
+
+    curve = collapse_curve({"baseline": {s: run(s) for s in range(2)}})["baseline"]
+    assert [(p["setting"], p["step"]) for p in curve] == [("T 1 top-p 1 cfg 1", 100), ("T 1 top-p 1 cfg 1", 200),
+                                                          ("T 0.7 top-p 1 cfg 1", 100), ("T 0.7 top-p 1 cfg 1", 200)]
+    assert [p["covered"] for p in curve] == [60.5, 60.5, 59.5, 58.5] and curve[0]["n"] == 2
+    assert curve[0]["covered_sd"] == pytest.approx(np.std([60, 61], ddof=1))
+    old = collapse_curve({"baseline": {0: _grid(0.0)}})["baseline"]  # a grid written before curve settings
+    assert [(p["setting"], p["default"], p["step"]) for p in old] == [("default", True, 100)]
 
 
 def test_the_default_point_is_found_by_every_key_of_the_default_setting():

@@ -51,7 +51,7 @@ def tiny_claim_study(cfg: dict) -> None:
     cs = cfg["experiments"]["claim_study"]
     cs.update(depth=1, seeds=[0, 1], steps=24, snapshots=[12], temperatures=[0.8, 1.0, 1.3], top_p=[0.8],
               cfg=[1.0, 2.0], guided_top_p=None, n_per_class=8, batch_size=32, primary="sum_k8",
-              rare_share=0.05)  # 32 per class: rarest 1/32
+              rare_share=0.05, curve_settings=[{"temperature": 0.8, "top_p": 0.8, "cfg": 1.0}])  # 32 per class: rarest 1/32
     cs["arms"] = {a: cs["arms"][a] for a in ("baseline", "sum_k8")}
 
 

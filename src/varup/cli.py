@@ -656,7 +656,8 @@ def cmd_claim_grid(a) -> None:
     run_claim_grid(a.model, a.tokenizer, a.classifier, a.data, a.out, settings=p["settings"], default=p["default"],
                    snapshots=[(int(s), path) for s, path in p["snapshots"]], sampling=p["sampling"],
                    rare_share=p["rare_share"], memorisation_quantile=p["memorisation_quantile"],
-                   metric_params=p["metrics"], device=a.device, meta=_run_meta(a.run))
+                   metric_params=p["metrics"], curve_settings=p["curve_settings"], device=a.device,
+                   meta=_run_meta(a.run))
 
 
 def cmd_claim_study(a) -> None:

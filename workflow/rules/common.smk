@@ -511,6 +511,7 @@ def claim_grid_params(w):
     return {
         "settings": settings,
         "default": CLAIM["default_setting"],
+        "curve_settings": CLAIM["curve_settings"],
         "snapshots": snaps,
         "sampling": {**sampling, "top_k": s["top_k"]},
         "rare_share": CLAIM["rare_share"],

@@ -217,10 +217,11 @@ def claim_problems(cfg: dict) -> list[str]:
     reader = ds.get("mode_classifier")
     if reader and cfg["datasets"].get(reader, {}).get("kind") != "toy":
         out.append(f"datasets/{cs['dataset']}/mode_classifier: {reader!r} is not a toy dataset under datasets")
-    d = cs["default_setting"]
-    if d not in claim_settings(cfg):
-        out.append(f"{key}/default_setting: {d} is not a point of the grid (temperatures x top_p x cfg, cfg above 1 "
-                   "only at guided_top_p)")
+    grid = claim_settings(cfg)
+    named = [("default_setting", cs["default_setting"])]
+    named += [(f"curve_settings/{i}", c) for i, c in enumerate(cs["curve_settings"])]
+    out += [f"{key}/{k}: {d} is not a point of the grid (temperatures x top_p x cfg, cfg above 1 only at "
+            "guided_top_p)" for k, d in named if d not in grid]
     return out
 
 

@@ -67,9 +67,10 @@ def curve_rows(st: dict) -> tuple[list[dict], list[dict]]:
     rows, disp = [], []
     for arm, pts in st["curve"].items():
         for p in pts:
-            rows.append({"part": "curve", "arm": arm, "step": p["step"], "n": p["n"],
+            setting = p.get("setting", "default")
+            rows.append({"part": "curve", "arm": arm, "setting": setting, "step": p["step"], "n": p["n"],
                          **{k: p[k] for k, _, _ in CURVE_KEYS}, **{f"{k}_sd": p[f"{k}_sd"] for k, _, _ in CURVE_KEYS}})
-            disp.append({"": f"{arm} @ step {p['step']}",
+            disp.append({"": f"{arm} @ step {p['step']}, {setting}",
                          **{name: fmt(p[k], p[f"{k}_sd"], d) for k, name, d in CURVE_KEYS}})
     return rows, disp
 
@@ -88,7 +89,8 @@ def caption(st: dict) -> str:
             f"range: the one all seeds share, where there is one; {conf} % "
             f"paired t; p corrected over the table's comparisons by {st['correction']}). 'moves along the frontier': "
             "the frontiers coincide but the default operating points differ, as a temperature change would give. "
-            "Curve rows: the default setting at each kept training step (mean ± std over seeds).")
+            "Curve rows: the default setting, and each curve setting, at each kept training step (mean ± std over "
+            "seeds).")
 
 
 def claim_figure(st: dict, out: str | Path) -> None:
@@ -112,21 +114,31 @@ def claim_figure(st: dict, out: str | Path) -> None:
     ax.set_ylabel(f"{dv} (diversity)")
     ax.set_title("each arm's grid, mean over seeds (ringed: the default setting)", fontsize=8)
     ax.legend(fontsize=6, frameon=False)
-    for i, (arm, pts) in enumerate(st["curve"].items()):
-        steps = [p["step"] for p in pts]
-        bx.errorbar(steps, [p["covered"] for p in pts], yerr=[p["covered_sd"] or 0 for p in pts], color=f"C{i}",
-                    marker="o", ms=3, capsize=2, label=f"{arm}: modes covered")
-    bx.set_xlabel("training step")
-    bx.set_ylabel("modes covered at the default setting")
-    cx = bx.twinx()
-    for i, (arm, pts) in enumerate(st["curve"].items()):
-        cx.plot([p["step"] for p in pts], [p["memorised"] for p in pts], color=f"C{i}", ls=":", lw=1.2)
-    cx.set_ylabel("memorised share (dotted)")
-    bx.legend(fontsize=7, frameon=False, loc="lower right")
-    bx.set_title("over training, default setting (mean ± std over seeds)", fontsize=8)
+    curve_panel(bx, st["curve"])
     fig.suptitle(textwrap.fill(st["frontier_text"], 150), fontsize=8)
     fig.tight_layout()
     save_figure(fig, out, "claim_study")
+
+
+def curve_panel(bx, curve: dict) -> None:
+    """Modes covered over training per arm: the default setting solid (its memorised share dotted on the right
+    axis), each further curve setting dashed."""
+    cx = bx.twinx()
+    for i, (arm, pts) in enumerate(curve.items()):
+        for j, label in enumerate(dict.fromkeys(p.get("setting", "default") for p in pts)):
+            line = [p for p in pts if p.get("setting", "default") == label]
+            bx.errorbar([p["step"] for p in line], [p["covered"] for p in line],
+                        yerr=[p["covered_sd"] or 0 for p in line], color=f"C{i}", ls=("-", "--", "-.")[min(j, 2)],
+                        marker="os^"[min(j, 2)], ms=3, capsize=2, lw=1.1,
+                        label=f"{arm}" + ("" if line[0].get("default", True) else f", {label}"))
+            if line[0].get("default", True):
+                cx.plot([p["step"] for p in line], [p["memorised"] for p in line], color=f"C{i}", ls=":", lw=1.2)
+    bx.set_xlabel("training step")
+    bx.set_ylabel("modes covered")
+    cx.set_ylabel("memorised share, default setting (dotted)")
+    bx.legend(fontsize=6, frameon=False, loc="lower right")
+    bx.set_title("over training: the default setting (solid) and the curve settings (mean ± std over seeds)",
+                 fontsize=7)
 
 
 def make_claim_report(study: str | Path, tables: str | Path, figures: str | Path) -> pd.DataFrame:
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                              "the claim study's table and figure", "claim_study/claim_study.json", make_claim_report)
 
 
-__all__ = ["comparison_rows", "power_rows", "curve_rows", "claim_frames", "caption", "claim_figure",
+__all__ = ["comparison_rows", "power_rows", "curve_rows", "claim_frames", "caption", "claim_figure", "curve_panel",
            "make_claim_report", "main"]
 
 if __name__ == "__main__":  # pragma: no cover

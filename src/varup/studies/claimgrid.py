@@ -141,13 +141,26 @@ def _scored(var, vae, scorer: Scorer, setting: Mapping[str, float], s: Mapping[s
     return {**setting, **scorer(out["images"], out["labels"])}
 
 
+def is_setting(point: Mapping[str, Any], setting: Mapping[str, float]) -> bool:
+    """Whether a scored point was sampled at ``setting`` (every key of it)."""
+    return all(point.get(k) == v for k, v in setting.items())
+
+
+def curve_point(step: int, setting: Mapping[str, float], scores: Mapping[str, Any],
+                default: Mapping[str, float]) -> dict:
+    """One row of a run's curve over training: the step, the setting's label and whether it is the default."""
+    return {"step": int(step), **scores, "setting": describe_setting(setting), "default": is_setting(setting, default)}
+
+
 def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings: Sequence[Mapping[str, float]],
                    default: Mapping[str, float], snapshots: Sequence[tuple[int, str]], sampling: Mapping[str, Any],
                    rare_share: float, memorisation_quantile: float, metric_params: Mapping[str, Any],
-                   device: str = "auto", meta: Mapping[str, Any] | None = None) -> dict:
+                   curve_settings: Sequence[Mapping[str, float]] = (), device: str = "auto",
+                   meta: Mapping[str, Any] | None = None) -> dict:
     """One run of the study: its final model over the grid ``settings`` and each kept snapshot ``(step, path)`` at
-    the ``default`` setting (each setting: temperature, top_p, cfg). ``sampling``: n_per_class, batch_size, seed,
-    top_k. Writes ``out_json``."""
+    the ``default`` setting and at each of ``curve_settings`` (each setting: temperature, top_p, cfg; each a point
+    of the grid, which gives the final model's rows). ``sampling``: n_per_class, batch_size, seed, top_k. Writes
+    ``out_json``."""
     from varup.base.utils import atomic_write_json, write_provenance
     from varup.models.checkpoint import load_model
     from varup.models.generators import load_generator
@@ -157,15 +170,20 @@ def run_claim_grid(model, tokenizer, classifier, data_dir, out_json, *, settings
     scorer = Scorer(classifier, data_dir, rare_share=rare_share, memorisation_quantile=memorisation_quantile,
                     metric_params=metric_params, device=dev)
     grid = [_scored(var, vae, scorer, st, sampling, dev) for st in settings]
-    curve = [{"step": int(step), **_scored(load_model(p).to(dev).eval(), vae, scorer, default, sampling, dev)}
-             for step, p in snapshots]
-    final = next(g for g in grid if all(g[k] == v for k, v in default.items()))
-    curve.append({"step": int(var_steps(model)), **final})
+    along = [dict(default), *(c for c in curve_settings if c != default)]
+    curve = []
+    for step, p in snapshots:
+        snap = load_model(p).to(dev).eval()
+        curve += [curve_point(step, st, _scored(snap, vae, scorer, st, sampling, dev), default) for st in along]
+    last = int(var_steps(model))
+    curve += [curve_point(last, st, next(g for g in grid if is_setting(g, st)), default) for st in along]
     res = {"kind": "claim_grid", **dict(meta or {}), "grid": grid, "curve": curve, "default": dict(default),
+           "curve_settings": along,
            "scorer": scorer.describe(), "sampling": dict(sampling)}
     atomic_write_json(out_json, res)
     write_provenance(out_json, config={"settings": list(settings), "sampling": dict(sampling)}, started=t0)
-    log.info("claim grid: %d settings, %d snapshots in %.0f s", len(grid), len(snapshots), time.time() - t0)
+    log.info("claim grid: %d settings, %d snapshots x %d settings in %.0f s", len(grid), len(snapshots), len(along),
+             time.time() - t0)
     return res
 
 
@@ -177,4 +195,4 @@ def var_steps(model) -> int:
 
 
 __all__ = ["rare_modes", "within_class_hist", "collapse_scores", "nearest_distances", "memorised_share", "Scorer", "describe_setting",
-           "run_claim_grid", "var_steps"]
+           "is_setting", "curve_point", "run_claim_grid", "var_steps"]

@@ -67,16 +67,20 @@ def comparisons(grids: Mapping[str, Mapping[int, Any]], *, baseline: str, qualit
 
 def collapse_curve(grids: Mapping[str, Mapping[int, Any]], keys: Sequence[str] = ("rare_recall", "covered",
                    "kl_true_gen", "memorised", "precision", "recall")) -> dict[str, list[dict]]:
-    """Per arm and kept step: the mean and spread over seeds of the default setting's readings."""
+    """Per arm, curve setting (the default first) and kept step: the mean and spread over seeds of the readings.
+    A grid without setting labels (written before ``curve_settings``) holds the default setting's curve only."""
     out = {}
     for arm, by_seed in grids.items():
-        steps = sorted({c["step"] for g in by_seed.values() for c in g["curve"]})
+        pts = [{"setting": "default", "default": True, **c} for g in by_seed.values() for c in g["curve"]]
+        labels = list(dict.fromkeys(p["setting"] for p in sorted(pts, key=lambda p: not p["default"])))
         rows = []
-        for step in steps:
-            pts = [c for g in by_seed.values() for c in g["curve"] if c["step"] == step]
-            rows.append({"step": step, "n": len(pts), **{k: float(np.mean([p[k] for p in pts])) for k in keys},
-                         **{f"{k}_sd": float(np.std([p[k] for p in pts], ddof=1)) if len(pts) > 1 else None
-                            for k in keys}})
+        for label in labels:
+            for step in sorted({p["step"] for p in pts if p["setting"] == label}):
+                sel = [p for p in pts if p["setting"] == label and p["step"] == step]
+                rows.append({"setting": label, "default": sel[0]["default"], "step": step, "n": len(sel),
+                             **{k: float(np.mean([p[k] for p in sel])) for k in keys},
+                             **{f"{k}_sd": float(np.std([p[k] for p in sel], ddof=1)) if len(sel) > 1 else None
+                                for k in keys}})
         out[arm] = rows
     return out
 
