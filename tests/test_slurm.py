@@ -235,7 +235,9 @@ def test_a_training_job_stops_before_its_time_limit_requeues_and_resumes_identic
 def test_a_sigterm_through_slurm_checkpoints_and_the_retry_resumes_identically(slurm, finished, tmp_path):
     """`scancel --signal=TERM` (what a preemption sends to every process of the job step) while a training job
     runs: the job step's Snakemake waits, the trainer checkpoints and exits 75, the retry resumes."""
-    work, f, cfg = _one_run_config(tmp_path, finished, stop_before_limit_s=0)
+    # the signal goes out once step 100 is logged; 25 s of this machine's steps (at least 600) leave it 20 s or more
+    # to land in the running trainer, and cost the job and its reference a third of the 1,600 steps once used
+    work, f, cfg = _one_run_config(tmp_path, finished, steps=_steps_for(finished, 25), stop_before_limit_s=0)
     live = _model(work, 1).parent / "train" / "ckpt" / "metrics.jsonl"
     proc = subprocess.Popen(
         ["timeout", "-s", "INT", "-k", "30", "1500", sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
