@@ -2,10 +2,10 @@
 baseline has something to lose? The summary over every run's grid (:mod:`varup.studies.claimgrid` scores the runs).
 
 * The regime: a toy dataset whose modes are long-tailed within each class (``datasets.<name>.generator.mode_zipf``;
-  the rarest at about 2 % of a class) and small, trained far past convergence, sampled with truncation (top-p) and
-  classifier-free guidance.
-* Collapse over training: per arm and kept step, the default setting's readings, mean and spread over seeds
-  (:func:`collapse_curve`).
+  the rarest at about 2 % of a class) and small, trained far past convergence, sampled with truncation (top-p, low
+  temperatures) and, where configured, classifier-free guidance.
+* Collapse over training: per arm, curve setting (the default first) and kept step, the readings' mean and spread
+  over seeds (:func:`collapse_curve`).
 * Frontiers: :func:`summarise` compares every arm with the baseline by their quality-diversity frontiers, paired by
   seed (:func:`varup.base.frontier.compare_frontiers`), corrects the p-values over arms x diversity readings, and
   states the minimum detectable effect planned before the run (``planning_sd``) beside the one the run's own spread
