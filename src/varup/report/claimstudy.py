@@ -136,7 +136,7 @@ def curve_panel(bx, curve: dict) -> None:
     bx.set_xlabel("training step")
     bx.set_ylabel("modes covered")
     cx.set_ylabel("memorised share, default setting (dotted)")
-    bx.legend(fontsize=6, frameon=False, loc="lower right")
+    bx.legend(fontsize=5.5, frameon=False, loc="upper left", ncol=2)  # the curves rise from the lower left
     bx.set_title("over training: the default setting (solid) and the curve settings (mean ± std over seeds)",
                  fontsize=7)
 
