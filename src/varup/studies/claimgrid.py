@@ -1,8 +1,8 @@
 """The claim study's per-run scores (issue 25; the summary over runs is :mod:`varup.studies.claimstudy`): one
-trained run sampled over the temperature x top-p x cfg grid and, at the default setting, each of its kept snapshots;
-every sample set read by the mode classifier (:func:`collapse_scores`: class accuracy, and within the requested
-classes rare-mode recall, modes covered, KL(true || generated)), in its feature space (toy-precision / recall) and for memorisation
-(:func:`memorised_share`). Every setting and snapshot is sampled with the same sampling seed (common random
+trained run sampled over the temperature x top-p x cfg grid and, at the default setting and at each curve setting,
+each of its kept snapshots; every sample set read by the mode classifier (:func:`collapse_scores`: class accuracy,
+and within the requested classes rare-mode recall, modes covered, KL(true || generated)), in its feature space
+(toy-precision / recall) and for memorisation (:func:`memorised_share`). Every setting and snapshot is sampled with the same sampling seed (common random
 numbers), so two runs' samples differ only by their models. Its own module so that an edit of the comparison
 statistics re-runs the summary, never the sampling (the code fingerprints follow imports)."""
 from __future__ import annotations
@@ -194,5 +194,5 @@ def var_steps(model) -> int:
     return int(read_checkpoint(model, "cpu")["run"]["optim"]["steps"])
 
 
-__all__ = ["rare_modes", "within_class_hist", "collapse_scores", "nearest_distances", "memorised_share", "Scorer", "describe_setting",
-           "is_setting", "curve_point", "run_claim_grid", "var_steps"]
+__all__ = ["rare_modes", "within_class_hist", "collapse_scores", "nearest_distances", "memorised_share", "Scorer",
+           "describe_setting", "is_setting", "curve_point", "run_claim_grid", "var_steps"]
